@@ -1,0 +1,38 @@
+# The two commands of the README: `make run` and `make test`. Each creates the
+# virtual environment it needs on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch, pinned so that CI never pulls a multi-GB CUDA build.
+# GPU users: TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>" make ...
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/digits_mlp.yaml
+
+.PHONY: venv run test lint format clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(VENV)/bin/baton run $(CONFIG)
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf $(VENV) work_dirs .pytest_cache
