@@ -1,0 +1,219 @@
+"""How checkpoints reach the disk and come back: atomic writes, checksums, safe loading.
+
+Writes go to a temporary file in the target's directory, are flushed and fsynced, renamed
+over the target, and the directory is fsynced, so a crash leaves either the old file or the
+new one, never half of one. The sha256 is computed from the bytes as they are written, not
+in a second pass over the file.
+
+Loading uses ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+Files from a trusted source that need full unpickling (old mmengine checkpoints holding
+arbitrary objects) load only inside :func:`trusted_loading`, an explicit opt-in.
+"""
+
+import collections
+import contextlib
+import contextvars
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import fsspec
+import torch
+
+from baton.errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    UnsafeCheckpointError,
+)
+
+logger = logging.getLogger(__name__)
+
+# The only non-primitive globals our loader accepts. Our own files hold nothing but
+# dicts, lists, tuples, numbers, strings and tensors; mmengine's schedulers store
+# MultiStepLR milestones as a Counter.
+SAFE_GLOBALS: tuple[Any, ...] = (collections.Counter,)
+
+_TRUSTED = contextvars.ContextVar("baton_trusted_loading", default=False)
+
+MapLocation = str | torch.device | Callable | dict | None
+
+
+@contextlib.contextmanager
+def trusted_loading() -> Iterator[None]:
+    """Allow full unpickling of checkpoints loaded inside this block.
+
+    Only for files whose origin you trust: unpickling can run arbitrary code. Use it
+    for legacy checkpoints (for example mmengine files holding custom Python objects)
+    that ``weights_only`` loading refuses::
+
+        with baton.trusted_loading():
+            strategy.resume("old_mmengine_run/epoch_12.pth")
+    """
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def is_local(uri: str) -> bool:
+    """True for plain paths and ``file://`` URIs."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    """The filesystem path of a local URI (``~`` expanded, ``file://`` stripped)."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return Path(uri).expanduser()
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only stream that forwards bytes to a file and hashes them on the way."""
+
+    def __init__(self, raw: BinaryIO):
+        super().__init__()
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        view = memoryview(data)
+        self.sha256.update(view)
+        written = self._raw.write(view)
+        self.size += len(view)
+        return written if written is not None else len(view)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename inside it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_local_file(target: Path) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``target``; on success fsync and rename it over."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save(obj: dict, uri: str) -> tuple[int, str]:
+    """Write ``obj`` with ``torch.save`` atomically; return ``(size, sha256)`` of the bytes.
+
+    Local targets are written through a temporary file and a rename. Other fsspec URIs
+    are uploaded in one put, which object stores apply atomically.
+    """
+    if is_local(uri):
+        with _atomic_local_file(local_path(uri)) as handle:
+            writer = _HashingWriter(handle)
+            torch.save(obj, writer)
+            return writer.size, writer.sha256.hexdigest()
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, data)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (used for manifests and sidecars)."""
+    with _atomic_local_file(path) as handle:
+        handle.write(text.encode("utf-8"))
+
+
+def sha256_of(uri: str, chunk_size: int = 8 << 20) -> tuple[int, str]:
+    """Size and sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open_binary(uri) as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def open_binary(uri: str) -> BinaryIO:
+    """Open a local path or fsspec URI for reading bytes; a clear error if it is missing."""
+    try:
+        if is_local(uri):
+            return open(local_path(uri), "rb")
+        return fsspec.open(uri, "rb").open()
+    except FileNotFoundError as err:
+        raise CheckpointNotFoundError(
+            f"checkpoint {uri!r} does not exist; check the path, or list the experiment's "
+            "checkpoints with CheckpointStore(...).list()"
+        ) from err
+
+
+def load(uri: str, *, map_location: MapLocation = "cpu", trusted: bool | None = None) -> Any:
+    """Load a checkpoint file safely.
+
+    Args:
+        uri: Local path or fsspec URI.
+        map_location: As for ``torch.load``.
+        trusted: Allow full unpickling. ``None`` follows :func:`trusted_loading`.
+
+    Raises:
+        CheckpointNotFoundError: The file does not exist.
+        UnsafeCheckpointError: The pickle needs globals that safe loading refuses.
+        CheckpointCorruptError: The file is not a readable torch checkpoint.
+    """
+    trusted = _TRUSTED.get() if trusted is None else trusted
+    with open_binary(uri) as handle:
+        data: BinaryIO = handle if is_local(uri) else io.BytesIO(handle.read())
+        try:
+            if trusted:
+                logger.warning("loading %s with full unpickling (trusted_loading is on)", uri)
+                return torch.load(data, map_location=map_location, weights_only=False)
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                return torch.load(data, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
+                raise UnsafeCheckpointError(
+                    f"refusing to load {uri!r}: it holds Python objects that safe loading "
+                    f"does not allow ({_first_line(err)}). Nothing from the file was run. "
+                    "If you trust the file's origin, load it inside `with "
+                    "baton.trusted_loading():`"
+                ) from err
+            raise CheckpointCorruptError(f"{uri!r} is not a readable checkpoint: {err}") from err
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+            raise CheckpointCorruptError(
+                f"{uri!r} is not a readable checkpoint (truncated or damaged?): {_first_line(err)}"
+            ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,82 @@
+"""``CheckpointRef``: the small, frozen handle that travels between tasks, and the naming scheme.
+
+A reference says where a checkpoint is and what it must contain (size, sha256); it never
+holds tensors. ``CheckpointName`` is the one place that formats, parses and orders the
+file names of an experiment's checkpoints.
+"""
+
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CheckpointRef(BaseModel):
+    """Where a committed checkpoint lives and how to recognise it intact.
+
+    Attributes:
+        uri: Local path or fsspec URI of the file.
+        epoch: Completed epochs when it was written.
+        iter: Completed training iterations when it was written.
+        size: File size in bytes.
+        sha256: Hex digest of the file's bytes.
+        metrics: Metrics known when it was written (validation accuracy, loss...).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str
+    epoch: int = Field(ge=0)
+    iter: int = Field(ge=0)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string (the inverse of :meth:`from_json`)."""
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "CheckpointRef":
+        """Parse a reference written by :meth:`to_json`."""
+        return cls.model_validate_json(text)
+
+
+_NAME_RE = re.compile(r"^(?P<kind>epoch|iter)_(?P<number>\d+)\.pth$")
+
+
+@dataclass(frozen=True, order=True)
+class CheckpointName:
+    """A checkpoint file name: ``epoch_0003.pth`` or ``iter_000120.pth``.
+
+    Ordering is by (kind, number), which only matters for display; the store orders
+    checkpoints by training position (iteration), not by name.
+    """
+
+    kind: str
+    number: int
+
+    EPOCH_DIGITS = 4
+    ITER_DIGITS = 6
+
+    @classmethod
+    def for_epoch(cls, epoch: int) -> "CheckpointName":
+        """The name of the checkpoint written at the end of ``epoch``."""
+        return cls("epoch", epoch)
+
+    @classmethod
+    def for_iter(cls, iteration: int) -> "CheckpointName":
+        """The name of a checkpoint written after ``iteration`` iterations."""
+        return cls("iter", iteration)
+
+    @classmethod
+    def parse(cls, name: str) -> "CheckpointName | None":
+        """Parse a file name; ``None`` when it does not follow the scheme."""
+        match = _NAME_RE.match(name)
+        if match is None:
+            return None
+        return cls(match["kind"], int(match["number"]))
+
+    def __str__(self) -> str:
+        digits = self.EPOCH_DIGITS if self.kind == "epoch" else self.ITER_DIGITS
+        return f"{self.kind}_{self.number:0{digits}d}.pth"

@@ -1,0 +1,164 @@
+"""Train one epoch and validate, on a prepared strategy, in plain torch.
+
+Models with mmengine's ``train_step(data, optim_wrapper)`` / ``val_step(data)`` are
+driven as they are; a plain ``nn.Module`` is driven with ``(inputs, targets)`` batches
+and a loss function. Iteration-based schedulers step every iteration, epoch-based ones
+at the end of the epoch, as mmengine's scheduler hook does. The strategy's position
+(``epoch``, ``iter``, ``step_in_epoch``) advances as training does, so a checkpoint
+taken at any iteration resumes exactly there.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from baton.data import ResumableLoader
+
+IterationHook = Callable[[dict], None]
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class _Meter:
+    """Sample-weighted running means of a batch's loss and accuracy."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.loss_sum = 0.0
+        self.correct = 0
+        self.classified = 0
+        self.extra: dict[str, float] = {}
+
+    def update(self, loss: float, count: int, outputs=None, targets=None) -> None:
+        self.samples += count
+        self.loss_sum += loss * count
+        if (
+            outputs is not None
+            and isinstance(targets, torch.Tensor)
+            and targets.dtype == torch.long
+            and outputs.dim() == 2
+        ):
+            self.correct += int((outputs.argmax(1) == targets).sum())
+            self.classified += int(targets.numel())
+
+    def result(self) -> dict[str, float]:
+        metrics = {"loss": self.loss_sum / max(self.samples, 1)}
+        if self.classified:
+            metrics["accuracy"] = self.correct / self.classified
+        return metrics
+
+
+def train_epoch(
+    strategy,
+    loader: ResumableLoader,
+    *,
+    loss_fn: nn.Module | Callable | None = None,
+    max_iters: int | None = None,
+    on_iteration: IterationHook | None = None,
+) -> dict[str, float]:
+    """Train the rest of the current epoch (``strategy.epoch``) from ``strategy.step_in_epoch``.
+
+    Args:
+        strategy: A prepared :class:`~baton.SingleDeviceStrategy` with an optim wrapper.
+        loader: The training batches.
+        loss_fn: Loss of ``(outputs, targets)``; unused for models with ``train_step``.
+        max_iters: Stop when the strategy reaches this many iterations.
+        on_iteration: Called after every iteration with the running metrics (for
+            iteration checkpoints and progress).
+
+    Returns:
+        ``{'loss': mean loss, 'accuracy': ...}`` over the iterations this call ran.
+    """
+    model, wrapper = strategy.model, strategy.optim_wrapper
+    schedulers = getattr(strategy, "param_schedulers", [])
+    per_iter = [s for s in schedulers if not s.by_epoch]
+    per_epoch = [s for s in schedulers if s.by_epoch]
+    uses_train_step = hasattr(model, "train_step")
+    if loss_fn is None and not uses_train_step:
+        raise ValueError("a model without train_step needs a loss_fn")
+    meter = _Meter()
+    model.train()
+    for batch in loader.iter_epoch(strategy.epoch, start=strategy.step_in_epoch):
+        if max_iters is not None and strategy.iter >= max_iters:
+            break
+        batch = _to_device(batch, strategy.device)
+        if uses_train_step:
+            log_vars = model.train_step(batch, wrapper)
+            meter.update(float(log_vars["loss"]), _batch_size(batch))
+        else:
+            inputs, targets = batch
+            with wrapper.optim_context(model):
+                outputs = model(inputs)
+                loss = loss_fn(outputs, targets)
+            wrapper.update_params(loss)
+            meter.update(float(loss.detach()), len(targets), outputs.detach(), targets)
+        for scheduler in per_iter:
+            scheduler.step()
+        strategy.iter += 1
+        strategy.step_in_epoch += 1
+        if on_iteration is not None:
+            on_iteration(meter.result())
+    if strategy.step_in_epoch >= len(loader):
+        for scheduler in per_epoch:
+            scheduler.step()
+        strategy.epoch += 1
+        strategy.step_in_epoch = 0
+    return meter.result()
+
+
+@torch.no_grad()
+def validate(
+    strategy,
+    loader: ResumableLoader,
+    *,
+    loss_fn: nn.Module | Callable | None = None,
+) -> dict[str, float]:
+    """Evaluate the model on every batch of ``loader``.
+
+    Models with ``val_step(batch)`` return a dict of per-batch scalar metrics, averaged
+    by batch size; plain modules are scored with ``loss_fn`` and, for class targets,
+    accuracy. Validation draws no random numbers, so it never shifts a run's RNG.
+    """
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    meter = _Meter()
+    sums: dict[str, float] = {}
+    try:
+        for batch in loader.iter_epoch(0):
+            batch = _to_device(batch, strategy.device)
+            if hasattr(model, "val_step"):
+                count = _batch_size(batch)
+                for key, value in model.val_step(batch).items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * count
+                meter.samples += count
+            else:
+                if loss_fn is None:
+                    raise ValueError("a model without val_step needs a loss_fn")
+                inputs, targets = batch
+                outputs = model(inputs)
+                meter.update(float(loss_fn(outputs, targets)), len(targets), outputs, targets)
+    finally:
+        model.train(was_training)
+    if sums:
+        return {key: total / max(meter.samples, 1) for key, total in sums.items()}
+    return meter.result()
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_size(batch[0])
+    if isinstance(batch, dict) and batch:
+        return _batch_size(next(iter(batch.values())))
+    return 1
