@@ -155,11 +155,22 @@ class OptimWrapper:
 
     # accumulation ---------------------------------------------------------------------
 
-    def initialize_count_status(self, model: nn.Module, init_counts: int, max_counts: int) -> None:
-        """Set the accumulation counter (on prepare and resume) and the run's length."""
+    def initialize_count_status(
+        self,
+        model: nn.Module,
+        init_counts: int,
+        max_counts: int,
+        *,
+        grads_restored: bool = False,
+    ) -> None:
+        """Set the accumulation counter (on prepare and resume) and the run's length.
+
+        ``grads_restored`` says that the gradients accumulated so far in the current
+        window were restored too, so resuming inside a window loses nothing.
+        """
         self._inner_count = init_counts
         self._max_counts = max_counts
-        if init_counts % self._accumulative_counts != 0:
+        if init_counts % self._accumulative_counts != 0 and not grads_restored:
             logger.warning(
                 "resumed at iteration %d, inside an accumulation window of %d: the "
                 "gradients of that window's earlier iterations were not saved",
@@ -167,6 +178,10 @@ class OptimWrapper:
                 self._accumulative_counts,
             )
         self._remainder_counts = max_counts % self._accumulative_counts
+
+    def in_window(self) -> bool:
+        """True between two updates, while gradients are being accumulated."""
+        return self._accumulative_counts > 1 and self._inner_count % self._accumulative_counts != 0
 
     def should_update(self) -> bool:
         """True when this backward completes an accumulation window (or the run)."""

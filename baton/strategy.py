@@ -49,6 +49,8 @@ _LOG_KEYS = ("log_level", "log_file", "file_mode")
 _AUTO_SCALE_KEYS = ("enable", "base_batch_size")
 _WRAPPER_TYPES = {"OptimWrapper": OptimWrapper, "AmpOptimWrapper": AmpOptimWrapper}
 _WRAPPER_KEYS = ("type", "optimizer", "accumulative_counts", "clip_grad", "loss_scale", "dtype")
+# Top-level key of the gradients saved inside an accumulation window.
+ACCUMULATED_GRADS_KEY = "accumulated_grads"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -514,6 +516,14 @@ class SingleDeviceStrategy:
             checkpoint["optimizer"] = ckpt_format.to_cpu(wrapper.state_dict())
         if save_param_scheduler and hasattr(self, "param_schedulers"):
             checkpoint["param_schedulers"] = [s.state_dict() for s in self.param_schedulers]
+        if wrapper is not None and wrapper.in_window():
+            # Saved inside an accumulation window: keep the gradients gathered so far,
+            # so that resuming here is exact (mmengine drops them).
+            checkpoint[ACCUMULATED_GRADS_KEY] = {
+                name: p.grad.detach().cpu()
+                for name, p in self.model.named_parameters()
+                if p.grad is not None
+            }
         checkpoint.update(extra)
         if callback is not None:
             callback(checkpoint)
@@ -651,10 +661,19 @@ class SingleDeviceStrategy:
             self.logger.warning(
                 "%s has no meta['iter']; resuming at iteration %d", filename, self.iter
             )
+        grads = checkpoint.pop(ACCUMULATED_GRADS_KEY, None)
+        if grads:
+            params = dict(self.model.named_parameters())
+            for name, grad in grads.items():
+                if name in params:
+                    params[name].grad = grad.to(params[name].device)
         if wrapper is not None and wrapper._accumulative_counts > 1:
             counts = (meta.get("accumulation") or {}).get("inner_count", self.iter)
             wrapper.initialize_count_status(
-                self.model, counts, self._max_iters(wrapper._accumulative_counts)
+                self.model,
+                counts,
+                self._max_iters(wrapper._accumulative_counts),
+                grads_restored=bool(grads),
             )
         self.logger.info("resumed from %s at epoch %d, iter %d", filename, self.epoch, self.iter)
         return checkpoint

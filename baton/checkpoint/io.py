@@ -42,6 +42,16 @@ SAFE_GLOBALS: tuple[Any, ...] = (collections.Counter,)
 
 _TRUSTED = contextvars.ContextVar("baton_trusted_loading", default=False)
 
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by the owner only; checkpoints get the usual mode.
+_FILE_MODE = 0o666 & ~_current_umask()
+
 MapLocation = str | torch.device | Callable | dict | None
 
 
@@ -114,6 +124,7 @@ def _atomic_local_file(target: Path) -> Iterator[BinaryIO]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()

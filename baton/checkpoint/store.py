@@ -11,6 +11,8 @@ and its bytes still match the recorded size and sha256. Rotation (keep the last 
 the best k by a metric) deletes files only after the new checkpoint is committed.
 """
 
+from __future__ import annotations
+
 import contextlib
 import fcntl
 import json

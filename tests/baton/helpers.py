@@ -1,0 +1,40 @@
+"""Helpers shared by the engine tests."""
+
+import torch
+
+from baton import SingleDeviceStrategy
+from baton.data import ResumableLoader, SyntheticClassification
+from baton.models import MLP
+
+EPOCH_LENGTH = 8  # 256 samples / 32 per batch
+
+
+def make_strategy(work_dir, name="exp", seed=7, **kwargs) -> SingleDeviceStrategy:
+    env = {"randomness": {"seed": seed, "deterministic": True}}
+    return SingleDeviceStrategy(
+        work_dir=str(work_dir), experiment_name=name, env_kwargs=env, **kwargs
+    )
+
+
+def make_loader(seed=3) -> ResumableLoader:
+    return ResumableLoader(SyntheticClassification(num_samples=256), 32, shuffle=True, seed=seed)
+
+
+def mlp() -> MLP:
+    return MLP(in_features=8, num_classes=3, hidden=[16], dropout=0.2)
+
+
+def flat_state(strategy) -> dict[str, torch.Tensor]:
+    """Model weights and every tensor of the optimizer state, flattened to one dict."""
+    out = {f"model.{k}": v for k, v in strategy.model.state_dict().items()}
+    for pid, state in strategy.optim_wrapper.optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                out[f"optim.{pid}.{key}"] = value
+    return out
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"

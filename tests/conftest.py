@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models, deterministic strategies, isolated work dirs."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture
+def work_dir(tmp_path):
+    """A fresh work dir for strategies."""
+    return tmp_path / "work_dirs"
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_determinism():
+    """Strategies may switch on deterministic algorithms; tests must not leak that."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+class TinyNet(nn.Module):
+    """Two linear layers with dropout, so the torch RNG matters during training."""
+
+    def __init__(self, in_features: int = 8, hidden: int = 16, out: int = 3):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyNet()
