@@ -8,6 +8,7 @@ Add your own with :func:`register_scheme`.
 """
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -121,6 +122,10 @@ def download(url: str, *, timeout: float = 60.0) -> Path:
             raise CheckpointNotFoundError(f"{url} answered 404 Not Found") from err
         if isinstance(err, urllib.error.URLError):
             raise CheckpointError(f"cannot download {url}: {err.reason}") from err
+        if isinstance(err, (http.client.HTTPException, ConnectionError, TimeoutError)):
+            raise CheckpointError(
+                f"download of {url} failed half way ({err!r}); try again"
+            ) from err
         raise
     return target
 

@@ -1,0 +1,229 @@
+"""Contract 3 and 4: safe loading, atomic verified writes, the experiment's store."""
+
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from baton import (
+    CheckpointCorruptError,
+    CheckpointName,
+    CheckpointNotFoundError,
+    CheckpointRef,
+    CheckpointStore,
+    ExperimentLockedError,
+    RetentionPolicy,
+    UnsafeCheckpointError,
+    trusted_loading,
+)
+from baton.checkpoint import io
+
+
+class _RunsCode:
+    """Unpickling this writes a marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match="Nothing from the file was run") as info:
+        io.load(str(path))
+    assert "trusted_loading" in str(info.value)
+    assert not marker.exists()
+
+
+def test_malicious_legacy_pickle_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil_legacy.pth"
+    path.write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises((UnsafeCheckpointError, CheckpointCorruptError)):
+        io.load(str(path))
+    assert not marker.exists()
+
+
+def test_trusted_loading_is_an_explicit_opt_in(tmp_path):
+    path = tmp_path / "custom.pth"
+    torch.save({"when": time.struct_time((2020, 1, 1, 0, 0, 0, 0, 1, 0))}, path)
+    with pytest.raises(UnsafeCheckpointError):
+        io.load(str(path))
+    with trusted_loading():
+        assert io.load(str(path))["when"].tm_year == 2020
+    with pytest.raises(UnsafeCheckpointError):
+        io.load(str(path))
+
+
+def test_atomic_save_and_hash_while_writing(tmp_path):
+    import hashlib
+
+    target = tmp_path / "deep" / "dir" / "c.pth"
+    size, digest = io.save({"w": torch.arange(10)}, str(target))
+    data = target.read_bytes()
+    assert size == len(data) and digest == hashlib.sha256(data).hexdigest()
+    assert [p.name for p in target.parent.iterdir()] == ["c.pth"]  # no temp file left
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "c.pth"
+    io.save({"version": 1}, str(target))
+    before = target.read_bytes()
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom in the middle of the write")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        io.save({"big": torch.zeros(1000), "bad": Unpicklable()}, str(target))
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth"]
+
+
+def _write_forever(path):
+    io.save({"w": torch.zeros(50_000_000)}, path)
+
+
+def test_killed_writer_leaves_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "c.pth"
+    io.save({"version": 1}, str(target))
+    before = target.read_bytes()
+    process = multiprocessing.get_context("spawn").Process(
+        target=_write_forever, args=(str(target),)
+    )
+    process.start()
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+        time.sleep(0.01)
+    process.kill()
+    process.join()
+    assert target.read_bytes() == before
+    assert io.load(str(target)) == {"version": 1}
+
+
+def test_truncated_and_flipped_files_are_reported(tmp_path):
+    path = tmp_path / "c.pth"
+    io.save({"w": torch.arange(1000.0)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointCorruptError, match="truncated or damaged"):
+        io.load(str(path))
+    path.write_bytes(b"\0" * len(data))
+    with pytest.raises(CheckpointCorruptError):
+        io.load(str(path))
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        io.load(str(tmp_path / "none.pth"))
+
+
+def test_ref_round_trips_through_json():
+    ref = CheckpointRef(
+        uri="/x/epoch_0001.pth", epoch=1, iter=10, size=5, sha256="a" * 64, metrics={"acc": 0.5}
+    )
+    assert CheckpointRef.from_json(ref.to_json()) == ref
+    with pytest.raises(Exception, match="frozen"):
+        ref.epoch = 2
+
+
+def test_names_format_parse_and_order():
+    assert str(CheckpointName.for_epoch(3)) == "epoch_0003.pth"
+    assert str(CheckpointName.for_iter(120)) == "iter_000120.pth"
+    assert CheckpointName.parse("epoch_0003.pth") == CheckpointName("epoch", 3)
+    assert CheckpointName.parse("latest.pth") is None
+    assert sorted([CheckpointName.for_epoch(10), CheckpointName.for_epoch(2)])[0].number == 2
+
+
+def _commit(store, epoch, metrics=None, payload=None):
+    path = store.path_for(CheckpointName.for_epoch(epoch))
+    size, digest = io.save(payload or {"epoch": epoch}, str(path))
+    return store.commit(
+        str(path), epoch=epoch, iter=epoch * 10, size=size, sha256=digest, metrics=metrics
+    )
+
+
+def test_store_latest_skips_corrupt_and_missing(tmp_path, caplog):
+    store = CheckpointStore(tmp_path / "exp")
+    assert store.latest() is None
+    refs = [_commit(store, e) for e in (1, 2, 3, 4)]
+    assert store.latest() == refs[3]
+    # flip one byte of epoch 4, truncate epoch 3, delete epoch 2
+    data = bytearray(open(refs[3].uri, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(refs[3].uri, "wb").write(bytes(data))
+    open(refs[2].uri, "r+b").truncate(10)
+    os.unlink(refs[1].uri)
+    assert store.latest() == refs[0]
+    assert "does not match its manifest entry" in caplog.text
+    assert "truncated or overwritten" in caplog.text
+
+
+def test_a_file_not_in_the_manifest_does_not_exist(tmp_path):
+    store = CheckpointStore(tmp_path / "exp")
+    ref = _commit(store, 1)
+    io.save({"epoch": 2}, str(store.path_for("epoch_0002.pth")))  # written, never committed
+    assert store.latest() == ref
+
+
+def test_rotation_keeps_last_and_best(tmp_path):
+    store = CheckpointStore(
+        tmp_path / "exp",
+        retention=RetentionPolicy(keep_last=2, keep_best=1, best_metric="acc", best_mode="max"),
+    )
+    accs = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: 0.65}
+    for epoch, acc in accs.items():
+        _commit(store, epoch, {"acc": acc})
+    kept = sorted(r.epoch for r in store.list())
+    assert kept == [2, 4, 5]
+    files = sorted(p.name for p in store.checkpoint_dir.iterdir())
+    assert files == ["epoch_0002.pth", "epoch_0004.pth", "epoch_0005.pth"]
+    assert store.best("acc").epoch == 2
+
+
+def test_rotation_policy_validation():
+    with pytest.raises(ValueError, match="keep_best needs best_metric"):
+        RetentionPolicy(keep_last=1, keep_best=2)
+    with pytest.raises(ValueError, match="keep_last must be at least 1"):
+        RetentionPolicy(keep_last=0)
+
+
+def test_corrupt_manifest_is_a_clear_error(tmp_path):
+    store = CheckpointStore(tmp_path / "exp")
+    _commit(store, 1)
+    store.manifest_path.write_text("{not json")
+    with pytest.raises(CheckpointCorruptError, match="manifest .* is unreadable"):
+        store.latest()
+
+
+def test_lock_excludes_a_second_process(tmp_path):
+    store = CheckpointStore(tmp_path / "exp")
+    code = (
+        "import sys; from baton import CheckpointStore, ExperimentLockedError\n"
+        f"store = CheckpointStore({str(tmp_path / 'exp')!r})\n"
+        "try:\n"
+        "    with store.lock():\n"
+        "        print('got it')\n"
+        "except ExperimentLockedError as err:\n"
+        "    print('locked:', err)\n"
+    )
+    with store.lock():
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        assert "locked:" in out.stdout and f"pid {os.getpid()}" in out.stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "got it" in out.stdout
+    with store.lock(), pytest.raises(ExperimentLockedError, match="is being trained by"):
+        # a second holder in the same process also conflicts (separate open file)
+        with CheckpointStore(tmp_path / "exp").lock():
+            pass
