@@ -6,6 +6,7 @@ import pickle
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,10 +159,11 @@ def test_store_latest_skips_corrupt_and_missing(tmp_path, caplog):
     refs = [_commit(store, e) for e in (1, 2, 3, 4)]
     assert store.latest() == refs[3]
     # flip one byte of epoch 4, truncate epoch 3, delete epoch 2
-    data = bytearray(open(refs[3].uri, "rb").read())
+    flipped = Path(refs[3].uri)
+    data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    open(refs[3].uri, "wb").write(bytes(data))
-    open(refs[2].uri, "r+b").truncate(10)
+    flipped.write_bytes(bytes(data))
+    os.truncate(refs[2].uri, 10)
     os.unlink(refs[1].uri)
     assert store.latest() == refs[0]
     assert "does not match its manifest entry" in caplog.text
@@ -223,7 +225,10 @@ def test_lock_excludes_a_second_process(tmp_path):
         assert "locked:" in out.stdout and f"pid {os.getpid()}" in out.stdout
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "got it" in out.stdout
-    with store.lock(), pytest.raises(ExperimentLockedError, match="is being trained by"):
-        # a second holder in the same process also conflicts (separate open file)
-        with CheckpointStore(tmp_path / "exp").lock():
-            pass
+    # a second holder in the same process also conflicts (separate open file)
+    with (
+        store.lock(),
+        pytest.raises(ExperimentLockedError, match="is being trained by"),
+        CheckpointStore(tmp_path / "exp").lock(),
+    ):
+        pass
