@@ -43,6 +43,7 @@ class SmallCNN(nn.Module):
         num_classes: Output size.
         channels: Channels of the two convolution blocks.
         in_channels: Input channels.
+        image_size: Height and width of the (square) input.
         dropout: Dropout before the classifier.
     """
 
@@ -51,6 +52,7 @@ class SmallCNN(nn.Module):
         num_classes: int = 10,
         channels: int = 32,
         in_channels: int = 1,
+        image_size: int = 8,
         dropout: float = 0.0,
     ):
         super().__init__()
