@@ -1,0 +1,109 @@
+"""The configured pipeline: runs, resumes, refuses a different architecture, extends."""
+
+import pytest
+import torch
+
+from baton import CheckpointMismatchError, ConfigError
+from baton import pipeline as pl
+from baton.config import load_config
+
+from .test_config import base
+
+
+def cfg_for(tmp_path, *overrides, **top):
+    data = base()
+    data["work_dir"] = str(tmp_path / "wd")
+    data["val_data"] = {"dataset": {"type": "SyntheticClassification", "seed": 1}, "batch_size": 64}
+    data["model"]["dropout"] = 0.2
+    data.update(top)
+    return load_config(data, list(overrides))
+
+
+def weights(p):
+    return {k: v.clone() for k, v in p.strategy.model.state_dict().items()}
+
+
+def test_run_trains_saves_and_records_metrics(tmp_path):
+    cfg = cfg_for(tmp_path, "train.max_epochs=3")
+    p, ref = pl.run(cfg)
+    assert p.strategy.epoch == 3 and ref.epoch == 3
+    assert {"train/loss", "val/accuracy"} <= set(ref.metrics)
+    assert [h["epoch"] for h in p.history] == [1, 2, 3]
+    assert [r.epoch for r in p.strategy.checkpoints.list()] == [1, 2, 3]
+
+
+def test_rerun_of_a_finished_experiment_changes_nothing(tmp_path):
+    cfg = cfg_for(tmp_path)
+    _, ref = pl.run(cfg)
+    p, again = pl.run(cfg)
+    assert again == ref and p.strategy.epoch == 2
+
+
+def test_longer_horizon_continues_and_equals_a_straight_run(tmp_path):
+    short = cfg_for(tmp_path, "train.max_epochs=2")
+    pl.run(short)
+    extended, _ = pl.run(cfg_for(tmp_path, "train.max_epochs=4"))
+    straight, _ = pl.run(cfg_for(tmp_path / "b", "train.max_epochs=4"))
+    for key, value in weights(straight).items():
+        assert torch.equal(weights(extended)[key], value)
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path):
+    pl.run(cfg_for(tmp_path))
+    wider = cfg_for(tmp_path, "model.hidden=[32]", "train.max_epochs=3")
+    with pytest.raises(CheckpointMismatchError, match="different model"):
+        pl.run(wider)
+
+
+def test_iteration_checkpoints(tmp_path):
+    cfg = cfg_for(tmp_path, "checkpoint.interval_iters=3", "checkpoint.keep_last=null")
+    p, _ = pl.run(cfg)
+    names = sorted(r.uri.rsplit("/", 1)[1] for r in p.strategy.checkpoints.list())
+    assert "iter_000003.pth" in names and "epoch_0002.pth" in names
+
+
+def test_resume_from_a_named_checkpoint(tmp_path):
+    p, _ = pl.run(cfg_for(tmp_path, "train.max_epochs=3"))
+    first = p.strategy.checkpoints.list()[0]
+    assert pl.find_resume_point(cfg_for(tmp_path, resume=first.uri)) == first
+    with pytest.raises(Exception, match="does not exist"):
+        pl.find_resume_point(cfg_for(tmp_path, resume=str(tmp_path / "nope.pth")))
+
+
+def test_resume_never_starts_fresh(tmp_path):
+    pl.run(cfg_for(tmp_path))
+    assert pl.find_resume_point(cfg_for(tmp_path, resume="never")) is None
+
+
+def test_load_from_initialises_weights(tmp_path):
+    p, ref = pl.run(cfg_for(tmp_path))
+    fresh = cfg_for(
+        tmp_path, experiment_name="finetune", load_from={"uri": ref.uri, "strict": True}
+    )
+    built = pl.build_pipeline(fresh)
+    pl.load_weights(built)
+    for key, value in weights(p).items():
+        assert torch.equal(weights(built)[key], value)
+
+
+def test_bad_config_writes_nothing(tmp_path):
+    data = base()
+    data["work_dir"] = str(tmp_path / "wd")
+    data["train"]["max_epochs"] = 0
+    with pytest.raises(ConfigError):
+        load_config(data)
+    assert not (tmp_path / "wd").exists()
+
+
+def test_digits_mlp_reaches_95_percent(tmp_path):
+    cfg = load_config("configs/digits_mlp.yaml", {"work_dir": str(tmp_path)})
+    _, ref = pl.run(cfg)
+    assert ref.metrics["val/accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+def test_digits_cnn_reaches_97_percent(tmp_path):
+    cfg = load_config("configs/digits_cnn.yaml", {"work_dir": str(tmp_path)})
+    p, _ = pl.run(cfg)
+    best = p.strategy.checkpoints.best("val/accuracy")
+    assert best.metrics["val/accuracy"] >= 0.97
