@@ -281,32 +281,37 @@ def parse_yaml(text: str, source: str = "<config>") -> tuple[dict, Positions]:
 # --- overrides -----------------------------------------------------------------------
 
 
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key.path=value`` strings; values are read as YAML (typed).
+
+    Raises:
+        ConfigError: An item without ``=`` or with a value that is not valid YAML.
+    """
+    parsed: dict[str, Any] = {}
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, _, raw = item.partition("=")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+    return parsed
+
+
 def apply_overrides(data: dict, overrides: Mapping[str, Any] | Iterable[str]) -> dict:
     """Return a copy of ``data`` with dotted-key overrides applied.
 
     ``overrides`` is a mapping (``{'train.max_epochs': 5}``) or ``key=value`` strings
-    (``'optim_wrapper.optimizer.lr=0.01'``) whose values are parsed as YAML, so numbers,
-    booleans and lists get their types. Integers index into lists
-    (``param_scheduler.0.end=3``). Values are checked by the schema afterwards.
+    (``'optim_wrapper.optimizer.lr=0.01'``, see :func:`parse_overrides`). Integers index
+    into lists (``param_scheduler.0.end=3``). Values are checked by the schema afterwards.
 
     Raises:
         ConfigError: A malformed override or a path through a non-container.
     """
-    result = json.loads(json.dumps(data))
-    pairs: list[tuple[str, Any]] = []
-    if isinstance(overrides, Mapping):
-        pairs = list(overrides.items())
-    else:
-        for item in overrides:
-            if not isinstance(item, str) or "=" not in item:
-                raise ConfigError(f"override {item!r} must look like key.path=value")
-            key, _, raw = item.partition("=")
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError as err:
-                raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
-            pairs.append((key.strip(), value))
-    for key, value in pairs:
+    result = json.loads(json.dumps(data, default=str))
+    pairs = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    for key, value in pairs.items():
         parts = str(key).split(".")
         if not key or any(not p for p in parts):
             raise ConfigError(f"override key {key!r} is empty or has an empty part")

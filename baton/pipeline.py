@@ -6,8 +6,10 @@ prepared strategy, data loaders and a loss. The step functions (:func:`find_resu
 Prefect tasks call; :func:`run` chains them for a plain-Python run (tests, benchmarks).
 """
 
+import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,8 +177,16 @@ def load_weights(pipeline: Pipeline) -> None:
         )
 
 
-def train_one_epoch(pipeline: Pipeline, *, on_iteration=None) -> dict[str, float]:
-    """Train the current epoch (or its rest) and return ``train/*`` metrics."""
+def train_one_epoch(
+    pipeline: Pipeline, *, on_iteration=None, stop_at: int | None = None
+) -> dict[str, float]:
+    """Train the current epoch (or its rest) and return ``train/*`` metrics.
+
+    Args:
+        on_iteration: Called with the running metrics after every iteration.
+        stop_at: Stop at this iteration instead of the horizon (to replay a run up to
+            a known position).
+    """
     strategy = pipeline.strategy
     interval = pipeline.config.checkpoint.interval_iters
 
@@ -198,7 +208,7 @@ def train_one_epoch(pipeline: Pipeline, *, on_iteration=None) -> dict[str, float
         strategy,
         pipeline.train_loader,
         loss_fn=pipeline.loss_fn,
-        max_iters=pipeline.max_iters,
+        max_iters=pipeline.max_iters if stop_at is None else min(stop_at, pipeline.max_iters),
         on_iteration=hook,
     )
     return {f"train/{k}": v for k, v in metrics.items()}
@@ -234,7 +244,13 @@ def save(
     record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
     if name is None:
         pipeline.history = [h for h in pipeline.history if h["iter"] != strategy.iter] + [record]
-    name = name or CheckpointName.for_epoch(strategy.epoch)
+    if name is None:
+        # Mid-epoch positions (a max_iters horizon, an emergency save) are named by iteration.
+        name = (
+            CheckpointName.for_iter(strategy.iter)
+            if strategy.step_in_epoch
+            else CheckpointName.for_epoch(strategy.epoch)
+        )
     return strategy.save_checkpoint(
         str(name),
         save_optimizer=cfg.checkpoint.save_optimizer,
@@ -248,6 +264,15 @@ def save(
             }
         },
     )
+
+
+def append_metrics(pipeline: Pipeline, record: dict) -> None:
+    """Append one JSON record to the experiment's ``metrics.jsonl``."""
+    path = pipeline.strategy.experiment_dir / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"time": time.time(), **record}, sort_keys=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
 
 
 def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
@@ -265,5 +290,6 @@ def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
                 metrics.update(validate(pipeline))
             if should_save(pipeline):
                 ref = save(pipeline, metrics)
+            append_metrics(pipeline, {"epoch": pipeline.strategy.epoch, **metrics})
             logger.info("epoch %d: %s", pipeline.strategy.epoch, metrics)
     return pipeline, ref

@@ -1,0 +1,39 @@
+"""Evaluate a checkpoint on the validation data and publish the metrics."""
+
+from typing import Annotated, Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from tasks import load_checkpoint, validate, validate_config
+from tasks._common import artifact_key
+
+
+@task(name="publish-evaluation", cache_policy=NO_CACHE)
+def publish_evaluation(experiment_name: str, checkpoint: str, metrics: dict[str, float]) -> None:
+    """A markdown artifact with the checkpoint's validation metrics."""
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    create_markdown_artifact(
+        key=artifact_key(experiment_name, "evaluation"),
+        markdown=f"# Evaluation of `{checkpoint}`\n\n| metric | value |\n|---|---|\n{rows}\n",
+    )
+
+
+@flow(name="evaluate-checkpoint", log_prints=True)
+def evaluate_checkpoint(
+    checkpoint: Annotated[str, Field(description="Path or URI of the checkpoint")],
+    config: Annotated[
+        str | dict[str, Any], Field(description="The pipeline config it was trained with")
+    ] = "configs/digits_mlp.yaml",
+    overrides: Annotated[list[str] | None, Field(description="Dotted-key overrides")] = None,
+) -> dict[str, float]:
+    """Validation metrics of ``checkpoint``."""
+    cfg = validate_config(config, overrides, {"resume": "never"})
+    if not cfg["val_data"]:
+        raise ValueError("the config has no val_data to evaluate on")
+    state = load_checkpoint(cfg, checkpoint)
+    state = validate(cfg, state, state.epoch)
+    publish_evaluation(cfg["experiment_name"], checkpoint, state.metrics)
+    return state.metrics

@@ -1,0 +1,74 @@
+"""The training pipeline flow: validate the config, resume, prepare, train epoch by epoch.
+
+Parameters are flat on purpose: the Prefect server merges a run's parameters with the
+deployment's defaults one level deep, so a nested config object sent partially would
+silently reset its other fields. Here each parameter stands alone.
+"""
+
+import time
+from typing import Annotated, Any
+
+from prefect import flow
+from pydantic import Field
+
+from baton.checkpoint.store import CheckpointStore
+from tasks import (
+    RunState,
+    find_resume_point,
+    prepare,
+    report_epoch,
+    save_checkpoint,
+    start_progress,
+    summarize,
+    train_epoch,
+    validate,
+    validate_config,
+)
+from tasks.state import config_of, forget
+
+
+def _due(epoch: int, interval: int, state: RunState) -> bool:
+    return epoch % interval == 0 or state.finished
+
+
+@flow(name="train-pipeline", retries=1, retry_delay_seconds=0, log_prints=True)
+def train_pipeline(
+    config: Annotated[
+        str | dict[str, Any],
+        Field(description="Path of a YAML file in configs/, YAML text, or an inline mapping"),
+    ] = "configs/digits_mlp.yaml",
+    overrides: Annotated[
+        list[str] | None,
+        Field(description="Dotted-key overrides, e.g. train.max_epochs=20"),
+    ] = None,
+    experiment_name: Annotated[
+        str | None, Field(description="Overrides the config's experiment_name")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        Field(description="'auto' (newest valid checkpoint), 'never', or a checkpoint URI"),
+    ] = None,
+    work_dir: Annotated[str | None, Field(description="Overrides the config's work_dir")] = None,
+) -> RunState:
+    """Train a pipeline to its horizon, continuing from the experiment's newest checkpoint."""
+    started = time.time()
+    settings = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
+    cfg = validate_config(config, overrides, {k: v for k, v in settings.items() if v is not None})
+    store = CheckpointStore(f"{cfg['work_dir']}/{cfg['experiment_name']}")
+    with store.lock():
+        state = prepare(cfg, find_resume_point(cfg))
+        if state.finished:
+            summarize(cfg, state, started, note="Already complete: nothing left to train.")
+            return state
+        progress = start_progress(cfg, state)
+        while not state.finished:
+            epoch = state.epoch + 1
+            state = train_epoch(cfg, state, epoch)
+            if cfg["val_data"] and _due(state.epoch, cfg["train"]["val_interval"], state):
+                state = validate(cfg, state, epoch)
+            if _due(state.epoch, cfg["checkpoint"]["interval"], state):
+                state = save_checkpoint(cfg, state, epoch)
+            report_epoch(cfg, state, epoch, progress)
+        summarize(cfg, state, started)
+    forget(config_of(cfg))
+    return state

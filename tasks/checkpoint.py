@@ -1,0 +1,58 @@
+"""Tasks: save a checkpoint of the live pipeline; load one into a fresh pipeline."""
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_link_artifact
+from prefect.cache_policies import NO_CACHE
+
+from baton import pipeline as pl
+from baton.checkpoint import io
+from baton.checkpoint.ref import CheckpointRef
+from tasks._common import artifact_key, retry_unless_permanent, run_logger
+from tasks.state import RunState, config_of, live_pipeline, using
+
+
+@task(
+    name="save-checkpoint",
+    task_run_name="save-checkpoint-epoch-{epoch}",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
+def save_checkpoint(config: dict[str, Any], state: RunState, epoch: int) -> RunState:
+    """Write and commit a checkpoint; publish a link artifact to it."""
+    cfg = config_of(config)
+    pipeline, _ = live_pipeline(cfg, state)
+    with using(cfg, pipeline):
+        ref = pl.save(pipeline, state.metrics)
+    uri = ref.uri if not io.is_local(ref.uri) else f"file://{ref.uri}"
+    create_link_artifact(
+        key=artifact_key(cfg.experiment_name, "checkpoint"),
+        link=uri,
+        link_text=ref.uri.rsplit("/", 1)[-1],
+        description=f"epoch {ref.epoch}, iteration {ref.iter}, sha256 {ref.sha256[:12]}",
+    )
+    run_logger().info("saved %s (%d bytes, sha256 %s)", ref.uri, ref.size, ref.sha256[:12])
+    return state.model_copy(update={"checkpoint": ref})
+
+
+@task(name="load-checkpoint", task_run_name="load-checkpoint", cache_policy=NO_CACHE)
+def load_checkpoint(config: dict[str, Any], checkpoint: CheckpointRef | str) -> RunState:
+    """Build a pipeline from ``config`` and restore ``checkpoint`` into it (kept live)."""
+    cfg = config_of(config)
+    if isinstance(checkpoint, str):
+        size, digest = io.sha256_of(checkpoint)
+        checkpoint = CheckpointRef(uri=checkpoint, epoch=0, iter=0, size=size, sha256=digest)
+    pipeline, _ = live_pipeline(cfg, None, checkpoint=checkpoint)
+    strategy = pipeline.strategy
+    return RunState(
+        experiment_name=cfg.experiment_name,
+        checkpoint=checkpoint,
+        epoch=strategy.epoch,
+        iter=strategy.iter,
+        max_epochs=pipeline.max_epochs,
+        max_iters=pipeline.max_iters,
+        epoch_length=pipeline.epoch_length,
+    )

@@ -1,0 +1,49 @@
+"""Task: build the live pipeline (strategy, model, optimizer, schedulers, data)."""
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from baton.checkpoint.ref import CheckpointRef
+from tasks._common import retry_unless_permanent, run_logger
+from tasks.state import RunState, config_of, forget, live_pipeline
+
+
+@task(
+    name="prepare",
+    task_run_name="prepare-{config[experiment_name]}",
+    retries=1,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
+def prepare(config: dict[str, Any], checkpoint: CheckpointRef | None) -> RunState:
+    """Build the pipeline, load ``load_from`` weights or resume ``checkpoint``.
+
+    Returns:
+        The run's state: position, horizon, checkpoint.
+    """
+    cfg = config_of(config)
+    forget(cfg)
+    pipeline, _ = live_pipeline(cfg, None, checkpoint=checkpoint)
+    strategy = pipeline.strategy
+    state = RunState(
+        experiment_name=cfg.experiment_name,
+        checkpoint=checkpoint,
+        epoch=strategy.epoch,
+        iter=strategy.iter,
+        max_epochs=pipeline.max_epochs,
+        max_iters=pipeline.max_iters,
+        epoch_length=pipeline.epoch_length,
+        metrics=dict(checkpoint.metrics) if checkpoint else {},
+    )
+    run_logger().info(
+        "prepared %s: epoch %d/%d, iteration %d/%d, %d iterations per epoch",
+        cfg.experiment_name,
+        state.epoch,
+        state.max_epochs,
+        state.iter,
+        state.max_iters,
+        state.epoch_length,
+    )
+    return state

@@ -1,0 +1,123 @@
+"""Tasks: per-epoch metrics (metrics.jsonl, table and progress artifacts) and the run summary."""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from baton.checkpoint.store import CheckpointStore
+from tasks._common import artifact_key
+from tasks.state import RunState, config_of
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _metrics_path(config: dict[str, Any]) -> Path:
+    return Path(config["work_dir"]) / config["experiment_name"] / "metrics.jsonl"
+
+
+def read_history(config: dict[str, Any]) -> list[dict]:
+    """The last record of each epoch from the experiment's metrics.jsonl."""
+    path = _metrics_path(config)
+    if not path.exists():
+        return []
+    by_epoch: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if "epoch" in record:
+            by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def sparkline(values: list[float]) -> str:
+    """A unicode sparkline of a series (the Prefect UI renders it in markdown)."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * len(SPARK)))] for v in values)
+
+
+@task(name="start-progress", cache_policy=NO_CACHE)
+def start_progress(config: dict[str, Any], state: RunState) -> str:
+    """Create the run's progress artifact; returns its id."""
+    artifact_id = create_progress_artifact(
+        progress=100.0 * state.iter / state.max_iters,
+        description=f"training {config['experiment_name']}",
+    )
+    return str(artifact_id)
+
+
+@task(name="report-epoch", task_run_name="report-epoch-{epoch}", cache_policy=NO_CACHE)
+def report_epoch(config: dict[str, Any], state: RunState, epoch: int, progress_id: str) -> None:
+    """Record the epoch: a line in metrics.jsonl, the metrics table, the progress bar."""
+    path = _metrics_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"time": time.time(), "epoch": epoch, "iter": state.iter, **state.metrics}
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+    rows = [
+        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "time"}
+        for r in read_history(config)
+    ]
+    create_table_artifact(
+        key=artifact_key(config["experiment_name"], "metrics"),
+        table=rows,
+        description=f"per-epoch metrics of {config['experiment_name']}",
+    )
+    update_progress_artifact(progress_id, 100.0 * state.iter / state.max_iters)
+
+
+@task(name="summarize", cache_policy=NO_CACHE)
+def summarize(config: dict[str, Any], state: RunState, started: float, note: str = "") -> str:
+    """Publish a markdown summary: result, curves, checkpoints, config, time."""
+    cfg = config_of(config)
+    history = read_history(config)
+    policy = cfg.checkpoint
+    store = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name)
+    checkpoints = store.list()
+    best = store.best(policy.best_metric, policy.best_mode) if policy.best_metric else None
+    lines = [f"# {cfg.experiment_name}", ""]
+    if note:
+        lines += [note, ""]
+    lines += [
+        f"- position: epoch **{state.epoch}/{state.max_epochs}**, "
+        f"iteration {state.iter}/{state.max_iters}",
+        f"- wall time of this run: {time.time() - started:.1f} s",
+    ]
+    if best is not None:
+        value = best.metrics[policy.best_metric]
+        lines.append(f"- best {policy.best_metric}: **{value:.4f}** (epoch {best.epoch})")
+    for key in ("train/loss", "val/loss", "val/accuracy"):
+        series = [r[key] for r in history if key in r]
+        if series:
+            lines.append(f"- {key}: `{sparkline(series)}` {series[0]:.4f} → {series[-1]:.4f}")
+    if history:
+        keys = [k for k in history[-1] if k not in ("time", "epoch", "iter")]
+        lines += ["", "| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for record in history:
+            cells = [
+                f"{record[k]:.4f}" if isinstance(record.get(k), float) else str(record.get(k, ""))
+                for k in keys
+            ]
+            lines.append(f"| {record['epoch']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Checkpoints", ""]
+    lines += [
+        f"- `{r.uri}` epoch {r.epoch}, iter {r.iter}, sha256 `{r.sha256[:12]}`" for r in checkpoints
+    ]
+    lines += ["", "## Resolved config", "", "```yaml", cfg.to_yaml().rstrip(), "```"]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown=markdown, key=artifact_key(cfg.experiment_name, "summary"))
+    return markdown

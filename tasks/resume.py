@@ -1,0 +1,33 @@
+"""Task: find the checkpoint a run continues from (the experiment's manifest decides)."""
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from baton import pipeline as pl
+from baton.checkpoint.ref import CheckpointRef
+from tasks._common import run_logger
+from tasks.state import config_of
+
+
+@task(
+    name="find-resume-point",
+    task_run_name="resume-{config[experiment_name]}",
+    cache_policy=NO_CACHE,
+)
+def find_resume_point(config: dict[str, Any]) -> CheckpointRef | None:
+    """The newest valid checkpoint (``resume: auto``), none (``never``), or the one named."""
+    cfg = config_of(config)
+    ref = pl.find_resume_point(cfg)
+    if ref is None:
+        run_logger().info("no checkpoint to resume for %s: starting fresh", cfg.experiment_name)
+    else:
+        run_logger().info(
+            "resuming %s from %s (epoch %d, iter %d)",
+            cfg.experiment_name,
+            ref.uri,
+            ref.epoch,
+            ref.iter,
+        )
+    return ref

@@ -1,0 +1,135 @@
+"""What travels between tasks (``RunState``) and the live pipeline each flow process keeps.
+
+Between tasks only small values travel: the resolved config (a dict) and a ``RunState``
+(position, horizon, last committed ``CheckpointRef``, latest metrics). The model itself
+stays in this process: :func:`live_pipeline` hands the next task the pipeline the
+previous task left, if it is clean and at the position the ``RunState`` says. Otherwise
+(a fresh process, or a retry after a task failed half way through an epoch) it rebuilds
+the pipeline from the state's checkpoint and replays the iterations since then, which is
+exact because data order and RNG states are part of the checkpoint.
+"""
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from baton import pipeline as pl
+from baton.checkpoint.ref import CheckpointRef
+from baton.config import PipelineConfig, validate
+
+
+class RunState(BaseModel):
+    """Where a training run stands. Small, frozen, JSON-serialisable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    experiment_name: str
+    checkpoint: CheckpointRef | None = Field(None, description="last committed checkpoint")
+    epoch: int = Field(0, ge=0, description="completed epochs")
+    iter: int = Field(0, ge=0, description="completed iterations")
+    max_epochs: int = Field(ge=1)
+    max_iters: int = Field(ge=1)
+    epoch_length: int = Field(ge=1)
+    metrics: dict[str, float] = Field(default_factory=dict, description="of the last epoch")
+
+    @property
+    def finished(self) -> bool:
+        """True once the horizon is reached."""
+        return self.iter >= self.max_iters
+
+    @property
+    def step_in_epoch(self) -> int:
+        """Iterations done in the current, unfinished epoch."""
+        return self.iter - self.epoch * self.epoch_length
+
+    def at(self, pipeline: pl.Pipeline, **changes) -> "RunState":
+        """This state moved to the pipeline's current position."""
+        strategy = pipeline.strategy
+        return self.model_copy(update={"epoch": strategy.epoch, "iter": strategy.iter, **changes})
+
+
+def config_of(config: dict | PipelineConfig) -> PipelineConfig:
+    """The validated config a task received as a dict."""
+    return config if isinstance(config, PipelineConfig) else validate(config)
+
+
+@dataclass
+class _Live:
+    pipeline: pl.Pipeline
+    config_hash: str
+    clean: bool = True
+
+
+_LIVE: dict[str, _Live] = {}
+_LOCK = threading.Lock()
+
+
+def _key(cfg: PipelineConfig) -> str:
+    return f"{cfg.work_dir}/{cfg.experiment_name}"
+
+
+def _matches(live: _Live, cfg: PipelineConfig, state: RunState) -> bool:
+    strategy = live.pipeline.strategy
+    return (
+        live.clean
+        and live.config_hash == cfg.config_hash
+        and (strategy.epoch, strategy.iter) == (state.epoch, state.iter)
+    )
+
+
+def live_pipeline(
+    cfg: PipelineConfig,
+    state: RunState | None,
+    *,
+    checkpoint: CheckpointRef | None = None,
+) -> tuple[pl.Pipeline, bool]:
+    """The pipeline at ``state``'s position: the live one if clean, else rebuilt.
+
+    Without a state, a new pipeline is built from ``checkpoint`` (or from scratch).
+
+    Returns:
+        ``(pipeline, reused)``.
+    """
+    if state is not None:
+        checkpoint = state.checkpoint
+        with _LOCK:
+            live = _LIVE.get(_key(cfg))
+            if live is not None and _matches(live, cfg, state):
+                return live.pipeline, True
+    pipeline = pl.build_pipeline(cfg)
+    if checkpoint is not None:
+        pl.resume(pipeline, checkpoint)
+    else:
+        pl.load_weights(pipeline)
+    if state is not None:
+        strategy = pipeline.strategy
+        if strategy.iter > state.iter:
+            raise RuntimeError(
+                f"checkpoint {checkpoint.uri} is past the requested position "
+                f"(iteration {strategy.iter} > {state.iter})"
+            )
+        while strategy.iter < state.iter:
+            pl.train_one_epoch(pipeline, stop_at=state.iter)
+    with _LOCK:
+        _LIVE[_key(cfg)] = _Live(pipeline, cfg.config_hash)
+    return pipeline, False
+
+
+@contextlib.contextmanager
+def using(cfg: PipelineConfig, pipeline: pl.Pipeline) -> Iterator[None]:
+    """Mark the live pipeline dirty while a task changes it; clean again on success."""
+    live = _LIVE.get(_key(cfg))
+    if live is None or live.pipeline is not pipeline:
+        live = _LIVE[_key(cfg)] = _Live(pipeline, cfg.config_hash)
+    live.clean = False
+    yield
+    live.clean = True
+
+
+def forget(cfg: PipelineConfig) -> None:
+    """Drop the live pipeline of an experiment (at the end of a flow run)."""
+    with _LOCK:
+        _LIVE.pop(_key(cfg), None)
