@@ -58,6 +58,7 @@ def train_pipeline(
     with store.lock():
         state = prepare(cfg, find_resume_point(cfg))
         if state.finished:
+            print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
             summarize(cfg, state, started, note="Already complete: nothing left to train.")
             return state
         progress = start_progress(cfg, state)

@@ -45,3 +45,10 @@ def artifact_key(experiment_name: str, suffix: str) -> str:
     """A Prefect artifact key (lowercase letters, digits, dashes) for an experiment."""
     slug = re.sub(r"[^a-z0-9]+", "-", experiment_name.lower()).strip("-") or "experiment"
     return f"{slug}-{suffix}"
+
+
+def in_run() -> bool:
+    """True inside a Prefect flow or task run (artifacts need one; ``task.fn`` calls have none)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from baton import pipeline as pl
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
-from tasks._common import artifact_key, retry_unless_permanent, run_logger
+from tasks._common import artifact_key, in_run, retry_unless_permanent, run_logger
 from tasks.state import RunState, config_of, live_pipeline, using
 
 
@@ -28,12 +28,13 @@ def save_checkpoint(config: dict[str, Any], state: RunState, epoch: int) -> RunS
     with using(cfg, pipeline):
         ref = pl.save(pipeline, state.metrics)
     uri = ref.uri if not io.is_local(ref.uri) else f"file://{ref.uri}"
-    create_link_artifact(
-        key=artifact_key(cfg.experiment_name, "checkpoint"),
-        link=uri,
-        link_text=ref.uri.rsplit("/", 1)[-1],
-        description=f"epoch {ref.epoch}, iteration {ref.iter}, sha256 {ref.sha256[:12]}",
-    )
+    if in_run():
+        create_link_artifact(
+            key=artifact_key(cfg.experiment_name, "checkpoint"),
+            link=uri,
+            link_text=ref.uri.rsplit("/", 1)[-1],
+            description=f"epoch {ref.epoch}, iteration {ref.iter}, sha256 {ref.sha256[:12]}",
+        )
     run_logger().info("saved %s (%d bytes, sha256 %s)", ref.uri, ref.size, ref.sha256[:12])
     return state.model_copy(update={"checkpoint": ref})
 

@@ -15,7 +15,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from baton.checkpoint.store import CheckpointStore
-from tasks._common import artifact_key
+from tasks._common import artifact_key, in_run
 from tasks.state import RunState, config_of
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -72,12 +72,13 @@ def report_epoch(config: dict[str, Any], state: RunState, epoch: int, progress_i
         {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "time"}
         for r in read_history(config)
     ]
-    create_table_artifact(
-        key=artifact_key(config["experiment_name"], "metrics"),
-        table=rows,
-        description=f"per-epoch metrics of {config['experiment_name']}",
-    )
-    update_progress_artifact(progress_id, 100.0 * state.iter / state.max_iters)
+    if in_run():
+        create_table_artifact(
+            key=artifact_key(config["experiment_name"], "metrics"),
+            table=rows,
+            description=f"per-epoch metrics of {config['experiment_name']}",
+        )
+        update_progress_artifact(progress_id, 100.0 * state.iter / state.max_iters)
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
@@ -119,5 +120,8 @@ def summarize(config: dict[str, Any], state: RunState, started: float, note: str
     ]
     lines += ["", "## Resolved config", "", "```yaml", cfg.to_yaml().rstrip(), "```"]
     markdown = "\n".join(lines)
-    create_markdown_artifact(markdown=markdown, key=artifact_key(cfg.experiment_name, "summary"))
+    if in_run():
+        create_markdown_artifact(
+            markdown=markdown, key=artifact_key(cfg.experiment_name, "summary")
+        )
     return markdown

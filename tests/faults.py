@@ -1,0 +1,50 @@
+"""Models that fail or dawdle on purpose, for fault-injection tests.
+
+Configs reach them through ``allowed_modules: [tests]``. A failure budget lives in a file,
+so it is shared by retries, flow retries and new processes.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+from baton.models import MLP
+
+
+class FlakyMLP(MLP):
+    """An MLP whose training forward raises at iteration ``fail_at`` until ``failures``
+    failures have been spent (counted in the file ``budget``).
+
+    The iteration count is a buffer, so it is checkpointed and restored like the weights:
+    a resumed run reaches the same iteration again."""
+
+    def __init__(self, *args, fail_at: int, budget: str, failures: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_at = fail_at
+        self.budget = Path(budget)
+        self.failures = failures
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if int(self.calls) == self.fail_at:
+                spent = int(self.budget.read_text()) if self.budget.exists() else 0
+                if spent < self.failures:
+                    self.budget.write_text(str(spent + 1))
+                    raise RuntimeError(f"injected failure {spent + 1}/{self.failures}")
+        return super().forward(x)
+
+
+class SlowMLP(MLP):
+    """An MLP that sleeps ``delay`` seconds per training forward (room to kill it mid-epoch)."""
+
+    def __init__(self, *args, delay: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.delay)
+        return super().forward(x)

@@ -1,0 +1,118 @@
+"""The training flow on real Prefect: completes, publishes artifacts, restarts exactly."""
+
+import json
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from baton import pipeline as pl
+from baton.config import validate
+from flows.train import train_pipeline
+
+from .conftest import small_config
+from .helpers import assert_same_training_result, final_checkpoint
+
+pytestmark = pytest.mark.integration
+
+
+def flaky(tmp_path, failures, fail_at=13):
+    return {
+        "type": "tests.faults.FlakyMLP",
+        "in_features": 8,
+        "num_classes": 3,
+        "hidden": [16],
+        "dropout": 0.2,
+        "fail_at": fail_at,  # inside epoch 2 (8 iterations per epoch)
+        "failures": failures,
+        "budget": str(tmp_path / "budget"),
+    }
+
+
+def reference(tmp_path, model):
+    """The uninterrupted run: same config, its failure budget already spent."""
+    (tmp_path / "spent").write_text("99")
+    model = {**model, "budget": str(tmp_path / "spent")}
+    cfg = small_config(tmp_path / "reference", model=model)
+    pl.run(validate(cfg))
+    return final_checkpoint(cfg)
+
+
+def test_flow_completes_with_checkpoints_metrics_and_artifacts(prefect_harness, tmp_path):
+    cfg = small_config(tmp_path / "wd", name="artifact-check")
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    assert (result.epoch, result.iter) == (4, 32)
+    experiment = tmp_path / "wd" / "artifact-check"
+    assert sorted(p.name for p in (experiment / "checkpoints").iterdir()) == [
+        f"epoch_000{e}.pth" for e in (1, 2, 3, 4)
+    ]
+    records = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert {"train/loss", "val/accuracy"} <= set(records[-1])
+    assert list((experiment / "runs").rglob("*.log"))
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    import asyncio
+
+    keys = {a.key for a in asyncio.run(artifacts()) if a.key}
+    assert {"artifact-check-checkpoint", "artifact-check-metrics", "artifact-check-summary"} <= keys
+    # a plain run of the same config ends at the same weights: the flow adds no randomness
+    plain_cfg = small_config(tmp_path / "plain", name="artifact-check")
+    pl.run(validate(plain_cfg))
+    assert_same_training_result(final_checkpoint(plain_cfg), final_checkpoint(cfg))
+
+
+def test_rerun_of_a_finished_experiment_is_a_no_op(prefect_harness, tmp_path):
+    cfg = small_config(tmp_path / "wd", name="done", **{"train.max_epochs": 2})
+    train_pipeline(config=cfg)
+    before = final_checkpoint(cfg)
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_completed() and state.result().epoch == 2
+    assert_same_training_result(before, final_checkpoint(cfg))
+    # a longer horizon continues
+    longer = train_pipeline(config=cfg, overrides=["train.max_epochs=3"], return_state=True)
+    assert longer.result().epoch == 3
+
+
+def test_task_retry_resumes_exactly(prefect_harness, tmp_path):
+    model = flaky(tmp_path, failures=1)
+    cfg = small_config(tmp_path / "wd", model=model)
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_completed()
+    assert (tmp_path / "budget").read_text() == "1"
+    assert_same_training_result(reference(tmp_path, model), final_checkpoint(cfg))
+
+
+def test_flow_retry_resumes_exactly(prefect_harness, tmp_path):
+    model = flaky(tmp_path, failures=3)  # more than the task's two retries
+    cfg = small_config(tmp_path / "wd", model=model)
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_completed()
+    assert (tmp_path / "budget").read_text() == "3"
+    assert_same_training_result(reference(tmp_path, model), final_checkpoint(cfg))
+
+
+def test_new_flow_run_after_a_failed_one_resumes_exactly(prefect_harness, tmp_path):
+    model = flaky(tmp_path, failures=6)  # exhausts task retries in both flow attempts
+    cfg = small_config(tmp_path / "wd", model=model)
+    failed = train_pipeline(config=cfg, return_state=True)
+    assert failed.is_failed()
+    assert final_checkpoint(cfg)["meta"]["epoch"] == 1
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_completed()
+    assert_same_training_result(reference(tmp_path, model), final_checkpoint(cfg))
+
+
+def test_bad_config_fails_before_any_work(prefect_harness, tmp_path):
+    cfg = small_config(tmp_path / "wd", name="bad")
+    cfg["train"]["max_epochs"] = 0
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_failed()
+    assert "train.max_epochs" in str(state.message) or "train.max_epochs" in repr(
+        state.result(raise_on_failure=False)
+    )
+    assert not (tmp_path / "wd").exists()
