@@ -12,6 +12,7 @@ from prefect import flow
 from pydantic import Field
 
 from baton.checkpoint.store import CheckpointStore
+from baton.interrupt import deferred_termination
 from tasks import (
     RunState,
     find_resume_point,
@@ -55,7 +56,9 @@ def train_pipeline(
     settings = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
     cfg = validate_config(config, overrides, {k: v for k, v in settings.items() if v is not None})
     store = CheckpointStore(f"{cfg['work_dir']}/{cfg['experiment_name']}")
-    with store.lock():
+    # A SIGTERM (cancel, preemption) between tasks waits for the current task; inside the
+    # training task it waits for the current iteration, then an emergency checkpoint.
+    with store.lock(), deferred_termination() as stop:
         state = prepare(cfg, find_resume_point(cfg))
         if state.finished:
             print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
@@ -63,6 +66,10 @@ def train_pipeline(
             return state
         progress = start_progress(cfg, state)
         while not state.finished:
+            if stop.requested:
+                if state.checkpoint is None or state.checkpoint.iter != state.iter:
+                    state = save_checkpoint(cfg, state, state.epoch)
+                stop.check()
             epoch = state.epoch + 1
             state = train_epoch(cfg, state, epoch)
             if cfg["val_data"] and _due(state.epoch, cfg["train"]["val_interval"], state):

@@ -38,13 +38,21 @@ class FlakyMLP(MLP):
 
 
 class SlowMLP(MLP):
-    """An MLP that sleeps ``delay`` seconds per training forward (room to kill it mid-epoch)."""
+    """An MLP that sleeps ``delay`` seconds per training forward (room to kill it mid-epoch).
 
-    def __init__(self, *args, delay: float = 0.01, **kwargs):
+    With ``progress``, each training forward writes the number of forwards so far to that
+    file, so a test can wait for a precise point inside an epoch."""
+
+    def __init__(self, *args, delay: float = 0.01, progress: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.delay = delay
+        self.progress = Path(progress) if progress else None
+        self.forwards = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             time.sleep(self.delay)
+            self.forwards += 1
+            if self.progress is not None:
+                self.progress.write_text(str(self.forwards))
         return super().forward(x)
