@@ -1,0 +1,94 @@
+"""The ``baton`` command line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from baton import pipeline as pl
+from baton.config import validate
+from flows.cli import main
+
+from .conftest import small_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, cfg) -> str:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_validate_ok(tmp_path, capsys):
+    path = write(tmp_path, small_config(tmp_path / "wd"))
+    assert main(["validate", path]) == 0
+    assert "valid" in capsys.readouterr().out
+    assert not (tmp_path / "wd").exists()
+
+
+def test_validate_bad_config_exits_2_and_lists_problems(tmp_path):
+    cfg = small_config(tmp_path / "wd")
+    cfg["train"]["max_epochs"] = -1
+    cfg["model"]["type"] = "os.system"
+    path = write(tmp_path, cfg)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "validate", path],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert (
+        "2 problems" in out.stderr
+        and "train.max_epochs" in out.stderr
+        and "model.type" in out.stderr
+    )
+
+
+def test_run_with_bad_override_exits_2(tmp_path, capsys):
+    path = write(tmp_path, small_config(tmp_path / "wd"))
+    assert main(["run", path, "--set", "train.max_epochs=zero"]) == 2
+    assert "train.max_epochs" in capsys.readouterr().err
+
+
+def test_ckpt_list_and_inspect(tmp_path, capsys):
+    cfg = small_config(tmp_path / "wd", **{"train.max_epochs": 2})
+    _, ref = pl.run(validate(cfg))
+    experiment = Path(cfg["work_dir"]) / cfg["experiment_name"]
+    Path(ref.uri).write_bytes(b"garbage")  # damage the newest
+    assert main(["ckpt", "list", str(experiment)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok") and "<- latest" in out[0]
+    assert out[1].startswith("INVALID")
+    assert main(["ckpt", "inspect", str(experiment / "checkpoints" / "epoch_0001.pth")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["meta"]["epoch"] == 1 and len(summary["sha256"]) == 64
+    assert "state_dict" in summary["sections"]
+
+
+def test_ckpt_inspect_refuses_an_unsafe_file(tmp_path, capsys):
+    import os
+
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, path)
+    assert main(["ckpt", "inspect", str(path)]) == 1
+    assert "refusing to load" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_evaluate(prefect_harness, tmp_path, capsys):
+    cfg = small_config(tmp_path / "wd", **{"train.max_epochs": 2})
+    _, ref = pl.run(validate(cfg))
+    assert main(["evaluate", ref.uri, "--config", write(tmp_path, cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"val/accuracy     {ref.metrics['val/accuracy']:.4f}" in out

@@ -1,0 +1,74 @@
+"""Contract 6: each task works in a fresh process from its (small, serialisable) inputs alone."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from baton import pipeline as pl
+from baton.config import validate
+
+from .conftest import small_config
+from .helpers import assert_same_training_result, final_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+RUNNER = """
+import json, sys
+import tasks
+from baton.checkpoint.ref import CheckpointRef
+name, payload = sys.argv[1], json.loads(sys.stdin.read())
+task = getattr(tasks, name)
+args = payload["args"]
+if "state" in payload:
+    args["state"] = tasks.RunState.model_validate(payload["state"])
+if payload.get("checkpoint") is not None:
+    args["checkpoint"] = CheckpointRef.model_validate(payload["checkpoint"])
+result = task.fn(**args)
+print("RESULT" + json.dumps(result.model_dump(mode="json") if hasattr(result, "model_dump") else result))
+"""
+
+
+def call(name, env, **payload):
+    out = subprocess.run(
+        [sys.executable, "-c", RUNNER, name],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT") :])
+
+
+def test_every_task_in_its_own_process(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    }
+    cfg = call(
+        "validate_config",
+        env,
+        args={"config": small_config(tmp_path / "wd", **{"train.max_epochs": 2})},
+    )
+    checkpoint = call("find_resume_point", env, args={"config": cfg})
+    assert checkpoint is None
+    state = call("prepare", env, args={"config": cfg, "checkpoint": None})
+    for epoch in (1, 2):
+        state = call("train_epoch", env, args={"config": cfg, "epoch": epoch}, state=state)
+        state = call("validate", env, args={"config": cfg, "epoch": epoch}, state=state)
+        state = call("save_checkpoint", env, args={"config": cfg, "epoch": epoch}, state=state)
+    assert state["epoch"] == 2 and state["checkpoint"]["epoch"] == 2
+    assert "val/accuracy" in state["metrics"]
+
+    reference_cfg = small_config(tmp_path / "ref", **{"train.max_epochs": 2})
+    pl.run(validate(reference_cfg))
+    assert_same_training_result(final_checkpoint(reference_cfg), final_checkpoint(cfg))
