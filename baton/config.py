@@ -95,6 +95,7 @@ class TrainConfig(_Strict):
     max_epochs: int | None = Field(None, ge=1, le=100_000)
     max_iters: int | None = Field(None, ge=1, le=1_000_000_000)
     val_interval: int = Field(1, ge=1, description="validate every this many epochs")
+    log_interval: int = Field(50, ge=1, description="a metrics.jsonl record every N iterations")
 
 
 class CheckpointPolicy(_Strict):

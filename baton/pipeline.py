@@ -266,13 +266,34 @@ def save(
     )
 
 
-def append_metrics(pipeline: Pipeline, record: dict) -> None:
-    """Append one JSON record to the experiment's ``metrics.jsonl``."""
-    path = pipeline.strategy.experiment_dir / "metrics.jsonl"
+def metrics_path(experiment_dir: Path) -> Path:
+    """The experiment's ``metrics.jsonl``."""
+    return Path(experiment_dir) / "metrics.jsonl"
+
+
+def append_metrics(experiment_dir: Path, kind: str, record: dict) -> None:
+    """Append one record (``kind`` is ``'epoch'`` or ``'iteration'``) to ``metrics.jsonl``."""
+    path = metrics_path(experiment_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"time": time.time(), **record}, sort_keys=True)
+    line = json.dumps({"time": time.time(), "kind": kind, **record}, sort_keys=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line + "\n")
+
+
+def read_epoch_history(experiment_dir: Path) -> list[dict]:
+    """The last record of each epoch in ``metrics.jsonl`` (lines cut by a crash are skipped)."""
+    path = metrics_path(experiment_dir)
+    if not path.exists():
+        return []
+    by_epoch: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("kind") == "epoch":
+            by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
@@ -290,6 +311,7 @@ def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
                 metrics.update(validate(pipeline))
             if should_save(pipeline):
                 ref = save(pipeline, metrics)
-            append_metrics(pipeline, {"epoch": pipeline.strategy.epoch, **metrics})
+            position = {"epoch": pipeline.strategy.epoch, "iter": pipeline.strategy.iter}
+            append_metrics(pipeline.strategy.experiment_dir, "epoch", {**position, **metrics})
             logger.info("epoch %d: %s", pipeline.strategy.epoch, metrics)
     return pipeline, ref

@@ -32,7 +32,7 @@ def _prefect_env() -> None:
 def _metrics_table(history: list[dict]) -> str:
     if not history:
         return "(no epochs recorded)"
-    keys = [k for k in history[-1] if k not in ("time", "epoch", "iter")]
+    keys = [k for k in history[-1] if k not in ("time", "kind", "epoch", "iter")]
     header = ["epoch", *keys]
     rows = [[str(r["epoch"])] + [f"{r.get(k, float('nan')):.4f}" for k in keys] for r in history]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]

@@ -5,10 +5,15 @@ deployment's defaults one level deep, so a nested config object sent partially w
 silently reset its other fields. Here each parameter stands alone.
 """
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 from pydantic import Field
 
 from baton.checkpoint.store import CheckpointStore
@@ -26,6 +31,34 @@ from tasks import (
     validate_config,
 )
 from tasks.state import config_of, forget
+
+
+class _RunFormatter(logging.Formatter):
+    """Names the task or flow run a record comes from (Prefect puts it in the record)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.run = getattr(record, "task_run_name", None) or getattr(
+            record, "flow_run_name", record.name
+        )
+        return super().format(record)
+
+
+@contextlib.contextmanager
+def _run_log_file(cfg: dict) -> Iterator[None]:
+    """Copy this flow run's log lines (flow, tasks, engine) into the experiment folder."""
+    folder = Path(cfg["work_dir"]) / cfg["experiment_name"] / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / f"flow-{flow_run.get_id()}.log", encoding="utf-8")
+    handler.setFormatter(_RunFormatter("%(asctime)s %(levelname)s %(run)s %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs", "baton")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
 
 
 def _due(epoch: int, interval: int, state: RunState) -> bool:
@@ -58,7 +91,7 @@ def train_pipeline(
     store = CheckpointStore(f"{cfg['work_dir']}/{cfg['experiment_name']}")
     # A SIGTERM (cancel, preemption) between tasks waits for the current task; inside the
     # training task it waits for the current iteration, then an emergency checkpoint.
-    with store.lock(), deferred_termination() as stop:
+    with store.lock(), _run_log_file(cfg), deferred_termination() as stop:
         state = prepare(cfg, find_resume_point(cfg))
         if state.finished:
             print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")

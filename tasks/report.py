@@ -1,6 +1,5 @@
 """Tasks: per-epoch metrics (metrics.jsonl, table and progress artifacts) and the run summary."""
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from baton import pipeline as pl
 from baton.checkpoint.store import CheckpointStore
 from tasks._common import artifact_key, in_run
 from tasks.state import RunState, config_of
@@ -21,24 +21,27 @@ from tasks.state import RunState, config_of
 SPARK = "▁▂▃▄▅▆▇█"
 
 
-def _metrics_path(config: dict[str, Any]) -> Path:
-    return Path(config["work_dir"]) / config["experiment_name"] / "metrics.jsonl"
+def _experiment_dir(config: dict[str, Any]) -> Path:
+    return Path(config["work_dir"]) / config["experiment_name"]
 
 
 def read_history(config: dict[str, Any]) -> list[dict]:
     """The last record of each epoch from the experiment's metrics.jsonl."""
-    path = _metrics_path(config)
-    if not path.exists():
-        return []
-    by_epoch: dict[int, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash
-        if "epoch" in record:
-            by_epoch[record["epoch"]] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    return pl.read_epoch_history(_experiment_dir(config))
+
+
+def _tensorboard(config: dict[str, Any], state: RunState) -> None:
+    """Scalars to TensorBoard event files, when tensorboard is installed (optional extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    writer = SummaryWriter(log_dir=str(_experiment_dir(config) / "tensorboard"))
+    try:
+        for key, value in state.metrics.items():
+            writer.add_scalar(key, value, global_step=state.iter)
+    finally:
+        writer.close()
 
 
 def sparkline(values: list[float]) -> str:
@@ -63,13 +66,15 @@ def start_progress(config: dict[str, Any], state: RunState) -> str:
 @task(name="report-epoch", task_run_name="report-epoch-{epoch}", cache_policy=NO_CACHE)
 def report_epoch(config: dict[str, Any], state: RunState, epoch: int, progress_id: str) -> None:
     """Record the epoch: a line in metrics.jsonl, the metrics table, the progress bar."""
-    path = _metrics_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"time": time.time(), "epoch": epoch, "iter": state.iter, **state.metrics}
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+    record = {"epoch": state.epoch, "iter": state.iter, **state.metrics}
+    pl.append_metrics(_experiment_dir(config), "epoch", record)
+    _tensorboard(config, state)
     rows = [
-        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k != "time"}
+        {
+            k: (round(v, 6) if isinstance(v, float) else v)
+            for k, v in r.items()
+            if k not in ("time", "kind")
+        }
         for r in read_history(config)
     ]
     if in_run():
@@ -106,7 +111,7 @@ def summarize(config: dict[str, Any], state: RunState, started: float, note: str
         if series:
             lines.append(f"- {key}: `{sparkline(series)}` {series[0]:.4f} → {series[-1]:.4f}")
     if history:
-        keys = [k for k in history[-1] if k not in ("time", "epoch", "iter")]
+        keys = [k for k in history[-1] if k not in ("time", "kind", "epoch", "iter")]
         lines += ["", "| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for record in history:
             cells = [

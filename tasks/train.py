@@ -66,6 +66,9 @@ def train_epoch(config: dict[str, Any], state: RunState, epoch: int) -> RunState
     with deferred_termination() as stop, using(cfg, pipeline):
 
         def on_iteration(running: dict) -> None:
+            if strategy.iter % cfg.train.log_interval == 0:
+                record = {"iter": strategy.iter, **{f"train/{k}": v for k, v in running.items()}}
+                pl.append_metrics(strategy.experiment_dir, "iteration", record)
             if show is not None:
                 show({**running, "step": strategy.step_in_epoch or pipeline.epoch_length})
             stop.check()

@@ -38,7 +38,7 @@ def reference(tmp_path, model):
 
 
 def test_flow_completes_with_checkpoints_metrics_and_artifacts(prefect_harness, tmp_path):
-    cfg = small_config(tmp_path / "wd", name="artifact-check")
+    cfg = small_config(tmp_path / "wd", name="artifact-check", **{"train.log_interval": 4})
     state = train_pipeline(config=cfg, return_state=True)
     assert state.is_completed()
     result = state.result()
@@ -48,9 +48,12 @@ def test_flow_completes_with_checkpoints_metrics_and_artifacts(prefect_harness, 
         f"epoch_000{e}.pth" for e in (1, 2, 3, 4)
     ]
     records = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
-    assert {"train/loss", "val/accuracy"} <= set(records[-1])
-    assert list((experiment / "runs").rglob("*.log"))
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert {"train/loss", "val/accuracy"} <= set(epochs[-1])
+    assert [r["iter"] for r in records if r["kind"] == "iteration"] == list(range(4, 33, 4))
+    run_logs = "".join(p.read_text() for p in (experiment / "runs").rglob("*.log"))
+    assert "train-epoch-4" in run_logs and "saved checkpoint" in run_logs
 
     async def artifacts():
         async with get_client() as client:
@@ -61,7 +64,7 @@ def test_flow_completes_with_checkpoints_metrics_and_artifacts(prefect_harness, 
     keys = {a.key for a in asyncio.run(artifacts()) if a.key}
     assert {"artifact-check-checkpoint", "artifact-check-metrics", "artifact-check-summary"} <= keys
     # a plain run of the same config ends at the same weights: the flow adds no randomness
-    plain_cfg = small_config(tmp_path / "plain", name="artifact-check")
+    plain_cfg = small_config(tmp_path / "plain", name="artifact-check", **{"train.log_interval": 4})
     pl.run(validate(plain_cfg))
     assert_same_training_result(final_checkpoint(plain_cfg), final_checkpoint(cfg))
 
