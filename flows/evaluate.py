@@ -1,11 +1,10 @@
 """Evaluate a checkpoint on the validation data and publish the metrics."""
 
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field
 
 from tasks import load_checkpoint, validate, validate_config
 from tasks._common import artifact_key
@@ -23,13 +22,17 @@ def publish_evaluation(experiment_name: str, checkpoint: str, metrics: dict[str,
 
 @flow(name="evaluate-checkpoint", log_prints=True)
 def evaluate_checkpoint(
-    checkpoint: Annotated[str, Field(description="Path or URI of the checkpoint")],
-    config: Annotated[
-        str | dict[str, Any], Field(description="The pipeline config it was trained with")
-    ] = "configs/digits_mlp.yaml",
-    overrides: Annotated[list[str] | None, Field(description="Dotted-key overrides")] = None,
+    checkpoint: str,
+    config: str | dict[str, Any] = "configs/digits_mlp.yaml",
+    overrides: list[str] | None = None,
 ) -> dict[str, float]:
-    """Validation metrics of ``checkpoint``."""
+    """Validation metrics of a checkpoint.
+
+    Args:
+        checkpoint: Path or URI of the checkpoint.
+        config: The pipeline config it was trained with (path, YAML text or mapping).
+        overrides: Dotted-key overrides of that config.
+    """
     cfg = validate_config(config, overrides, {"resume": "never"})
     if not cfg["val_data"]:
         raise ValueError("the config has no val_data to evaluate on")

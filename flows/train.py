@@ -10,11 +10,10 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import Field
 
 from baton.checkpoint.store import CheckpointStore
 from baton.interrupt import deferred_termination
@@ -67,24 +66,21 @@ def _due(epoch: int, interval: int, state: RunState) -> bool:
 
 @flow(name="train-pipeline", retries=1, retry_delay_seconds=0, log_prints=True)
 def train_pipeline(
-    config: Annotated[
-        str | dict[str, Any],
-        Field(description="Path of a YAML file in configs/, YAML text, or an inline mapping"),
-    ] = "configs/digits_mlp.yaml",
-    overrides: Annotated[
-        list[str] | None,
-        Field(description="Dotted-key overrides, e.g. train.max_epochs=20"),
-    ] = None,
-    experiment_name: Annotated[
-        str | None, Field(description="Overrides the config's experiment_name")
-    ] = None,
-    resume: Annotated[
-        str | None,
-        Field(description="'auto' (newest valid checkpoint), 'never', or a checkpoint URI"),
-    ] = None,
-    work_dir: Annotated[str | None, Field(description="Overrides the config's work_dir")] = None,
+    config: str | dict[str, Any] = "configs/digits_mlp.yaml",
+    overrides: list[str] | None = None,
+    experiment_name: str | None = None,
+    resume: str | None = None,
+    work_dir: str | None = None,
 ) -> RunState:
-    """Train a pipeline to its horizon, continuing from the experiment's newest checkpoint."""
+    """Train a pipeline to its horizon, continuing from the experiment's newest checkpoint.
+
+    Args:
+        config: Path of a YAML file in configs/, YAML text, or an inline mapping.
+        overrides: Dotted-key overrides, e.g. train.max_epochs=20 or optim_wrapper.optimizer.lr=0.01.
+        experiment_name: Overrides the config's experiment_name (the folder checkpoints go to).
+        resume: 'auto' (newest valid checkpoint), 'never', or a checkpoint path; default: the config's.
+        work_dir: Overrides the config's work_dir.
+    """
     started = time.time()
     settings = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
     cfg = validate_config(config, overrides, {k: v for k, v in settings.items() if v is not None})

@@ -1,0 +1,307 @@
+"""Deployments end to end on a real ``prefect server`` on 127.0.0.1 with real workers.
+
+Everything the tests start (server, workers) runs in its own process group and is
+stopped by process id, also when a test fails.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from baton import pipeline as pl
+from baton.config import validate
+
+from ..flows.conftest import small_config
+from ..flows.helpers import assert_same_training_result, final_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+POOL = "baton-gpu0"
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+
+
+class Server:
+    def __init__(self, home: Path):
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PYTHONPATH": str(ROOT),
+            "BATON_PROJECT_DIR": str(ROOT),
+        }
+        self.process = subprocess.Popen(
+            [
+                PREFECT,
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-ui",
+                "--analytics-off",
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if self.http.get("/health").status_code == 200:
+                    return
+            time.sleep(0.3)
+        raise RuntimeError("prefect server did not start")
+
+    def cli(self, *args, timeout=180) -> str:
+        out = subprocess.run(
+            [PREFECT, *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return out.stdout
+
+    def deployment(self, name: str) -> dict:
+        response = self.http.get(f"/deployments/name/{name}")
+        response.raise_for_status()
+        return response.json()
+
+    def create_run(self, deployment: str, parameters: dict) -> str:
+        dep = self.deployment(deployment)
+        response = self.http.post(
+            f"/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters}
+        )
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def run(self, run_id: str) -> dict:
+        return self.http.get(f"/flow_runs/{run_id}").json()
+
+    def state(self, run_id: str) -> str:
+        return self.run(run_id)["state"]["type"]
+
+    def wait_state(self, run_id: str, states: set[str], timeout: float) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.state(run_id)
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise AssertionError(f"run {run_id} still {self.state(run_id)} after {timeout} s")
+
+    def worker(self, *extra) -> subprocess.Popen:
+        return subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", POOL, *extra],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def serve_once(self, timeout=300) -> None:
+        worker = self.worker("--run-once")
+        try:
+            worker.wait(timeout=timeout)
+        finally:
+            _stop(worker)
+
+    def artifacts(self, run_id: str) -> dict[str, dict]:
+        response = self.http.post(
+            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+        )
+        return {a["key"]: a for a in response.json() if a["key"]}
+
+    def close(self) -> None:
+        self.http.close()
+        _stop(self.process)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    instance = Server(tmp_path_factory.mktemp("prefect_home"))
+    try:
+        instance.cli("work-pool", "create", POOL, "--type", "process")
+        instance.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all")
+        yield instance
+    finally:
+        instance.close()
+
+
+def ui_parameters(cfg: dict) -> dict:
+    """What the UI's run form sends: every parameter, defaults filled in."""
+    return {
+        "config": cfg,
+        "overrides": [],
+        "experiment_name": None,
+        "resume": None,
+        "work_dir": None,
+    }
+
+
+def test_deployments_are_registered_with_a_typed_form(server):
+    ui = server.deployment("train-pipeline/train-from-ui")
+    schema = ui["parameter_openapi_schema"]["properties"]
+    assert set(schema) == {"config", "overrides", "experiment_name", "resume", "work_dir"}
+    assert all(schema[name].get("description") for name in schema)
+    assert ui["work_pool_name"] == POOL
+    nightly = server.deployment("train-pipeline/nightly-digits-mlp")
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    assert ui["pull_steps"][0]["prefect.deployments.steps.set_working_directory"][
+        "directory"
+    ] == str(ROOT)
+
+
+def test_run_from_the_ui_form_completes(server, tmp_path):
+    cfg = small_config(tmp_path / "wd", name="from-ui")
+    run_id = server.create_run("train-pipeline/train-from-ui", ui_parameters(cfg))
+    server.serve_once()
+    assert server.state(run_id) == "COMPLETED"
+    experiment = tmp_path / "wd" / "from-ui"
+    assert (experiment / "manifest.json").exists()
+    assert len(list((experiment / "checkpoints").glob("epoch_*.pth"))) == 4
+    keys = set(server.artifacts(run_id))
+    assert {"from-ui-checkpoint", "from-ui-metrics", "from-ui-summary"} <= keys
+
+
+def test_a_bad_parameter_is_refused_by_the_server(server):
+    dep = server.deployment("train-pipeline/train-from-ui")
+    response = server.http.post(
+        f"/deployments/{dep['id']}/create_flow_run",
+        json={"parameters": {"overrides": "not-a-list"}},
+    )
+    assert response.status_code == 409 and "overrides" in response.text
+
+
+def test_failing_task_is_retried_and_resumes_exactly(server, tmp_path):
+    model = {
+        "type": "tests.faults.FlakyMLP",
+        "in_features": 8,
+        "num_classes": 3,
+        "hidden": [16],
+        "dropout": 0.2,
+        "fail_at": 13,
+        "failures": 1,
+        "budget": str(tmp_path / "budget"),
+    }
+    cfg = small_config(tmp_path / "wd", name="flaky", model=model)
+    run_id = server.create_run("train-pipeline/train-from-ui", ui_parameters(cfg))
+    server.serve_once()
+    assert server.state(run_id) == "COMPLETED"
+    assert (tmp_path / "budget").read_text() == "1"
+    (tmp_path / "spent").write_text("9")
+    reference = small_config(
+        tmp_path / "ref", name="flaky", model={**model, "budget": str(tmp_path / "spent")}
+    )
+    pl.run(validate(reference))
+    assert_same_training_result(final_checkpoint(reference), final_checkpoint(cfg))
+
+
+def test_two_queued_runs_run_one_after_the_other(server, tmp_path):
+    slow = {
+        "type": "tests.faults.SlowMLP",
+        "in_features": 8,
+        "num_classes": 3,
+        "hidden": [16],
+        "delay": 0.02,
+    }
+    runs = [
+        server.create_run(
+            "train-pipeline/train-from-ui",
+            ui_parameters(small_config(tmp_path / f"wd{i}", name=f"queued-{i}", model=slow)),
+        )
+        for i in range(2)
+    ]
+    worker = server.worker()
+    try:
+        for run_id in runs:
+            assert server.wait_state(run_id, TERMINAL, timeout=240) == "COMPLETED"
+    finally:
+        _stop(worker)
+    spans = sorted((server.run(r)["start_time"], server.run(r)["end_time"]) for r in runs)
+    assert spans[0][1] <= spans[1][0], f"runs overlapped: {spans}"
+
+
+def _forwards(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_killed_worker_is_crashed_by_the_automation_and_the_next_run_resumes(server, tmp_path):
+    automations = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())
+    automations["automations"][0]["trigger"]["within"] = 45  # shorter wait for the test
+    server.cli("automation", "create", "--from-json", json.dumps(automations))
+
+    progress = tmp_path / "forwards"
+    slow = {
+        "type": "tests.faults.SlowMLP",
+        "in_features": 8,
+        "num_classes": 3,
+        "hidden": [16],
+        "dropout": 0.2,
+        "delay": 0.05,
+        "progress": str(progress),
+    }
+    cfg = small_config(tmp_path / "wd", name="crashing", model=slow)
+    first = server.create_run("train-pipeline/train-from-ui", ui_parameters(cfg))
+    worker = server.worker()
+    try:
+        deadline = time.time() + 180
+        while _forwards(progress) < 8 + 4 and time.time() < deadline:  # inside epoch 2
+            time.sleep(0.05)
+        assert _forwards(progress) >= 12, "the run never reached epoch 2"
+    finally:
+        _stop(worker)  # SIGKILL: worker and flow process die, nothing reports it
+    assert server.state(first) == "RUNNING"
+    assert server.wait_state(first, {"CRASHED"}, timeout=240) == "CRASHED"
+
+    second = server.create_run("train-pipeline/train-from-ui", ui_parameters(cfg))  # the next run
+    server.serve_once()
+    assert server.state(second) == "COMPLETED"
+    reference = small_config(tmp_path / "ref", name="crashing", model={**slow, "progress": None})
+    pl.run(validate(reference))
+    assert_same_training_result(final_checkpoint(reference), final_checkpoint(cfg))
+    assert torch.load(final_checkpoint_path(cfg), weights_only=True)["meta"]["epoch"] == 4
+
+
+def final_checkpoint_path(cfg: dict) -> str:
+    from baton import CheckpointStore
+
+    return CheckpointStore(Path(cfg["work_dir"]) / cfg["experiment_name"]).latest().uri
