@@ -257,6 +257,18 @@ def test_two_queued_runs_run_one_after_the_other(server, tmp_path):
     assert spans[0][1] <= spans[1][0], f"runs overlapped: {spans}"
 
 
+def _flow_run_processes(run_id: str) -> list[int]:
+    """Processes executing a flow run (the worker starts them in a session of their own)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+    return pids
+
+
 def _forwards(path: Path) -> int:
     try:
         return int(path.read_text() or 0)
@@ -287,10 +299,19 @@ def test_killed_worker_is_crashed_by_the_automation_and_the_next_run_resumes(ser
         while _forwards(progress) < 8 + 4 and time.time() < deadline:  # inside epoch 2
             time.sleep(0.05)
         assert _forwards(progress) >= 12, "the run never reached epoch 2"
+        flow_processes = _flow_run_processes(first)
+        assert flow_processes, "could not find the flow run's process"
     finally:
-        _stop(worker)  # SIGKILL: worker and flow process die, nothing reports it
+        # SIGKILL the flow process and the worker, as a dying machine would: nothing reports it
+        for pid in _flow_run_processes(first):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _stop(worker)
+    time.sleep(2)
     assert server.state(first) == "RUNNING"
     assert server.wait_state(first, {"CRASHED"}, timeout=240) == "CRASHED"
+    message = server.run(first)["state"]["message"] or ""
+    assert "No heartbeat" in message, message
 
     second = server.create_run("train-pipeline/train-from-ui", ui_parameters(cfg))  # the next run
     server.serve_once()
