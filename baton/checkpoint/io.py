@@ -13,6 +13,8 @@ arbitrary objects) load only inside :func:`trusted_loading`, an explicit opt-in.
 import collections
 import contextlib
 import contextvars
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import logging
@@ -21,6 +23,7 @@ import pickle
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -85,27 +88,101 @@ def local_path(uri: str) -> Path:
     return Path(uri).expanduser()
 
 
-class _HashingWriter(io.RawIOBase):
-    """A write-only stream that forwards bytes to a file and hashes them on the way."""
+def _load_sync_file_range() -> Callable[[int], None] | None:
+    """``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)``: start writeback, don't wait.
 
-    def __init__(self, raw: BinaryIO):
+    Linux only; elsewhere checkpoints are written back by the final fsync alone.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        func = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return lambda fd: func(fd, 0, 0, 2)
+
+
+_start_writeback = _load_sync_file_range()
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only stream that forwards bytes to a file and hashes them on the way.
+
+    The sha256 is computed by a helper thread, in order, while this thread goes on
+    writing (``hashlib`` and file writes release the GIL): large writes are cut into
+    pieces that are written here and hashed there. With ``borrowed_buffers_live`` the
+    caller promises that large buffers stay valid until :meth:`close` (true for CPU
+    tensors being saved, which are the storages of the object itself), so a write
+    returns without waiting for its hash; otherwise every write waits for its pieces.
+    Small writes are copied, so their buffers may be reused at once. With ``fd``, disk
+    writeback starts every ``WRITEBACK_EVERY`` bytes, so the disk works while the hash
+    is computed and the final fsync has little left to do.
+    """
+
+    PIECE = 8 << 20
+    WRITEBACK_EVERY = 64 << 20
+
+    def __init__(self, raw: BinaryIO, fd: int | None = None, borrowed_buffers_live: bool = False):
         super().__init__()
         self._raw = raw
-        self.sha256 = hashlib.sha256()
+        self._fd = fd if _start_writeback is not None else None
+        self._defer = borrowed_buffers_live
+        self._digest = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-sha256")
+        self._pending = None
+        self._unflushed = 0
         self.size = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:  # type: ignore[override]
-        view = memoryview(data)
-        self.sha256.update(view)
-        written = self._raw.write(view)
-        self.size += len(view)
-        return written if written is not None else len(view)
+        view = memoryview(data).cast("B")
+        length = len(view)
+        if length < self.PIECE:
+            self._pending = self._hasher.submit(self._digest.update, bytes(view))
+            self._raw.write(view)
+        else:
+            for offset in range(0, length, self.PIECE):
+                piece = view[offset : offset + self.PIECE]
+                self._pending = self._hasher.submit(self._digest.update, piece)  # FIFO
+                self._raw.write(piece)
+                self._writeback(len(piece))
+            if not self._defer:
+                self._pending.result()
+        self.size += length
+        return length
+
+    def _writeback(self, written: int) -> None:
+        if self._fd is None:
+            return
+        self._unflushed += written
+        if self._unflushed >= self.WRITEBACK_EVERY:
+            self._unflushed = 0
+            _start_writeback(self._fd)
+
+    def hexdigest(self) -> str:
+        """The sha256 of everything written (waits for the helper thread)."""
+        if self._pending is not None:
+            self._pending.result()
+        return self._digest.hexdigest()
 
     def flush(self) -> None:
         self._raw.flush()
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True)
+        super().close()
+
+
+def _only_cpu_tensors(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type == "cpu"
+    if isinstance(obj, dict):
+        return all(_only_cpu_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_only_cpu_tensors(v) for v in obj)
+    return True
 
 
 def fsync_dir(path: Path) -> None:
@@ -143,10 +220,15 @@ def save(obj: dict, uri: str) -> tuple[int, str]:
     are uploaded in one put, which object stores apply atomically.
     """
     if is_local(uri):
-        with _atomic_local_file(local_path(uri)) as handle:
-            writer = _HashingWriter(handle)
+        # torch.save hands CPU storages to write() as they are; other devices go through
+        # temporary copies, so their pieces must be hashed before write() returns.
+        live = _only_cpu_tensors(obj)
+        with (
+            _atomic_local_file(local_path(uri)) as handle,
+            _HashingWriter(handle, handle.fileno(), borrowed_buffers_live=live) as writer,
+        ):
             torch.save(obj, writer)
-            return writer.size, writer.sha256.hexdigest()
+            return writer.size, writer.hexdigest()
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
