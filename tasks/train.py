@@ -43,7 +43,6 @@ def _progress_printer(state: RunState, epoch: int):
     retry_delay_seconds=0,
     retry_condition_fn=retry_unless_permanent,
     cache_policy=NO_CACHE,
-    tags=["training"],
 )
 def train_epoch(config: dict[str, Any], state: RunState, epoch: int) -> RunState:
     """Train epoch ``epoch`` (1-based) from ``state`` and return the new state.

@@ -119,3 +119,15 @@ def test_bad_config_fails_before_any_work(prefect_harness, tmp_path):
         state.result(raise_on_failure=False)
     )
     assert not (tmp_path / "wd").exists()
+
+
+def test_a_second_run_of_a_busy_experiment_fails_clearly(prefect_harness, tmp_path):
+    from baton import CheckpointStore, ExperimentLockedError
+
+    cfg = small_config(tmp_path / "wd", name="busy")
+    with CheckpointStore(tmp_path / "wd" / "busy").lock():
+        state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ExperimentLockedError, match="is being trained by pid"):
+        state.result()
+    assert not (tmp_path / "wd" / "busy" / "checkpoints").exists()

@@ -1,0 +1,191 @@
+"""What restartability costs: the training flow against a plain PyTorch loop.
+
+Both train the same MLP on the same synthetic tensor data (about 2 s per epoch here),
+same seed, same epochs, and save a checkpoint after every epoch (the loop with a plain
+``torch.save``; the flow atomically, fsynced, checksummed, with artifacts). The flow runs
+on Prefect's embedded server, started by a warm-up flow before timing; "tasks" is the
+span from the first task's start to the last task's end, "call" the whole flow call.
+
+    .venv/bin/python benchmarks/bench_overhead.py [--epochs 5] [--samples 100000]
+
+Target: flow (tasks span) / loop <= 1.05. The per-epoch fixed cost and where it goes
+(an empty task run, an artifact, a checkpoint save against torch.save) are printed too.
+"""
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import torch
+from torch import nn
+
+from baton import pipeline as pl
+from baton.config import load_config
+from baton.data import SyntheticClassification
+from baton.models import MLP
+from baton.randomness import seed_everything
+
+
+def config(work_dir: Path, name: str, samples: int, epochs: int) -> dict:
+    return load_config(
+        {
+            "experiment_name": name,
+            "work_dir": str(work_dir),
+            "randomness": {"seed": 0, "deterministic": True},
+            "model": {"type": "MLP", "in_features": 64, "num_classes": 10, "hidden": [512, 512]},
+            "train_data": {
+                "dataset": {
+                    "type": "SyntheticClassification",
+                    "num_samples": samples,
+                    "num_features": 64,
+                    "num_classes": 10,
+                },
+                "batch_size": 64,
+            },
+            "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.01, "momentum": 0.9}},
+            "train": {"max_epochs": epochs, "log_interval": 1000},
+            "checkpoint": {"keep_last": None},
+        }
+    ).model_dump(mode="json")
+
+
+def plain_loop(work_dir: Path, samples: int, epochs: int) -> float:
+    """The baseline: what a user would write by hand."""
+    start = time.perf_counter()
+    seed_everything(0, deterministic=True)
+    data = SyntheticClassification(num_samples=samples, num_features=64, num_classes=10)
+    inputs, targets = data.tensors
+    model = MLP(64, 10, hidden=[512, 512])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for epoch in range(epochs):
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, samples, 64):
+            index = order[i : i + 64]
+            optimizer.zero_grad()
+            loss_fn(model(inputs[index]), targets[index]).backward()
+            optimizer.step()
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+            work_dir / f"epoch_{epoch}.pth",
+        )
+    return time.perf_counter() - start
+
+
+async def task_span(flow_run_id) -> float:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    starts = [r.start_time for r in runs if r.start_time]
+    ends = [r.end_time for r in runs if r.end_time]
+    return (max(ends) - min(starts)).total_seconds()
+
+
+def micro_costs(work_dir: Path) -> dict[str, float]:
+    """Per-operation costs, in ms, measured in this process."""
+    from prefect import flow, task
+    from prefect.artifacts import create_table_artifact
+
+    @task
+    def empty() -> None:
+        return None
+
+    @task
+    def artifact(i: int) -> None:
+        create_table_artifact(key="bench-table", table=[{"epoch": i, "loss": 0.1}])
+
+    @flow
+    def probe(n: int) -> tuple[float, float]:
+        empty()
+        start = time.perf_counter()
+        for _ in range(n):
+            empty()
+        per_task = (time.perf_counter() - start) / n
+        start = time.perf_counter()
+        for i in range(n):
+            artifact(i)
+        per_artifact = (time.perf_counter() - start) / n - per_task
+        return per_task, per_artifact
+
+    per_task, per_artifact = probe(20)
+    cfg = load_config(config(work_dir, "micro", 1024, 1))
+    pipeline = pl.build_pipeline(cfg)
+    start = time.perf_counter()
+    for _ in range(5):
+        pl.save(pipeline, {})
+    ours = (time.perf_counter() - start) / 5
+    model, optimizer = pipeline.strategy.model, pipeline.strategy.optim_wrapper.optimizer
+    start = time.perf_counter()
+    for i in range(5):
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+            work_dir / f"plain_{i}.pth",
+        )
+    plain = (time.perf_counter() - start) / 5
+    return {
+        "empty task run": 1000 * per_task,
+        "table artifact": 1000 * per_artifact,
+        "baton checkpoint save": 1000 * ours,
+        "torch.save of the same": 1000 * plain,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.train import train_pipeline
+
+    root = Path(tempfile.mkdtemp(prefix="baton-overhead-"))
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        train_pipeline(config=config(root / "warmup", "warmup", 256, 1))  # starts the server
+        loop_times, call_times, span_times = [], [], []
+        for repeat in range(args.repeats):
+            loop_times.append(plain_loop(root / f"loop{repeat}", args.samples, args.epochs))
+            start = time.perf_counter()
+            state = train_pipeline(
+                config=config(root / f"flow{repeat}", "bench", args.samples, args.epochs),
+                return_state=True,
+            )
+            call_times.append(time.perf_counter() - start)
+            span_times.append(asyncio.run(task_span(state.state_details.flow_run_id)))
+        micro = micro_costs(root / "micro")
+
+    loop, call, span = min(loop_times), min(call_times), min(span_times)
+    pair_ratios = sorted(s / lp for s, lp in zip(span_times, loop_times, strict=True))
+    epoch_length = -(-args.samples // 64)
+    print(
+        f"{args.epochs} epochs x {epoch_length} iterations, MLP 64-512-512-10, best of {args.repeats}"
+    )
+    print(
+        f"  loop runs {[round(t, 2) for t in loop_times]}, flow spans {[round(t, 2) for t in span_times]}"
+    )
+    print(f"  median of paired ratios (flow span / loop): {pair_ratios[len(pair_ratios) // 2]:.3f}")
+    print(f"  plain loop             {loop:7.2f} s   ({loop / args.epochs:.2f} s per epoch)")
+    print(f"  flow, task span        {span:7.2f} s   ratio {span / loop:.3f}  (target <= 1.05)")
+    print(f"  flow, whole call       {call:7.2f} s   ratio {call / loop:.3f}")
+    print(
+        f"  fixed cost per epoch   {1000 * (span - loop) / args.epochs:7.1f} ms (task span - loop, per epoch)"
+    )
+    for name, value in micro.items():
+        print(f"    {name:24} {value:7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
