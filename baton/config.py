@@ -108,6 +108,9 @@ class CheckpointPolicy(_Strict):
     best_metric: str | None = Field(None, description="e.g. val/accuracy")
     best_mode: Literal["max", "min"] = "max"
     save_optimizer: bool = True
+    async_save: bool = Field(
+        False, description="write in the background; training waits for a snapshot only"
+    )
 
 
 class LoadFrom(_Strict):

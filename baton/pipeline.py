@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,9 +237,17 @@ def should_save(pipeline: Pipeline) -> bool:
 
 
 def save(
-    pipeline: Pipeline, metrics: dict[str, float], *, name: CheckpointName | None = None
-) -> CheckpointRef:
-    """Write and commit a checkpoint of the current position, with its metrics."""
+    pipeline: Pipeline,
+    metrics: dict[str, float],
+    *,
+    name: CheckpointName | None = None,
+    background: bool = False,
+) -> CheckpointRef | Future:
+    """Write and commit a checkpoint of the current position, with its metrics.
+
+    With ``background``, return a future of the reference at once (see
+    ``SingleDeviceStrategy.save_checkpoint_async``).
+    """
     strategy = pipeline.strategy
     cfg = pipeline.config
     record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
@@ -251,7 +260,8 @@ def save(
             if strategy.step_in_epoch
             else CheckpointName.for_epoch(strategy.epoch)
         )
-    return strategy.save_checkpoint(
+    save_fn = strategy.save_checkpoint_async if background else strategy.save_checkpoint
+    return save_fn(
         str(name),
         save_optimizer=cfg.checkpoint.save_optimizer,
         extra_ckpt={
@@ -310,7 +320,10 @@ def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
             if should_validate(pipeline):
                 metrics.update(validate(pipeline))
             if should_save(pipeline):
-                ref = save(pipeline, metrics)
+                if cfg.checkpoint.async_save and not pipeline.finished:
+                    save(pipeline, metrics, background=True)  # committed when written
+                else:
+                    ref = save(pipeline, metrics)
             position = {"epoch": pipeline.strategy.epoch, "iter": pipeline.strategy.iter}
             append_metrics(pipeline.strategy.experiment_dir, "epoch", {**position, **metrics})
             logger.info("epoch %d: %s", pipeline.strategy.epoch, metrics)

@@ -27,6 +27,7 @@ import re
 import resource
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -499,6 +500,68 @@ class SingleDeviceStrategy:
         ``callback(checkpoint)`` may edit the dict just before it is written.
         """
         self._require_prepared("save_checkpoint")
+        self.wait_for_checkpoints()  # a background save still running commits first
+        checkpoint = self._checkpoint_dict(save_optimizer, save_param_scheduler, extra_ckpt)
+        if callback is not None:
+            callback(checkpoint)
+        target = self._resolve_target(filename)
+        size, digest = io.save(checkpoint, target)
+        return self._commit(target, checkpoint["meta"], size, digest)
+
+    def save_checkpoint_async(
+        self,
+        filename: str,
+        *,
+        save_optimizer: bool = True,
+        save_param_scheduler: bool = True,
+        extra_ckpt: dict | None = None,
+        callback: Callable | None = None,
+    ) -> Future:
+        """Like :meth:`save_checkpoint`, but write in the background; returns a future
+        of the :class:`CheckpointRef`.
+
+        Training waits only for a snapshot of the state: on the CPU a ``fork`` (the child
+        writes a copy-on-write view of memory, so the stall is the fork, and the extra
+        memory is the pages training changes meanwhile, at most one copy of the state);
+        on a GPU a copy to host memory, written by a thread. The checkpoint is committed
+        to the manifest only once it is completely on disk, so a crash during the write
+        leaves the previous checkpoint as the latest. One save runs at a time: a second
+        call first waits for the first.
+        """
+        self._require_prepared("save_checkpoint_async")
+        self.wait_for_checkpoints()
+        checkpoint = self._checkpoint_dict(save_optimizer, save_param_scheduler, extra_ckpt)
+        if callback is not None:
+            callback(checkpoint)
+        target = self._resolve_target(filename)
+        meta = checkpoint["meta"]
+        writing = io.save_in_background(checkpoint, target)
+
+        def commit() -> CheckpointRef:
+            size, digest = writing.result()
+            return self._commit(target, meta, size, digest)
+
+        self._pending_save = self._committer().submit(commit)
+        return self._pending_save
+
+    def wait_for_checkpoints(self) -> CheckpointRef | None:
+        """Wait for a background save; return its reference (``None`` if there was none).
+
+        Raises:
+            Exception: The background write or commit failed (nothing was committed).
+        """
+        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        return pending.result() if pending is not None else None
+
+    def _committer(self) -> ThreadPoolExecutor:
+        if getattr(self, "_commit_thread", None) is None:
+            self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="baton-commit")
+        return self._commit_thread
+
+    def _checkpoint_dict(
+        self, save_optimizer: bool, save_param_scheduler: bool, extra_ckpt: dict | None
+    ) -> dict:
+        """What goes into a checkpoint (the strategy decides; checkpoint.io writes it)."""
         extra = copy.deepcopy(extra_ckpt) if extra_ckpt else {}
         wrapper = getattr(self, "optim_wrapper", None)
         meta = ckpt_format.make_meta(
@@ -525,14 +588,11 @@ class SingleDeviceStrategy:
                 if p.grad is not None
             }
         checkpoint.update(extra)
-        if callback is not None:
-            callback(checkpoint)
+        return checkpoint
 
-        target = self._resolve_target(filename)
-        size, digest = io.save(checkpoint, target)
-        final = checkpoint["meta"]
-        metrics = {k: float(v) for k, v in (final.get("metrics") or {}).items()}
-        position = {"epoch": int(final.get("epoch", 0)), "iter": int(final.get("iter", 0))}
+    def _commit(self, target: str, meta: dict, size: int, digest: str) -> CheckpointRef:
+        metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
+        position = {"epoch": int(meta.get("epoch", 0)), "iter": int(meta.get("iter", 0))}
         store = self.checkpoints
         if io.is_local(target) and store.owns(target):
             ref = store.commit(target, size=size, sha256=digest, metrics=metrics, **position)

@@ -22,11 +22,21 @@ from tasks.state import RunState, config_of, live_pipeline, using
     cache_policy=NO_CACHE,
 )
 def save_checkpoint(config: dict[str, Any], state: RunState, epoch: int) -> RunState:
-    """Write and commit a checkpoint; publish a link artifact to it."""
+    """Write and commit a checkpoint; publish a link artifact to it.
+
+    With ``checkpoint.async_save`` (and before the last epoch) the write goes on in the
+    background; the state then carries the newest checkpoint already committed.
+    """
     cfg = config_of(config)
     pipeline, _ = live_pipeline(cfg, state)
     with using(cfg, pipeline):
-        ref = pl.save(pipeline, state.metrics)
+        if cfg.checkpoint.async_save and not state.finished:
+            ref = pipeline.strategy.wait_for_checkpoints() or state.checkpoint
+            pl.save(pipeline, state.metrics, background=True)
+            if ref is None:
+                return state
+        else:
+            ref = pl.save(pipeline, state.metrics)
     uri = ref.uri if not io.is_local(ref.uri) else f"file://{ref.uri}"
     if in_run():
         create_link_artifact(

@@ -17,13 +17,16 @@ import ctypes
 import ctypes.util
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
+import signal
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,6 +35,7 @@ import torch
 
 from baton.errors import (
     CheckpointCorruptError,
+    CheckpointError,
     CheckpointNotFoundError,
     UnsafeCheckpointError,
 )
@@ -238,6 +242,74 @@ def save(obj: dict, uri: str) -> tuple[int, str]:
         fs.makedirs(parent, exist_ok=True)
     fs.pipe_file(path, data)
     return len(data), hashlib.sha256(data).hexdigest()
+
+
+def _clone_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return type(value)((k, _clone_tensors(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
+def _save_in_child(obj: dict, uri: str) -> Future:
+    """Fork; the child writes ``obj`` from its copy-on-write view of memory and reports
+    ``(size, sha256)`` through a pipe; a thread of the parent waits for it."""
+    future: Future = Future()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write, report, leave without running the parent's cleanup
+        code = 1
+        try:
+            os.close(read_fd)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            size, digest = save(obj, uri)
+            os.write(write_fd, json.dumps({"size": size, "sha256": digest}).encode())
+            code = 0
+        except BaseException as err:
+            with contextlib.suppress(BaseException):
+                os.write(write_fd, json.dumps({"error": f"{type(err).__name__}: {err}"}).encode())
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+
+    def wait() -> None:
+        chunks = []
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+        try:
+            report = json.loads(b"".join(chunks) or b"{}")
+        except ValueError:
+            report = {}
+        if os.waitstatus_to_exitcode(status) == 0 and "sha256" in report:
+            future.set_result((report["size"], report["sha256"]))
+        else:
+            reason = report.get("error") or f"writer process ended with status {status}"
+            future.set_exception(CheckpointError(f"background save of {uri} failed: {reason}"))
+
+    threading.Thread(target=wait, name="baton-save-waiter", daemon=True).start()
+    return future
+
+
+def save_in_background(obj: dict, uri: str) -> Future:
+    """Start writing ``obj`` to ``uri`` and return a future of ``(size, sha256)``.
+
+    The caller may change its tensors as soon as this returns. On POSIX systems a forked
+    child writes a copy-on-write snapshot (the call costs a fork); elsewhere, and for
+    remote URIs, the tensors are cloned and a thread writes the clone.
+    """
+    if hasattr(os, "fork") and is_local(uri):
+        return _save_in_child(obj, uri)
+    snapshot = _clone_tensors(obj)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-save")
+    future = pool.submit(save, snapshot, uri)
+    pool.shutdown(wait=False)
+    return future
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,15 @@ from baton.errors import CheckpointCorruptError, ExperimentLockedError
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+
+# Manifest updates are read-modify-write; a background save commits from another thread.
+_MANIFEST_LOCKS: dict[Path, threading.Lock] = {}
+_MANIFEST_LOCKS_GUARD = threading.Lock()
+
+
+def _manifest_lock(root: Path) -> threading.Lock:
+    with _MANIFEST_LOCKS_GUARD:
+        return _MANIFEST_LOCKS.setdefault(root, threading.Lock())
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,10 @@ class CheckpointStore:
         position). Files dropped by retention are deleted after the manifest is written.
         """
         uri = str(io.local_path(uri).absolute()) if io.is_local(uri) else uri
+        with _manifest_lock(self.root):
+            return self._commit_locked(uri, epoch, iter, size, sha256, metrics)
+
+    def _commit_locked(self, uri, epoch, iter, size, sha256, metrics) -> CheckpointRef:
         entries = [e for e in self._read_manifest() if e["uri"] != uri]
         seq = max((e["seq"] for e in entries), default=0) + 1
         entry = {
@@ -233,6 +247,12 @@ class CheckpointStore:
 
     def update_metrics(self, ref: CheckpointRef, metrics: dict[str, float]) -> CheckpointRef:
         """Add metrics (for example validation results) to a committed checkpoint."""
+        with _manifest_lock(self.root):
+            return self._update_metrics_locked(ref, metrics)
+
+    def _update_metrics_locked(
+        self, ref: CheckpointRef, metrics: dict[str, float]
+    ) -> CheckpointRef:
         entries = self._read_manifest()
         for entry in entries:
             if entry["uri"] == ref.uri:

@@ -1,0 +1,86 @@
+"""Background saves: training waits only for a snapshot; the file holds the state at the
+call; the manifest learns of it only once it is complete."""
+
+import pytest
+import torch
+from torch import nn
+
+from baton import CheckpointError
+from baton import pipeline as pl
+from baton.config import load_config
+
+from .helpers import make_strategy
+from .test_config import base
+
+
+def prepared(work_dir):
+    strategy = make_strategy(work_dir)
+    strategy.prepare(
+        nn.Linear(64, 64), optim_wrapper={"optimizer": {"type": "SGD", "lr": 0.5, "momentum": 0.9}}
+    )
+    return strategy
+
+
+def step(strategy):
+    strategy.model(torch.randn(8, 64)).pow(2).mean().backward()
+    strategy.optim_wrapper.step()
+    strategy.optim_wrapper.zero_grad()
+
+
+def test_file_holds_the_state_at_the_call_while_training_goes_on(work_dir):
+    strategy = prepared(work_dir)
+    step(strategy)
+    expected = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    future = strategy.save_checkpoint_async("epoch_0001.pth")
+    for _ in range(20):  # change every weight while the child writes
+        step(strategy)
+    ref = future.result()
+    saved = torch.load(ref.uri, weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert not torch.equal(strategy.model.weight, expected["weight"])
+    assert strategy.checkpoints.latest() == ref
+
+
+def test_one_save_at_a_time_and_sync_save_waits(work_dir):
+    strategy = prepared(work_dir)
+    first = strategy.save_checkpoint_async("epoch_0001.pth")
+    second = strategy.save_checkpoint_async("epoch_0002.pth")
+    assert first.done()  # the second call waited for the first
+    third = strategy.save_checkpoint("epoch_0003.pth")
+    assert second.done()
+    assert [r.uri for r in strategy.checkpoints.list()] == [
+        first.result().uri,
+        second.result().uri,
+        third.uri,
+    ]
+
+
+def test_a_failed_background_write_commits_nothing(work_dir, tmp_path):
+    strategy = prepared(work_dir)
+    ref = strategy.save_checkpoint("epoch_0001.pth")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a folder should be")
+    future = strategy.save_checkpoint_async(str(blocker / "epoch_0002.pth"))
+    with pytest.raises(CheckpointError, match="background save .* failed"):
+        future.result()
+    assert strategy.checkpoints.latest() == ref
+    with pytest.raises(CheckpointError):  # the next save (or an explicit wait) reports it
+        strategy.wait_for_checkpoints()
+    assert strategy.wait_for_checkpoints() is None
+
+
+def test_pipeline_with_async_saves_ends_equal_to_sync_saves(tmp_path):
+    def run(name, async_save):
+        data = base()
+        data.update(work_dir=str(tmp_path / name))
+        data["model"]["dropout"] = 0.2
+        cfg = load_config(data, {"train.max_epochs": 4, "checkpoint.async_save": async_save})
+        pipeline, ref = pl.run(cfg)
+        return pipeline, torch.load(ref.uri, weights_only=True)
+
+    _, sync_ckpt = run("sync", False)
+    async_pipeline, async_ckpt = run("async", True)
+    for key, value in sync_ckpt["state_dict"].items():
+        assert torch.equal(async_ckpt["state_dict"][key], value)
+    assert [r.epoch for r in async_pipeline.strategy.checkpoints.list()] == [2, 3, 4]  # keep_last 3
+    assert sync_ckpt["meta"]["iter"] == async_ckpt["meta"]["iter"]
