@@ -32,13 +32,18 @@ from baton.models import MLP
 from baton.randomness import seed_everything
 
 
-def config(work_dir: Path, name: str, samples: int, epochs: int) -> dict:
+def config(work_dir: Path, name: str, samples: int, epochs: int, hidden: int = 512) -> dict:
     return load_config(
         {
             "experiment_name": name,
             "work_dir": str(work_dir),
             "randomness": {"seed": 0, "deterministic": True},
-            "model": {"type": "MLP", "in_features": 64, "num_classes": 10, "hidden": [512, 512]},
+            "model": {
+                "type": "MLP",
+                "in_features": 64,
+                "num_classes": 10,
+                "hidden": [hidden, hidden],
+            },
             "train_data": {
                 "dataset": {
                     "type": "SyntheticClassification",
@@ -55,13 +60,13 @@ def config(work_dir: Path, name: str, samples: int, epochs: int) -> dict:
     ).model_dump(mode="json")
 
 
-def plain_loop(work_dir: Path, samples: int, epochs: int) -> float:
+def plain_loop(work_dir: Path, samples: int, epochs: int, hidden: int = 512) -> float:
     """The baseline: what a user would write by hand."""
     start = time.perf_counter()
     seed_everything(0, deterministic=True)
     data = SyntheticClassification(num_samples=samples, num_features=64, num_classes=10)
     inputs, targets = data.tensors
-    model = MLP(64, 10, hidden=[512, 512])
+    model = MLP(64, 10, hidden=[hidden, hidden])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     work_dir.mkdir(parents=True, exist_ok=True)
