@@ -13,6 +13,11 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file or URI does not exist."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (no space, a file size limit, a read-only disk).
+    The previous checkpoints and the manifest are untouched."""
+
+
 class CheckpointCorruptError(CheckpointError):
     """The file exists but is truncated, damaged, or its checksum differs."""
 

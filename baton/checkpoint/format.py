@@ -25,7 +25,10 @@ from baton._version import __version__
 from baton.errors import CheckpointError
 
 # Meta keys the strategy always sets last; a caller's extra meta cannot override them.
-OWNED_META_KEYS = ("seed", "rng", "time", "baton")
+OWNED_META_KEYS = ("seed", "rng", "time", "baton", "format")
+
+# The layout version this baton writes and the newest it reads.
+FORMAT_VERSION = 1
 
 
 def to_cpu(value: Any) -> Any:
@@ -68,6 +71,7 @@ def make_meta(
         rng=rng,
         time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         baton=__version__,
+        format=FORMAT_VERSION,
     )
     return meta
 
@@ -84,6 +88,14 @@ def split_weights(checkpoint: Any, source: str) -> tuple[dict, dict]:
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
             f"{source!r} holds a {type(checkpoint).__name__}, not a checkpoint dict"
+        )
+    meta = checkpoint.get("meta")
+    version = meta.get("format", FORMAT_VERSION) if isinstance(meta, Mapping) else FORMAT_VERSION
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source!r} was written by baton {meta.get('baton', '?')} in checkpoint format "
+            f"{version!r}; this baton ({__version__}) reads format {FORMAT_VERSION} and older. "
+            "Upgrade baton to load it"
         )
     rest = dict(checkpoint)
     for key in ("state_dict", "model"):

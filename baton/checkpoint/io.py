@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ from baton.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointWriteError,
     UnsafeCheckpointError,
 )
 
@@ -46,6 +48,9 @@ logger = logging.getLogger(__name__)
 # dicts, lists, tuples, numbers, strings and tensors; mmengine's schedulers store
 # MultiStepLR milestones as a Counter.
 SAFE_GLOBALS: tuple[Any, ...] = (collections.Counter,)
+
+# errno values that mean "the disk cannot take this file"
+_SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
 
 _TRUSTED = contextvars.ContextVar("baton_trusted_loading", default=False)
 
@@ -136,11 +141,20 @@ class _HashingWriter(io.RawIOBase):
         self._pending = None
         self._unflushed = 0
         self.size = 0
+        self.error: OSError | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:  # type: ignore[override]
+        try:
+            return self._write(data)
+        except OSError as err:
+            # torch.save re-raises errors from write() as RuntimeError; keep the original.
+            self.error = err
+            raise
+
+    def _write(self, data) -> int:
         view = memoryview(data).cast("B")
         length = len(view)
         if length < self.PIECE:
@@ -227,12 +241,23 @@ def save(obj: dict, uri: str) -> tuple[int, str]:
         # torch.save hands CPU storages to write() as they are; other devices go through
         # temporary copies, so their pieces must be hashed before write() returns.
         live = _only_cpu_tensors(obj)
-        with (
-            _atomic_local_file(local_path(uri)) as handle,
-            _HashingWriter(handle, handle.fileno(), borrowed_buffers_live=live) as writer,
-        ):
-            torch.save(obj, writer)
-            return writer.size, writer.hexdigest()
+        writer = None
+        try:
+            with (
+                _atomic_local_file(local_path(uri)) as handle,
+                _HashingWriter(handle, handle.fileno(), borrowed_buffers_live=live) as writer,
+            ):
+                torch.save(obj, writer)
+                return writer.size, writer.hexdigest()
+        except (OSError, RuntimeError) as err:
+            cause = writer.error if writer is not None and writer.error else err
+            if isinstance(cause, OSError) and cause.errno in _SPACE_ERRORS:
+                raise CheckpointWriteError(
+                    f"could not write checkpoint {uri}: {os.strerror(cause.errno)}. Free space "
+                    "(or lower checkpoint.keep_last) and run again; the previous checkpoints "
+                    "and the manifest are untouched"
+                ) from cause
+            raise
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
@@ -314,8 +339,16 @@ def save_in_background(obj: dict, uri: str) -> Future:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (used for manifests and sidecars)."""
-    with _atomic_local_file(path) as handle:
-        handle.write(text.encode("utf-8"))
+    try:
+        with _atomic_local_file(path) as handle:
+            handle.write(text.encode("utf-8"))
+    except OSError as err:
+        if err.errno in _SPACE_ERRORS:
+            raise CheckpointWriteError(
+                f"could not write {path}: {os.strerror(err.errno)}; the previous version is "
+                "untouched. Free space and run again"
+            ) from err
+        raise
 
 
 def sha256_of(uri: str, chunk_size: int = 8 << 20) -> tuple[int, str]:

@@ -27,7 +27,7 @@ from typing import Literal
 
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
-from baton.errors import CheckpointCorruptError, ExperimentLockedError
+from baton.errors import CheckpointCorruptError, CheckpointError, ExperimentLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +113,58 @@ class CheckpointStore:
             entries = data["checkpoints"]
             if not isinstance(entries, list):
                 raise TypeError("'checkpoints' is not a list")
+            for entry in entries:
+                self._to_ref(entry)
+                int(entry["seq"])
             return entries
         except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointCorruptError(
-                f"manifest {self.manifest_path} is unreadable ({err}); move it aside to "
-                "start the experiment's record again"
-            ) from err
+            logger.warning(
+                "manifest %s is unreadable (%s); rebuilding it from the checkpoint files",
+                self.manifest_path,
+                err,
+            )
+            return self._rebuild_locked()
+
+    def rebuild(self) -> list[CheckpointRef]:
+        """Rebuild the manifest from the checkpoint files that load safely.
+
+        The unreadable manifest is kept beside it as ``manifest.json.corrupt-<time>``.
+        Each file is loaded (``weights_only``) to check that it is a whole checkpoint;
+        its position and metrics come from its ``meta``.
+        """
+        with _manifest_lock(self.root):
+            self._rebuild_locked()
+        return self.list()
+
+    def _rebuild_locked(self) -> list[dict]:
+        if self.manifest_path.exists():
+            aside = self.manifest_path.with_name(f"manifest.json.corrupt-{int(time.time())}")
+            os.replace(self.manifest_path, aside)
+        entries: list[dict] = []
+        files = sorted(self.checkpoint_dir.glob("*.pth")) if self.checkpoint_dir.exists() else []
+        for path in files:
+            if CheckpointName.parse(path.name) is None:
+                continue
+            try:
+                checkpoint = io.load(str(path))
+                meta = checkpoint.get("meta") or {}
+                size, digest = io.sha256_of(str(path))
+                entries.append(
+                    {
+                        "uri": str(path),
+                        "epoch": int(meta["epoch"]),
+                        "iter": int(meta["iter"]),
+                        "size": size,
+                        "sha256": digest,
+                        "metrics": {k: float(v) for k, v in (meta.get("metrics") or {}).items()},
+                        "seq": len(entries) + 1,
+                        "created": path.stat().st_mtime,
+                    }
+                )
+            except (CheckpointError, KeyError, TypeError, ValueError, AttributeError) as err:
+                logger.warning("not taking %s into the rebuilt manifest: %s", path.name, err)
+        self._write_manifest(entries)
+        return entries
 
     def _write_manifest(self, entries: list[dict]) -> None:
         payload = {"version": MANIFEST_VERSION, "checkpoints": entries}

@@ -199,12 +199,70 @@ def test_rotation_policy_validation():
         RetentionPolicy(keep_last=0)
 
 
-def test_corrupt_manifest_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize(
+    "damage",
+    ["{not json", "", '{"checkpoints": 3}', '{"checkpoints": [{"uri": 1}]}'],
+    ids=["garbage", "empty", "not-a-list", "bad-entry"],
+)
+def test_corrupt_manifest_is_rebuilt_from_the_files_that_verify(tmp_path, caplog, damage):
     store = CheckpointStore(tmp_path / "exp")
-    _commit(store, 1)
-    store.manifest_path.write_text("{not json")
-    with pytest.raises(CheckpointCorruptError, match="manifest .* is unreadable"):
-        store.latest()
+    strategy_meta = {"meta": {"epoch": 0, "iter": 0}}
+    _commit(
+        store,
+        1,
+        payload={**strategy_meta, "meta": {"epoch": 1, "iter": 10, "metrics": {"acc": 0.5}}},
+    )
+    _commit(store, 2, payload={"meta": {"epoch": 2, "iter": 20}})
+    store.path_for("epoch_0003.pth").write_bytes(b"half a checkpoint")  # never committed, broken
+    store.manifest_path.write_text(damage)
+    latest = store.latest()
+    assert (latest.epoch, latest.iter) == (2, 20)
+    assert [r.epoch for r in store.list()] == [1, 2]
+    assert store.list()[0].metrics == {"acc": 0.5}
+    assert "rebuilding it from the checkpoint files" in caplog.text
+    assert "not taking epoch_0003.pth" in caplog.text
+    assert list(store.root.glob("manifest.json.corrupt-*"))
+
+
+def test_swapped_files_are_detected(tmp_path):
+    store = CheckpointStore(tmp_path / "exp")
+    first, second = _commit(store, 1), _commit(store, 2)
+    a, b = Path(first.uri), Path(second.uri)
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    assert store.latest() is None  # neither matches its own entry
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    import resource
+    import signal
+
+    from baton import CheckpointWriteError
+
+    store = CheckpointStore(tmp_path / "exp")
+    ref = _commit(store, 1)
+    manifest = store.manifest_path.read_text()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+    try:
+        with pytest.raises(CheckpointWriteError, match="File too large.*previous checkpoints"):
+            io.save({"w": torch.zeros(1_000_000)}, str(store.path_for("epoch_0002.pth")))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert store.manifest_path.read_text() == manifest
+    assert store.latest() == ref
+    assert sorted(p.name for p in store.checkpoint_dir.iterdir()) == ["epoch_0001.pth"]
+
+
+def test_a_file_from_a_newer_format_is_refused(tmp_path):
+    from baton import CheckpointError
+    from baton.checkpoint.format import split_weights
+
+    with pytest.raises(CheckpointError, match="format 2.*Upgrade baton"):
+        split_weights({"meta": {"format": 2, "baton": "9.0"}, "state_dict": {}}, "future.pth")
 
 
 def test_lock_excludes_a_second_process(tmp_path):
