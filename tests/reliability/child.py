@@ -1,0 +1,103 @@
+"""A training run that SIGKILLs itself at a chosen point (the fault-injection child).
+
+    python -m tests.reliability.child CONFIG_JSON POINT N
+
+POINT is where the N-th occurrence kills the process: ``iteration`` (after a training
+iteration), ``validation`` (inside validation), ``checkpoint-write`` (inside a checkpoint
+file's write), ``manifest-update`` (new manifest written to its temporary file, not yet
+renamed), ``rotation`` (manifest committed, old file not yet deleted), or ``none``.
+Everything is patched here, in the throw-away child; the engine has no fault hooks.
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(point: str, n: int) -> None:
+    from baton import loop
+    from baton.checkpoint import io
+
+    count = {"n": 0}
+
+    def tick() -> None:
+        count["n"] += 1
+        if count["n"] == n:
+            die()
+
+    if point == "iteration":
+        original = loop.train_epoch
+
+        def train_epoch(*args, on_iteration=None, **kwargs):
+            def hook(running):
+                if on_iteration is not None:
+                    on_iteration(running)
+                tick()
+
+            return original(*args, on_iteration=hook, **kwargs)
+
+        loop.train_epoch = train_epoch
+    elif point == "validation":
+        original_validate = loop.validate
+
+        def validate(strategy, loader, **kwargs):
+            handle = strategy.model.register_forward_hook(lambda *args: tick())
+            try:
+                return original_validate(strategy, loader, **kwargs)
+            finally:
+                handle.remove()
+
+        loop.validate = validate
+    elif point == "checkpoint-write":
+        original_write = io._HashingWriter._write
+
+        def write(self, data):
+            result = original_write(self, data)
+            tick()
+            return result
+
+        io._HashingWriter._write = write
+    elif point == "manifest-update":
+        original_text = io.write_text_atomic
+
+        def write_text_atomic(path, text):
+            if Path(path).name == "manifest.json":
+                count["n"] += 1
+                if count["n"] == n:  # half a manifest in a temporary file, then death
+                    Path(path).with_name(".manifest.json.killed.tmp").write_text(
+                        text[: len(text) // 2]
+                    )
+                    die()
+            original_text(path, text)
+
+        io.write_text_atomic = write_text_atomic
+    elif point == "rotation":
+        original_unlink = Path.unlink
+
+        def unlink(self, missing_ok=False):
+            if self.suffix == ".pth" and self.parent.name == "checkpoints":
+                tick()
+            return original_unlink(self, missing_ok=missing_ok)
+
+        Path.unlink = unlink
+    elif point != "none":
+        raise SystemExit(f"unknown kill point {point!r}")
+
+
+def main() -> None:
+    config, point, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    from baton import pipeline as pl
+    from baton.config import validate
+
+    arm(point, n)
+    pl.run(validate(config))
+
+
+if __name__ == "__main__":
+    main()
