@@ -142,6 +142,10 @@ class PipelineConfig(_Strict):
     allowed_modules: list[str] = Field(
         default_factory=list, description="extra module prefixes a dotted 'type' may use"
     )
+    allowed_schemes: list[str] = Field(
+        default_factory=list,
+        description="URI schemes load_from and resume may use beyond local paths (https, s3...)",
+    )
     randomness: RandomnessConfig = RandomnessConfig()
     model: Component
     loss: Component = {"type": "CrossEntropyLoss"}
@@ -555,6 +559,18 @@ def _semantic_problems(cfg: PipelineConfig, positions: Positions) -> list[Config
         add(("checkpoint", "best_metric"), f"{policy.best_metric} needs val_data")
     if cfg.resume not in ("auto", "never") and not cfg.resume.strip():
         add(("resume",), "resume must be 'auto', 'never' or a checkpoint URI")
+    uris = [(("resume",), cfg.resume)]
+    if cfg.load_from is not None:
+        uris.append((("load_from", "uri"), cfg.load_from.uri))
+    for path, uri in uris:
+        if "://" in uri:
+            scheme = uri.split("://", 1)[0]
+            if scheme != "file" and scheme not in cfg.allowed_schemes:
+                add(
+                    path,
+                    f"scheme {scheme!r} is not allowed (configs may come from the UI); add it "
+                    f"to allowed_schemes, e.g. allowed_schemes: [{scheme}]",
+                )
     return problems
 
 
@@ -608,6 +624,11 @@ def load_config(
     """
     if isinstance(source, Mapping):
         data, positions, name = json.loads(json.dumps(source, default=str)), {}, "<inline config>"
+    elif not isinstance(source, (str, Path)):
+        raise ConfigError(
+            f"a config is a path to a YAML file, YAML text or a mapping; got a "
+            f"{type(source).__name__}"
+        )
     else:
         path = Path(source)
         text_like = isinstance(source, str) and ("\n" in source or source.strip().startswith("{"))

@@ -410,3 +410,20 @@ def test_allowed_modules_admit_a_users_package(tmp_path, monkeypatch):
     monkeypatch.setenv("BATON_ALLOWED_MODULES", "mymodels")
     data.pop("allowed_modules")
     assert load_config(data).model["width"] == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("load_from", {"uri": "https://example.invalid/w.pth"}), ("resume", "s3://bucket/ckpt.pth")],
+)
+def test_uri_schemes_must_be_allowed(field, value):
+    data = base()
+    data[field] = value
+    scheme = "https" if field == "load_from" else "s3"
+    with pytest.raises(ConfigError, match=f"scheme '{scheme}' is not allowed.*allowed_schemes"):
+        load_config(data)
+    data["allowed_schemes"] = [scheme]
+    load_config(data)
+    data[field] = {"uri": "/local/path.pth"} if field == "load_from" else "/local/path.pth"
+    data["allowed_schemes"] = []
+    load_config(data)

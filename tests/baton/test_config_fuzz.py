@@ -76,3 +76,24 @@ def test_random_overrides_on_a_valid_config(pairs):
 @given(st.lists(st.text(max_size=30), max_size=4))
 def test_random_override_strings(items):
     _outcome(lambda: load_config(base(), items))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.one_of(st.text(max_size=40), documents),
+    overrides=st.one_of(st.none(), st.lists(st.text(max_size=30), max_size=3)),
+    experiment_name=st.one_of(st.none(), st.text(max_size=40)),
+    resume=st.one_of(st.none(), st.text(max_size=40)),
+    work_dir=st.one_of(st.none(), st.text(max_size=40)),
+)
+def test_the_flow_parameters(config, overrides, experiment_name, resume, work_dir):
+    """What the UI form may send, through the flow's first task: a config or ConfigError."""
+    from tasks.config import validate_config
+
+    settings_ = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
+    settings_ = {k: v for k, v in settings_.items() if v is not None}
+    try:
+        result = validate_config.fn(config, overrides, settings_)
+    except ConfigError:
+        return
+    assert isinstance(result, dict) and "experiment_name" in result
