@@ -46,9 +46,10 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 class Server:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, ui: bool = False):
         port = _free_port()
-        self.url = f"http://127.0.0.1:{port}/api"
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/api"
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(home),
@@ -56,19 +57,12 @@ class Server:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PYTHONPATH": str(ROOT),
             "BATON_PROJECT_DIR": str(ROOT),
+            # the UI bundle is copied here, not into site-packages
+            "PREFECT_UI_STATIC_DIRECTORY": str(home / "ui"),
         }
+        command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
         self.process = subprocess.Popen(
-            [
-                PREFECT,
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-ui",
-                "--analytics-off",
-            ],
+            [*command, "--analytics-off", "--ui" if ui else "--no-ui"],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
