@@ -57,13 +57,4 @@ def load_checkpoint(config: dict[str, Any], checkpoint: CheckpointRef | str) -> 
         size, digest = io.sha256_of(checkpoint)
         checkpoint = CheckpointRef(uri=checkpoint, epoch=0, iter=0, size=size, sha256=digest)
     pipeline, _ = live_pipeline(cfg, None, checkpoint=checkpoint)
-    strategy = pipeline.strategy
-    return RunState(
-        experiment_name=cfg.experiment_name,
-        checkpoint=checkpoint,
-        epoch=strategy.epoch,
-        iter=strategy.iter,
-        max_epochs=pipeline.max_epochs,
-        max_iters=pipeline.max_iters,
-        epoch_length=pipeline.epoch_length,
-    )
+    return RunState.of(pipeline, checkpoint)

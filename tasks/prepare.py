@@ -26,17 +26,7 @@ def prepare(config: dict[str, Any], checkpoint: CheckpointRef | None) -> RunStat
     cfg = config_of(config)
     forget(cfg)
     pipeline, _ = live_pipeline(cfg, None, checkpoint=checkpoint)
-    strategy = pipeline.strategy
-    state = RunState(
-        experiment_name=cfg.experiment_name,
-        checkpoint=checkpoint,
-        epoch=strategy.epoch,
-        iter=strategy.iter,
-        max_epochs=pipeline.max_epochs,
-        max_iters=pipeline.max_iters,
-        epoch_length=pipeline.epoch_length,
-        metrics=dict(checkpoint.metrics) if checkpoint else {},
-    )
+    state = RunState.of(pipeline, checkpoint)
     run_logger().info(
         "prepared %s: epoch %d/%d, iteration %d/%d, %d iterations per epoch",
         cfg.experiment_name,

@@ -45,6 +45,21 @@ class RunState(BaseModel):
         """Iterations done in the current, unfinished epoch."""
         return self.iter - self.epoch * self.epoch_length
 
+    @classmethod
+    def of(cls, pipeline: pl.Pipeline, checkpoint: CheckpointRef | None) -> "RunState":
+        """The state of a freshly built (or resumed) pipeline."""
+        strategy = pipeline.strategy
+        return cls(
+            experiment_name=pipeline.config.experiment_name,
+            checkpoint=checkpoint,
+            epoch=strategy.epoch,
+            iter=strategy.iter,
+            max_epochs=pipeline.max_epochs,
+            max_iters=pipeline.max_iters,
+            epoch_length=pipeline.epoch_length,
+            metrics=dict(checkpoint.metrics) if checkpoint else {},
+        )
+
     def at(self, pipeline: pl.Pipeline, **changes) -> "RunState":
         """This state moved to the pipeline's current position."""
         strategy = pipeline.strategy

@@ -56,3 +56,11 @@ class SlowMLP(MLP):
             if self.progress is not None:
                 self.progress.write_text(str(self.forwards))
         return super().forward(x)
+
+
+def forwards_so_far(progress: Path) -> int:
+    """How many training forwards a SlowMLP with ``progress`` has done (0 before it starts)."""
+    try:
+        return int(progress.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0

@@ -22,6 +22,7 @@ import yaml
 from baton import pipeline as pl
 from baton.config import validate
 
+from ..faults import forwards_so_far
 from ..flows.conftest import small_config
 from ..flows.helpers import assert_same_training_result, final_checkpoint
 
@@ -263,13 +264,6 @@ def _flow_run_processes(run_id: str) -> list[int]:
     return pids
 
 
-def _forwards(path: Path) -> int:
-    try:
-        return int(path.read_text() or 0)
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
 def test_killed_worker_is_crashed_by_the_automation_and_the_next_run_resumes(server, tmp_path):
     automations = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())
     automations["automations"][0]["trigger"]["within"] = 45  # shorter wait for the test
@@ -290,9 +284,9 @@ def test_killed_worker_is_crashed_by_the_automation_and_the_next_run_resumes(ser
     worker = server.worker()
     try:
         deadline = time.time() + 180
-        while _forwards(progress) < 8 + 4 and time.time() < deadline:  # inside epoch 2
+        while forwards_so_far(progress) < 8 + 4 and time.time() < deadline:  # inside epoch 2
             time.sleep(0.05)
-        assert _forwards(progress) >= 12, "the run never reached epoch 2"
+        assert forwards_so_far(progress) >= 12, "the run never reached epoch 2"
         flow_processes = _flow_run_processes(first)
         assert flow_processes, "could not find the flow run's process"
     finally:

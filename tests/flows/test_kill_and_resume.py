@@ -16,6 +16,7 @@ from baton import CheckpointStore
 from baton import pipeline as pl
 from baton.config import validate
 
+from ..faults import forwards_so_far
 from .conftest import small_config
 from .helpers import assert_same_training_result, final_checkpoint
 
@@ -166,13 +167,6 @@ def test_sigkill_after_iteration_checkpoint_resumes_mid_epoch(tmp_path, prefect_
     assert_same_training_result(reference(tmp_path, model, **overrides), final_checkpoint(cfg))
 
 
-def _forwards(path: Path) -> int:
-    try:
-        return int(path.read_text() or 0)
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
 def test_sigterm_saves_an_emergency_checkpoint(tmp_path, prefect_env):
     progress = tmp_path / "forwards"
     model = {**slow_model(), "progress": str(progress)}
@@ -180,7 +174,7 @@ def test_sigterm_saves_an_emergency_checkpoint(tmp_path, prefect_env):
     process = start(cfg, prefect_env, tmp_path)
     try:
         # well inside epoch 2: the signal arrives while the training task runs
-        assert wait_for(lambda: _forwards(progress) >= EPOCH_LENGTH + 5, process)
+        assert wait_for(lambda: forwards_so_far(progress) >= EPOCH_LENGTH + 5, process)
         sent = time.time()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
