@@ -107,3 +107,29 @@ def test_digits_cnn_reaches_97_percent(tmp_path):
     p, _ = pl.run(cfg)
     best = p.strategy.checkpoints.best("val/accuracy")
     assert best.metrics["val/accuracy"] >= 0.97
+
+
+def test_a_full_disk_stops_the_run_clearly_and_the_next_run_resumes(tmp_path):
+    import resource
+    import signal
+
+    from baton import CheckpointWriteError
+
+    pl.run(cfg_for(tmp_path, "train.max_epochs=2"))
+    longer = cfg_for(tmp_path, "train.max_epochs=4")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, limits[1]))  # checkpoints no longer fit
+    try:
+        with pytest.raises(CheckpointWriteError, match="File too large"):
+            pl.run(longer)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    store = pl.build_pipeline(longer).strategy.checkpoints
+    assert store.latest().epoch == 2
+    assert not [p for p in store.checkpoint_dir.iterdir() if p.name.endswith(".tmp")]
+    resumed, _ = pl.run(longer)
+    straight, _ = pl.run(cfg_for(tmp_path / "b", "train.max_epochs=4"))
+    for key, value in weights(straight).items():
+        assert torch.equal(weights(resumed)[key], value)
