@@ -63,12 +63,22 @@ def start_progress(config: dict[str, Any], state: RunState) -> str:
     return str(artifact_id)
 
 
+# Artifacts are API calls (~30 ms here): with short epochs, publish at most this often,
+# and always after the last epoch. metrics.jsonl gets every epoch regardless.
+ARTIFACT_MIN_INTERVAL_S = 5.0
+_last_published: dict[str, float] = {}
+
+
 @task(name="report-epoch", task_run_name="report-epoch-{epoch}", cache_policy=NO_CACHE)
 def report_epoch(config: dict[str, Any], state: RunState, epoch: int, progress_id: str) -> None:
     """Record the epoch: a line in metrics.jsonl, the metrics table, the progress bar."""
     record = {"epoch": state.epoch, "iter": state.iter, **state.metrics}
     pl.append_metrics(_experiment_dir(config), "epoch", record)
     _tensorboard(config, state)
+    now = time.monotonic()
+    if not state.finished and now - _last_published.get(progress_id, 0.0) < ARTIFACT_MIN_INTERVAL_S:
+        return
+    _last_published[progress_id] = now
     rows = [
         {
             k: (round(v, 6) if isinstance(v, float) else v)
