@@ -328,6 +328,15 @@ class CheckpointStore:
         drop = [e for e in entries if id(e) not in keep_ids]
         return keep, drop
 
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temporary files a killed writer left (only called under the lock, before
+        this run writes anything, so none of them belongs to a live write)."""
+        for folder in (self.root, self.checkpoint_dir):
+            if folder.exists():
+                for leftover in folder.glob(".*.tmp"):
+                    leftover.unlink(missing_ok=True)
+                    logger.info("removed %s, left by an interrupted write", leftover.name)
+
     @contextlib.contextmanager
     def lock(self, *, wait: bool = False) -> Iterator[None]:
         """Hold the experiment's exclusive lock (an ``flock`` on ``root/.lock``).
@@ -355,6 +364,7 @@ class CheckpointStore:
             handle.truncate()
             handle.write(f"pid {os.getpid()}")
             handle.flush()
+            self._remove_stale_temporaries()
             try:
                 yield
             finally:

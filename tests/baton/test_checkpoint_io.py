@@ -290,3 +290,17 @@ def test_lock_excludes_a_second_process(tmp_path):
         CheckpointStore(tmp_path / "exp").lock(),
     ):
         pass
+
+
+def test_taking_the_lock_removes_what_killed_writers_left(tmp_path):
+    store = CheckpointStore(tmp_path / "exp")
+    ref = _commit(store, 1)
+    stale = [
+        store.checkpoint_dir / ".epoch_0002.pth.x1y2.tmp",
+        store.root / ".manifest.json.k3.tmp",
+    ]
+    for path in stale:
+        path.write_bytes(b"half")
+    with store.lock():
+        assert not any(path.exists() for path in stale)
+    assert store.latest() == ref
