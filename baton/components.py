@@ -8,6 +8,7 @@ comma-separated list, or the config's ``allowed_modules``). Configs also arrive 
 Prefect UI, so ``type: os.system`` must never resolve.
 """
 
+import functools
 import importlib
 import inspect
 import os
@@ -15,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+
+from baton import data, models, optim, schedulers
 
 DEFAULT_ALLOWED_PREFIXES = ("torch", "baton", "tasks", "flows")
 
@@ -25,9 +28,8 @@ def allowed_prefixes(extra: Iterable[str] = ()) -> tuple[str, ...]:
     return (*DEFAULT_ALLOWED_PREFIXES, *(p for p in from_env if p), *extra)
 
 
+@functools.cache
 def _short_names() -> dict[str, Any]:
-    from baton import data, models, optim, schedulers
-
     names: dict[str, Any] = {}
     for name, obj in vars(torch.optim).items():
         if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer):

@@ -180,11 +180,6 @@ class PipelineConfig(_Strict):
         """sha256 of the ``model`` section: what must match to resume a checkpoint."""
         return _digest(self.model_dump(mode="json")["model"])
 
-    @property
-    def total_iters(self) -> int | None:
-        """The horizon in iterations when it is known without building the data."""
-        return self.train.max_iters
-
 
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

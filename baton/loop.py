@@ -36,7 +36,6 @@ class _Meter:
         self.loss_sum = 0.0
         self.correct = 0
         self.classified = 0
-        self.extra: dict[str, float] = {}
 
     def update(self, loss: float, count: int, outputs=None, targets=None) -> None:
         self.samples += count

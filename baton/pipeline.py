@@ -19,7 +19,7 @@ from torch import nn
 from baton import components, loop
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
-from baton.checkpoint.store import RetentionPolicy
+from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import PipelineConfig
 from baton.data import ResumableLoader
 from baton.errors import CheckpointMismatchError, CheckpointNotFoundError
@@ -123,8 +123,6 @@ def find_resume_point(cfg: PipelineConfig) -> CheckpointRef | None:
     """
     if cfg.resume == "never":
         return None
-    from baton.checkpoint.store import CheckpointStore
-
     store = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name)
     if cfg.resume == "auto":
         return store.latest()

@@ -12,8 +12,6 @@ import inspect
 import logging
 import math
 
-from torch.optim import Optimizer
-
 logger = logging.getLogger(__name__)
 
 INF = int(1e9)
@@ -495,8 +493,3 @@ def _accepted_args(cls: type) -> list[str]:
             if name not in names:
                 names.append(name)
     return names
-
-
-def is_optimizer_like(obj) -> bool:
-    """True for optimizers and optimizer wrappers (anything with param_groups)."""
-    return isinstance(obj, Optimizer) or hasattr(obj, "param_groups")

@@ -499,12 +499,9 @@ class SingleDeviceStrategy:
         (``epoch``, ``iter``, ``metrics``...) join the checkpoint's ``meta``.
         ``callback(checkpoint)`` may edit the dict just before it is written.
         """
-        self._require_prepared("save_checkpoint")
-        self.wait_for_checkpoints()  # a background save still running commits first
-        checkpoint = self._checkpoint_dict(save_optimizer, save_param_scheduler, extra_ckpt)
-        if callback is not None:
-            callback(checkpoint)
-        target = self._resolve_target(filename)
+        checkpoint, target = self._start_save(
+            "save_checkpoint", filename, save_optimizer, save_param_scheduler, extra_ckpt, callback
+        )
         size, digest = io.save(checkpoint, target)
         return self._commit(target, checkpoint["meta"], size, digest)
 
@@ -528,12 +525,14 @@ class SingleDeviceStrategy:
         leaves the previous checkpoint as the latest. One save runs at a time: a second
         call first waits for the first.
         """
-        self._require_prepared("save_checkpoint_async")
-        self.wait_for_checkpoints()
-        checkpoint = self._checkpoint_dict(save_optimizer, save_param_scheduler, extra_ckpt)
-        if callback is not None:
-            callback(checkpoint)
-        target = self._resolve_target(filename)
+        checkpoint, target = self._start_save(
+            "save_checkpoint_async",
+            filename,
+            save_optimizer,
+            save_param_scheduler,
+            extra_ckpt,
+            callback,
+        )
         meta = checkpoint["meta"]
         writing = io.save_in_background(checkpoint, target)
 
@@ -543,6 +542,24 @@ class SingleDeviceStrategy:
 
         self._pending_save = self._committer().submit(commit)
         return self._pending_save
+
+    def _start_save(
+        self,
+        what: str,
+        filename: str,
+        save_optimizer: bool,
+        save_param_scheduler: bool,
+        extra_ckpt: dict | None,
+        callback: Callable | None,
+    ) -> tuple[dict, str]:
+        """What both saves do first: wait for a background save still running (it commits
+        first), build the checkpoint dict, let the callback edit it, resolve the target."""
+        self._require_prepared(what)
+        self.wait_for_checkpoints()
+        checkpoint = self._checkpoint_dict(save_optimizer, save_param_scheduler, extra_ckpt)
+        if callback is not None:
+            callback(checkpoint)
+        return checkpoint, self._resolve_target(filename)
 
     def wait_for_checkpoints(self) -> CheckpointRef | None:
         """Wait for a background save; return its reference (``None`` if there was none).

@@ -52,6 +52,7 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     cfg = load_config(args.config, _settings(args))  # exit 2 before Prefect starts
     _prefect_env()
+    # Prefect is imported only now: `baton validate` and a bad config stay fast.
     if sys.stderr.isatty():
         os.environ.setdefault("BATON_PROGRESS", "1")
     from flows.train import train_pipeline

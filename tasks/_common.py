@@ -4,6 +4,7 @@ import logging
 import re
 
 from prefect import get_run_logger
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 
 from baton.errors import (
@@ -49,6 +50,4 @@ def artifact_key(experiment_name: str, suffix: str) -> str:
 
 def in_run() -> bool:
     """True inside a Prefect flow or task run (artifacts need one; ``task.fn`` calls have none)."""
-    from prefect.context import FlowRunContext, TaskRunContext
-
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None

@@ -24,9 +24,6 @@ import torch
 from baton._version import __version__
 from baton.errors import CheckpointError
 
-# Meta keys the strategy always sets last; a caller's extra meta cannot override them.
-OWNED_META_KEYS = ("seed", "rng", "time", "baton", "format")
-
 # The layout version this baton writes and the newest it reads.
 FORMAT_VERSION = 1
 

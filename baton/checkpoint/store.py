@@ -291,26 +291,6 @@ class CheckpointStore:
                 logger.info("rotation removed %s", old["uri"])
         return ref
 
-    def update_metrics(self, ref: CheckpointRef, metrics: dict[str, float]) -> CheckpointRef:
-        """Add metrics (for example validation results) to a committed checkpoint."""
-        with _manifest_lock(self.root):
-            return self._update_metrics_locked(ref, metrics)
-
-    def _update_metrics_locked(
-        self, ref: CheckpointRef, metrics: dict[str, float]
-    ) -> CheckpointRef:
-        entries = self._read_manifest()
-        for entry in entries:
-            if entry["uri"] == ref.uri:
-                entry["metrics"] = {**entry.get("metrics", {}), **metrics}
-                keep, drop = self._rotate(entries)
-                self._write_manifest(keep)
-                for old in drop:
-                    if io.is_local(old["uri"]):
-                        io.local_path(old["uri"]).unlink(missing_ok=True)
-                return self._to_ref(entry)
-        raise KeyError(f"{ref.uri} is not in the manifest of {self.root}")
-
     def _rotate(self, entries: list[dict]) -> tuple[list[dict], list[dict]]:
         policy = self.retention
         if policy.keep_last is None:
