@@ -6,7 +6,11 @@ any batch of the epoch, so a resumed run sees exactly the batches it would have 
 Tensor datasets are sliced batch by batch (no per-sample Python work).
 """
 
+import functools
+import gzip
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,16 +56,36 @@ class DigitsDataset(TensorPairDataset):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        order = np.random.default_rng(split_seed).permutation(len(digits.target))
+        data, target = load_digits_arrays()
+        order = np.random.default_rng(split_seed).permutation(len(target))
         n_val = round(len(order) * val_fraction)
         chosen = order[:n_val] if split == "val" else order[n_val:]
-        inputs = torch.tensor(digits.data[chosen] / 16.0, dtype=torch.float32)
+        inputs = torch.tensor(data[chosen] / 16.0, dtype=torch.float32)
         if image:
             inputs = inputs.view(-1, 1, 8, 8)
-        super().__init__(inputs, torch.tensor(digits.target[chosen], dtype=torch.long))
+        super().__init__(inputs, torch.tensor(target[chosen], dtype=torch.long))
+
+
+@functools.cache
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as ``(data (1797, 64) float64, target (1797,) int)``, as scikit-learn's
+    ``load_digits`` returns them.
+
+    The CSV that scikit-learn ships is read directly: importing ``sklearn.datasets``
+    takes most of a second, which every new process (a run, a retried task, a
+    deployment's flow run) would pay. Falls back to ``load_digits`` if the file moved.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    roots = spec.submodule_search_locations if spec is not None else None
+    for root in roots or []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                table = np.loadtxt(f, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    return load_digits(return_X_y=True)
 
 
 class SyntheticClassification(TensorPairDataset):

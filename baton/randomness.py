@@ -6,6 +6,7 @@ them loads with ``torch.load(weights_only=True)`` (ours and mmengine's loaders a
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -30,9 +31,32 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        set_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+
+
+def set_deterministic_algorithms(mode: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode)`` without importing the compiler stack.
+
+    The public call also sets ``torch._inductor.config.deterministic``, and importing
+    that module takes 1.5 s in every new process. When inductor is not loaded yet, only
+    the eager flag is set here; :func:`sync_inductor_determinism` passes it on before a
+    model is compiled.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if "torch._inductor.config" in sys.modules or setter is None:
+        torch.use_deterministic_algorithms(mode)
+    else:
+        setter(mode, warn_only=False)
+
+
+def sync_inductor_determinism() -> None:
+    """Give the compiler the eager deterministic flag (call before ``torch.compile``)."""
+    torch.use_deterministic_algorithms(
+        torch.are_deterministic_algorithms_enabled(),
+        warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
 
 
 def capture_rng_state() -> dict:

@@ -368,6 +368,7 @@ class SingleDeviceStrategy:
             return model
         options = {} if compile is True else dict(compile)
         target = options.pop("target", "forward")
+        randomness.sync_inductor_determinism()
         setattr(model, target, torch.compile(getattr(model, target), **options))
         self.logger.info("compiled model.%s; the first iterations will be slow", target)
         return model

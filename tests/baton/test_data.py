@@ -1,5 +1,6 @@
 """Deterministic, resumable data order and the shipped datasets."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,14 @@ def test_digits_split_is_fixed_and_disjoint():
     assert DigitsDataset("train", image=True).tensors[0].shape[1:] == (1, 8, 8)
     with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
         DigitsDataset("test")
+
+
+def test_digits_read_directly_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    from baton.data import load_digits_arrays
+
+    data, target = load_digits_arrays()
+    expected_data, expected_target = load_digits(return_X_y=True)
+    assert np.array_equal(data, expected_data) and data.dtype == expected_data.dtype
+    assert np.array_equal(target, expected_target)

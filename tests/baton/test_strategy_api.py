@@ -2,6 +2,8 @@
 
 import inspect
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -217,3 +219,24 @@ def test_auto_scale_lr_disabled_changes_nothing(work_dir, tiny_net):
     )
     _, wrapper = strategy.prepare(tiny_net, optim_wrapper={"optimizer": {"type": "SGD", "lr": 0.1}})
     assert wrapper.get_lr()["lr"] == [0.1]
+
+
+def test_deterministic_mode_does_not_load_the_compiler_until_a_model_is_compiled(tmp_path):
+    # A fresh interpreter: importing torch._inductor costs 1.5 s in every new process.
+    script = """
+import sys, torch
+from torch import nn
+from baton import SingleDeviceStrategy
+strategy = SingleDeviceStrategy(work_dir=sys.argv[1], env_kwargs={"randomness": {"seed": 1, "deterministic": True}})
+assert torch.are_deterministic_algorithms_enabled()
+assert "torch._inductor.config" not in sys.modules
+strategy.prepare(nn.Linear(2, 2), compile=True)
+import torch._inductor.config as inductor_config
+assert inductor_config.deterministic is True
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
