@@ -6,6 +6,7 @@ prepared strategy, data loaders and a loss. The step functions (:func:`find_resu
 Prefect tasks call; :func:`run` chains them for a plain-Python run (tests, benchmarks).
 """
 
+import importlib
 import json
 import logging
 import math
@@ -113,6 +114,16 @@ def build_pipeline(cfg: PipelineConfig) -> Pipeline:
     )
     loss_fn = components.build(cfg.loss, extra_prefixes=prefixes)
     return Pipeline(cfg, strategy, train_loader, val_loader, loss_fn, max_epochs, max_iters)
+
+
+def preload() -> None:
+    """Import now what building a pipeline imports on first use.
+
+    ``torch.optim.Optimizer`` imports ``torch._dynamo`` when the first optimizer of a
+    process is built (1.5 s here). A caller with time to spare (the CLI, while Prefect's
+    server boots) pays it then instead of inside the run.
+    """
+    importlib.import_module("torch._dynamo")
 
 
 def find_resume_point(cfg: PipelineConfig) -> CheckpointRef | None:

@@ -4,18 +4,21 @@ Exit codes: 0 success, 1 failure, 2 bad config or bad arguments.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from baton import CheckpointStore, ConfigError
-from baton.checkpoint import io
-from baton.config import load_config, parse_overrides
-from baton.errors import BatonError
+# The engine (and torch with it) is imported inside the commands: `baton run` starts
+# Prefect's server first, so that it boots while torch loads.
 
 
 def _settings(args) -> dict:
+    from baton.config import parse_overrides
+
     settings = parse_overrides(args.set or [])
     for key in ("experiment_name", "resume", "work_dir"):
         value = getattr(args, key, None)
@@ -42,6 +45,8 @@ def _metrics_table(history: list[dict]) -> str:
 
 
 def cmd_validate(args) -> int:
+    from baton.config import load_config
+
     cfg = load_config(args.config, _settings(args))
     print(
         f"{args.config}: valid (experiment {cfg.experiment_name}, config hash {cfg.config_hash[:12]})"
@@ -49,38 +54,75 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
-    cfg = load_config(args.config, _settings(args))  # exit 2 before Prefect starts
+@contextlib.contextmanager
+def _prefect_session(load: Callable[[], Any]) -> Iterator[Any]:
+    """Boot Prefect's embedded server (unless an API URL is configured) while ``load``
+    runs (config validation and imports: torch, the engine, the flow), then point Prefect
+    at it; yields what ``load`` returned. The server stops when the process exits (after
+    Prefect ships its last logs), and at once if ``load`` fails (a bad config)."""
     _prefect_env()
-    # Prefect is imported only now: `baton validate` and a bad config stay fast.
+    from flows.server import EmbeddedServer, configured_api_url, prefect_api
+
+    # Launched before anything is imported; dropped again if the profile names a server.
+    server = None if os.environ.get("PREFECT_API_URL") else EmbeddedServer()
+    try:
+        if server is not None and configured_api_url():
+            server.stop()
+            server = None
+        loaded = load()
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    with prefect_api(server):
+        yield loaded
+
+
+def cmd_run(args) -> int:
     if sys.stderr.isatty():
         os.environ.setdefault("BATON_PROGRESS", "1")
-    from flows.train import train_pipeline
-    from tasks.report import read_history
 
-    state = train_pipeline(
-        config=args.config,
-        overrides=args.set or None,
-        experiment_name=args.experiment_name,
-        resume=args.resume,
-        work_dir=args.work_dir,
-        return_state=True,
-    )
-    if not state.is_completed():
-        print(f"baton: the run ended {state.name}: {state.message}", file=sys.stderr)
-        return 1
-    result = state.result()
-    resolved = cfg.model_dump(mode="json")
-    print()
-    print(_metrics_table(read_history(resolved)))
-    checkpoint = result.checkpoint.uri if result.checkpoint else "none"
-    print(
-        f"\n{cfg.experiment_name}: epoch {result.epoch}/{result.max_epochs}, checkpoint {checkpoint}"
-    )
+    def load():
+        from baton import pipeline
+        from baton.config import load_config
+
+        cfg = load_config(args.config, _settings(args))  # exit 2 before any run starts
+        # What the run will import anyway, loaded while the server boots.
+        import flows.train  # noqa: F401
+
+        pipeline.preload()
+        return cfg
+
+    with _prefect_session(load) as cfg:
+        from flows.train import train_pipeline
+        from tasks.report import read_history
+
+        state = train_pipeline(
+            config=args.config,
+            overrides=args.set or None,
+            experiment_name=args.experiment_name,
+            resume=args.resume,
+            work_dir=args.work_dir,
+            return_state=True,
+        )
+        if not state.is_completed():
+            print(f"baton: the run ended {state.name}: {state.message}", file=sys.stderr)
+            return 1
+        result = state.result()
+        print()
+        print(_metrics_table(read_history(cfg.model_dump(mode="json"))))
+        checkpoint = result.checkpoint.uri if result.checkpoint else "none"
+        print(
+            f"\n{cfg.experiment_name}: epoch {result.epoch}/{result.max_epochs}, "
+            f"checkpoint {checkpoint}",
+            flush=True,
+        )
     return 0
 
 
 def cmd_ckpt_list(args) -> int:
+    from baton import CheckpointStore
+
     store = CheckpointStore(args.experiment_dir)
     if not store.manifest_path.exists():
         print(
@@ -100,6 +142,8 @@ def cmd_ckpt_list(args) -> int:
 
 
 def cmd_ckpt_inspect(args) -> int:
+    from baton.checkpoint import io
+
     size, digest = io.sha256_of(args.checkpoint)
     checkpoint = io.load(args.checkpoint)
     meta = dict(checkpoint.get("meta") or {}) if isinstance(checkpoint, dict) else {}
@@ -119,13 +163,21 @@ def cmd_ckpt_inspect(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    load_config(args.config, parse_overrides(args.set or []))
-    _prefect_env()
-    from flows.evaluate import evaluate_checkpoint
+    def load():
+        from baton import pipeline
+        from baton.config import load_config, parse_overrides
 
-    metrics = evaluate_checkpoint(
-        checkpoint=args.checkpoint, config=args.config, overrides=args.set or None
-    )
+        load_config(args.config, parse_overrides(args.set or []))
+        import flows.evaluate  # noqa: F401
+
+        pipeline.preload()
+
+    with _prefect_session(load):
+        from flows.evaluate import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(
+            checkpoint=args.checkpoint, config=args.config, overrides=args.set or None
+        )
     for key, value in sorted(metrics.items()):
         print(f"{key:16} {value:.4f}")
     return 0
@@ -179,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except Exception as err:
+        from baton.errors import BatonError, ConfigError
+
+        if not isinstance(err, BatonError):
+            raise
         print(f"baton: {err}", file=sys.stderr)
-        return 2
-    except BatonError as err:
-        print(f"baton: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, ConfigError) else 1
 
 
 if __name__ == "__main__":
