@@ -8,14 +8,14 @@ at the end of the epoch, as mmengine's scheduler hook does. The strategy's posit
 taken at any iteration resumes exactly there.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from baton.data import ResumableLoader
 
-IterationHook = Callable[[dict], None]
+IterationHook = Callable[["RunningMetrics"], None]
 
 
 def _to_device(batch, device: torch.device):
@@ -29,31 +29,62 @@ def _to_device(batch, device: torch.device):
 
 
 class _Meter:
-    """Sample-weighted running means of a batch's loss and accuracy."""
+    """Sample-weighted running means of a batch's loss and accuracy.
+
+    Sums stay on the device as tensors (float64 for the loss, as Python floats summed
+    before), so training never waits for the device to report a number; they are read
+    only when :meth:`result` is called.
+    """
 
     def __init__(self) -> None:
         self.samples = 0
-        self.loss_sum = 0.0
-        self.correct = 0
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.correct: torch.Tensor | int = 0
         self.classified = 0
+        self._result: dict[str, float] | None = None
 
-    def update(self, loss: float, count: int, outputs=None, targets=None) -> None:
+    def update(self, loss, count: int, outputs=None, targets=None) -> None:
+        if isinstance(loss, torch.Tensor):  # MPS has no float64
+            loss = loss.detach().to(torch.float32 if loss.device.type == "mps" else torch.float64)
+        else:
+            loss = float(loss)
+        self.loss_sum = self.loss_sum + loss * count
         self.samples += count
-        self.loss_sum += loss * count
         if (
             outputs is not None
             and isinstance(targets, torch.Tensor)
             and targets.dtype == torch.long
             and outputs.dim() == 2
         ):
-            self.correct += int((outputs.argmax(1) == targets).sum())
-            self.classified += int(targets.numel())
+            self.correct = self.correct + (outputs.detach().argmax(1) == targets).sum()
+            self.classified += targets.numel()
+        self._result = None
 
     def result(self) -> dict[str, float]:
-        metrics = {"loss": self.loss_sum / max(self.samples, 1)}
-        if self.classified:
-            metrics["accuracy"] = self.correct / self.classified
-        return metrics
+        if self._result is None:
+            metrics = {"loss": float(self.loss_sum) / max(self.samples, 1)}
+            if self.classified:
+                metrics["accuracy"] = int(self.correct) / self.classified
+            self._result = metrics
+        return dict(self._result)
+
+
+class RunningMetrics(Mapping):
+    """The running means of the epoch so far, as a read-only mapping handed to iteration
+    hooks. Values are computed when read (reading waits for the device), so a hook that
+    looks at them only every N iterations costs nothing in between."""
+
+    def __init__(self, meter: _Meter) -> None:
+        self._meter = meter
+
+    def __getitem__(self, key: str) -> float:
+        return self._meter.result()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meter.result())
+
+    def __len__(self) -> int:
+        return len(self._meter.result())
 
 
 def train_epoch(
@@ -85,6 +116,7 @@ def train_epoch(
     if loss_fn is None and not uses_train_step:
         raise ValueError("a model without train_step needs a loss_fn")
     meter = _Meter()
+    running = RunningMetrics(meter)
     model.train()
     for batch in loader.iter_epoch(strategy.epoch, start=strategy.step_in_epoch):
         if max_iters is not None and strategy.iter >= max_iters:
@@ -92,20 +124,20 @@ def train_epoch(
         batch = _to_device(batch, strategy.device)
         if uses_train_step:
             log_vars = model.train_step(batch, wrapper)
-            meter.update(float(log_vars["loss"]), _batch_size(batch))
+            meter.update(log_vars["loss"], _batch_size(batch))
         else:
             inputs, targets = batch
             with wrapper.optim_context(model):
                 outputs = model(inputs)
                 loss = loss_fn(outputs, targets)
             wrapper.update_params(loss)
-            meter.update(float(loss.detach()), len(targets), outputs.detach(), targets)
+            meter.update(loss, len(targets), outputs, targets)
         for scheduler in per_iter:
             scheduler.step()
         strategy.iter += 1
         strategy.step_in_epoch += 1
         if on_iteration is not None:
-            on_iteration(meter.result())
+            on_iteration(running)
     if strategy.step_in_epoch >= len(loader):
         for scheduler in per_epoch:
             scheduler.step()
@@ -145,7 +177,7 @@ def validate(
                     raise ValueError("a model without val_step needs a loss_fn")
                 inputs, targets = batch
                 outputs = model(inputs)
-                meter.update(float(loss_fn(outputs, targets)), len(targets), outputs, targets)
+                meter.update(loss_fn(outputs, targets), len(targets), outputs, targets)
     finally:
         model.train(was_training)
     if sums:

@@ -53,9 +53,17 @@ def sparkline(values: list[float]) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * len(SPARK)))] for v in values)
 
 
-@task(name="start-progress", cache_policy=NO_CACHE)
-def start_progress(config: dict[str, Any], state: RunState) -> str:
-    """Create the run's progress artifact; returns its id."""
+# start_progress and report_epoch are plain functions the flow calls between its tasks,
+# not tasks: each task run costs the server ~30 ms of CPU (it records the run's events
+# and states), which on a small machine competes with training; reporting needs no
+# retries, no state of its own and nothing on the UI's task list. Their artifacts
+# belong to the flow run.
+
+
+def start_progress(config: dict[str, Any], state: RunState) -> str | None:
+    """Create the run's progress artifact (inside a flow run); returns its id."""
+    if not in_run():
+        return None
     artifact_id = create_progress_artifact(
         progress=100.0 * state.iter / state.max_iters,
         description=f"training {config['experiment_name']}",
@@ -69,12 +77,15 @@ ARTIFACT_MIN_INTERVAL_S = 5.0
 _last_published: dict[str, float] = {}
 
 
-@task(name="report-epoch", task_run_name="report-epoch-{epoch}", cache_policy=NO_CACHE)
-def report_epoch(config: dict[str, Any], state: RunState, epoch: int, progress_id: str) -> None:
+def report_epoch(
+    config: dict[str, Any], state: RunState, epoch: int, progress_id: str | None
+) -> None:
     """Record the epoch: a line in metrics.jsonl, the metrics table, the progress bar."""
     record = {"epoch": state.epoch, "iter": state.iter, **state.metrics}
     pl.append_metrics(_experiment_dir(config), "epoch", record)
     _tensorboard(config, state)
+    if progress_id is None or not in_run():
+        return
     now = time.monotonic()
     if not state.finished and now - _last_published.get(progress_id, 0.0) < ARTIFACT_MIN_INTERVAL_S:
         return
@@ -87,13 +98,12 @@ def report_epoch(config: dict[str, Any], state: RunState, epoch: int, progress_i
         }
         for r in read_history(config)
     ]
-    if in_run():
-        create_table_artifact(
-            key=artifact_key(config["experiment_name"], "metrics"),
-            table=rows,
-            description=f"per-epoch metrics of {config['experiment_name']}",
-        )
-        update_progress_artifact(progress_id, 100.0 * state.iter / state.max_iters)
+    create_table_artifact(
+        key=artifact_key(config["experiment_name"], "metrics"),
+        table=rows,
+        description=f"per-epoch metrics of {config['experiment_name']}",
+    )
+    update_progress_artifact(progress_id, 100.0 * state.iter / state.max_iters)
 
 
 @task(name="summarize", cache_policy=NO_CACHE)

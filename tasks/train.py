@@ -2,6 +2,8 @@
 
 import os
 import sys
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from prefect import task
@@ -13,6 +15,8 @@ from baton.interrupt import TrainingInterrupted, deferred_termination
 from tasks._common import retry_unless_permanent, run_logger
 from tasks.state import RunState, config_of, live_pipeline, using
 
+PROGRESS_REDRAW_S = 0.2
+
 
 def _progress_printer(state: RunState, epoch: int):
     """A one-line progress bar on stderr, when the CLI asks for one (BATON_PROGRESS=1)."""
@@ -20,9 +24,14 @@ def _progress_printer(state: RunState, epoch: int):
         return None
     width = 30
     total = state.epoch_length
+    last_drawn = [0.0]
 
-    def show(running: dict) -> None:
-        done = min(total, running["step"])
+    def show(running: Mapping, step: int) -> None:
+        done = min(total, step)
+        now = time.monotonic()
+        if done < total and now - last_drawn[0] < PROGRESS_REDRAW_S:
+            return  # reading the loss waits for the device: not every iteration
+        last_drawn[0] = now
         filled = int(width * done / total)
         bar = "#" * filled + "-" * (width - filled)
         loss = running.get("loss", float("nan"))
@@ -64,12 +73,12 @@ def train_epoch(config: dict[str, Any], state: RunState, epoch: int) -> RunState
 
     with deferred_termination() as stop, using(cfg, pipeline):
 
-        def on_iteration(running: dict) -> None:
+        def on_iteration(running: Mapping) -> None:
             if strategy.iter % cfg.train.log_interval == 0:
                 record = {"iter": strategy.iter, **{f"train/{k}": v for k, v in running.items()}}
                 pl.append_metrics(strategy.experiment_dir, "iteration", record)
             if show is not None:
-                show({**running, "step": strategy.step_in_epoch or pipeline.epoch_length})
+                show(running, strategy.step_in_epoch or pipeline.epoch_length)
             stop.check()
 
         try:

@@ -133,3 +133,30 @@ def test_a_full_disk_stops_the_run_clearly_and_the_next_run_resumes(tmp_path):
     straight, _ = pl.run(cfg_for(tmp_path / "b", "train.max_epochs=4"))
     for key, value in weights(straight).items():
         assert torch.equal(weights(resumed)[key], value)
+
+
+def test_running_metrics_are_the_sample_weighted_means_so_far(tmp_path):
+    # SyntheticClassification's 256 samples in batches of 32, then the last, smaller one
+    # with a batch size of 48: the means must weight by samples, not by batches.
+    p = pl.build_pipeline(cfg_for(tmp_path, "train.max_epochs=1", "train_data.batch_size=48"))
+    seen = []
+    losses, counts, hits = [], [], []
+    model, loss_fn = p.strategy.model, p.loss_fn
+    original = loss_fn.forward
+
+    def spy(outputs, targets):
+        loss = original(outputs, targets)
+        losses.append(float(loss.detach()))
+        counts.append(len(targets))
+        hits.append(int((outputs.argmax(1) == targets).sum()))
+        return loss
+
+    loss_fn.forward = spy
+    metrics = pl.train_one_epoch(p, on_iteration=lambda running: seen.append(dict(running)))
+    assert model.training and len(seen) == p.epoch_length == 6 and counts[-1] == 16
+    for i, running in enumerate(seen):
+        n = sum(counts[: i + 1])
+        expected = sum(x * c for x, c in zip(losses[: i + 1], counts[: i + 1], strict=True)) / n
+        assert running["loss"] == pytest.approx(expected, rel=1e-12)
+        assert running["accuracy"] == sum(hits[: i + 1]) / n
+    assert metrics == {"train/loss": seen[-1]["loss"], "train/accuracy": seen[-1]["accuracy"]}
