@@ -29,6 +29,7 @@ from tasks import (
     validate,
     validate_config,
 )
+from tasks.report import close_tensorboard
 from tasks.state import config_of, forget
 
 
@@ -107,5 +108,6 @@ def train_pipeline(
                 state = save_checkpoint(cfg, state, epoch)
             report_epoch(cfg, state, epoch, progress)
         summarize(cfg, state, started)
+    close_tensorboard(cfg)
     forget(config_of(cfg))
     return state

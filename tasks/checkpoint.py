@@ -3,13 +3,12 @@
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
 from baton import pipeline as pl
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
-from tasks._common import artifact_key, in_run, retry_unless_permanent, run_logger
+from tasks._common import retry_unless_permanent, run_logger
 from tasks.state import RunState, config_of, live_pipeline, using
 
 
@@ -22,10 +21,11 @@ from tasks.state import RunState, config_of, live_pipeline, using
     cache_policy=NO_CACHE,
 )
 def save_checkpoint(config: dict[str, Any], state: RunState, epoch: int) -> RunState:
-    """Write and commit a checkpoint; publish a link artifact to it.
+    """Write and commit a checkpoint.
 
     With ``checkpoint.async_save`` (and before the last epoch) the write goes on in the
-    background; the state then carries the newest checkpoint already committed.
+    background; the state then carries the newest checkpoint already committed. The
+    flow's per-epoch report publishes the link artifact to it.
     """
     cfg = config_of(config)
     pipeline, _ = live_pipeline(cfg, state)
@@ -37,15 +37,7 @@ def save_checkpoint(config: dict[str, Any], state: RunState, epoch: int) -> RunS
                 return state
         else:
             ref = pl.save(pipeline, state.metrics)
-    uri = ref.uri if not io.is_local(ref.uri) else f"file://{ref.uri}"
-    if in_run():
-        create_link_artifact(
-            key=artifact_key(cfg.experiment_name, "checkpoint"),
-            link=uri,
-            link_text=ref.uri.rsplit("/", 1)[-1],
-            description=f"epoch {ref.epoch}, iteration {ref.iter}, sha256 {ref.sha256[:12]}",
-        )
-    run_logger().info("saved %s (%d bytes, sha256 %s)", ref.uri, ref.size, ref.sha256[:12])
+    run_logger().info("committed %s (%d bytes, sha256 %s)", ref.uri, ref.size, ref.sha256[:12])
     return state.model_copy(update={"checkpoint": ref})
 
 

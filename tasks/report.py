@@ -1,11 +1,14 @@
-"""Tasks: per-epoch metrics (metrics.jsonl, table and progress artifacts) and the run summary."""
+"""Reporting: per-epoch metrics (metrics.jsonl; table, progress and checkpoint-link
+artifacts), called by the flow between tasks, and the run summary task."""
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -14,6 +17,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from baton import pipeline as pl
+from baton.checkpoint import io
 from baton.checkpoint.store import CheckpointStore
 from tasks._common import artifact_key, in_run
 from tasks.state import RunState, config_of
@@ -30,17 +34,40 @@ def read_history(config: dict[str, Any]) -> list[dict]:
     return pl.read_epoch_history(_experiment_dir(config))
 
 
-def _tensorboard(config: dict[str, Any], state: RunState) -> None:
-    """Scalars to TensorBoard event files, when tensorboard is installed (optional extra)."""
+@functools.cache
+def _summary_writer_class():
+    """TensorBoard's SummaryWriter, or None without the optional extra (looked up once:
+    a failing import costs ~50 ms each time it is tried)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        return None
+    return SummaryWriter
+
+
+# One open writer per experiment for the life of the process: one event file per run,
+# flushed after every epoch.
+_writers: dict[Path, Any] = {}
+
+
+def _tensorboard(config: dict[str, Any], state: RunState) -> None:
+    """Scalars to TensorBoard event files, when tensorboard is installed (optional extra)."""
+    writer_class = _summary_writer_class()
+    if writer_class is None:
         return
-    writer = SummaryWriter(log_dir=str(_experiment_dir(config) / "tensorboard"))
-    try:
-        for key, value in state.metrics.items():
-            writer.add_scalar(key, value, global_step=state.iter)
-    finally:
+    log_dir = _experiment_dir(config) / "tensorboard"
+    writer = _writers.get(log_dir)
+    if writer is None:
+        writer = _writers[log_dir] = writer_class(log_dir=str(log_dir))
+    for key, value in state.metrics.items():
+        writer.add_scalar(key, value, global_step=state.iter)
+    writer.flush()
+
+
+def close_tensorboard(config: dict[str, Any]) -> None:
+    """Close the experiment's TensorBoard writer (the end of a run)."""
+    writer = _writers.pop(_experiment_dir(config) / "tensorboard", None)
+    if writer is not None:
         writer.close()
 
 
@@ -75,12 +102,15 @@ def start_progress(config: dict[str, Any], state: RunState) -> str | None:
 # and always after the last epoch. metrics.jsonl gets every epoch regardless.
 ARTIFACT_MIN_INTERVAL_S = 5.0
 _last_published: dict[str, float] = {}
+_last_linked: dict[str, str] = {}
 
 
 def report_epoch(
     config: dict[str, Any], state: RunState, epoch: int, progress_id: str | None
 ) -> None:
-    """Record the epoch: a line in metrics.jsonl, the metrics table, the progress bar."""
+    """Record the epoch: a line in metrics.jsonl; in a flow run (at most every
+    ``ARTIFACT_MIN_INTERVAL_S`` and after the last epoch) the metrics table, the progress
+    bar and a link to the newest committed checkpoint."""
     record = {"epoch": state.epoch, "iter": state.iter, **state.metrics}
     pl.append_metrics(_experiment_dir(config), "epoch", record)
     _tensorboard(config, state)
@@ -104,6 +134,15 @@ def report_epoch(
         description=f"per-epoch metrics of {config['experiment_name']}",
     )
     update_progress_artifact(progress_id, 100.0 * state.iter / state.max_iters)
+    ref = state.checkpoint
+    if ref is not None and _last_linked.get(progress_id) != ref.sha256:
+        _last_linked[progress_id] = ref.sha256
+        create_link_artifact(
+            key=artifact_key(config["experiment_name"], "checkpoint"),
+            link=ref.uri if not io.is_local(ref.uri) else f"file://{ref.uri}",
+            link_text=ref.uri.rsplit("/", 1)[-1],
+            description=f"epoch {ref.epoch}, iteration {ref.iter}, sha256 {ref.sha256[:12]}",
+        )
 
 
 @task(name="summarize", cache_policy=NO_CACHE)

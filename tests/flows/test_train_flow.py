@@ -61,8 +61,21 @@ def test_flow_completes_with_checkpoints_metrics_and_artifacts(prefect_harness, 
 
     import asyncio
 
-    keys = {a.key for a in asyncio.run(artifacts()) if a.key}
+    found = asyncio.run(artifacts())
+    keys = {a.key for a in found if a.key}
     assert {"artifact-check-checkpoint", "artifact-check-metrics", "artifact-check-summary"} <= keys
+    newest_link = max(
+        (a for a in found if a.key == "artifact-check-checkpoint"), key=lambda a: a.created
+    )
+    assert "epoch_0004.pth" in newest_link.data
+    # TensorBoard: one event file for the run, every epoch's scalars in it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = list((experiment / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(event_files) == 1
+    events = EventAccumulator(str(event_files[0]))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/accuracy")] == [8, 16, 24, 32]
     # a plain run of the same config ends at the same weights: the flow adds no randomness
     plain_cfg = small_config(tmp_path / "plain", name="artifact-check", **{"train.log_interval": 4})
     pl.run(validate(plain_cfg))
