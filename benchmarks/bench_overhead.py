@@ -4,7 +4,7 @@ Both train the same MLP on the same synthetic tensor data (about 2 s per epoch h
 same seed, same epochs, and save a checkpoint after every epoch (the loop with a plain
 ``torch.save``; the flow atomically, fsynced, checksummed, with artifacts). The flow runs
 on the embedded server ``baton run`` launches, warmed up by a first flow before timing; "tasks" is the
-span from the first task's start to the last task's end, "call" the whole flow call.
+span from the first task's start to the end of the flow run, "call" the whole flow call.
 
     .venv/bin/python benchmarks/bench_overhead.py [--epochs 5] [--samples 100000]
 
@@ -17,6 +17,7 @@ torch.save, the server's CPU while the flow trains) are printed too.
 import argparse
 import asyncio
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +35,14 @@ from baton.models import MLP
 from baton.randomness import seed_everything
 
 
-def config(work_dir: Path, name: str, samples: int, epochs: int, hidden: int = 512) -> dict:
+def config(
+    work_dir: Path,
+    name: str,
+    samples: int,
+    epochs: int,
+    hidden: int = 512,
+    interval_iters: int | None = None,
+) -> dict:
     return load_config(
         {
             "experiment_name": name,
@@ -57,13 +65,19 @@ def config(work_dir: Path, name: str, samples: int, epochs: int, hidden: int = 5
             },
             "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.01, "momentum": 0.9}},
             "train": {"max_epochs": epochs, "log_interval": 1000},
-            "checkpoint": {"keep_last": None},
+            "checkpoint": {"keep_last": None, "interval_iters": interval_iters},
         }
     ).model_dump(mode="json")
 
 
-def plain_loop(work_dir: Path, samples: int, epochs: int, hidden: int = 512) -> float:
-    """The baseline: what a user would write by hand."""
+def plain_loop(
+    work_dir: Path,
+    samples: int,
+    epochs: int,
+    hidden: int = 512,
+    interval_iters: int | None = None,
+) -> float:
+    """The baseline: what a user would write by hand (saving where the flow saves)."""
     start = time.perf_counter()
     seed_everything(0, deterministic=True)
     data = SyntheticClassification(num_samples=samples, num_features=64, num_classes=10)
@@ -72,6 +86,7 @@ def plain_loop(work_dir: Path, samples: int, epochs: int, hidden: int = 512) -> 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     work_dir.mkdir(parents=True, exist_ok=True)
+    iteration = 0
     for epoch in range(epochs):
         order = torch.randperm(samples, generator=torch.Generator().manual_seed(epoch))
         for i in range(0, samples, 64):
@@ -79,6 +94,12 @@ def plain_loop(work_dir: Path, samples: int, epochs: int, hidden: int = 512) -> 
             optimizer.zero_grad()
             loss_fn(model(inputs[index]), targets[index]).backward()
             optimizer.step()
+            iteration += 1
+            if interval_iters and iteration % interval_iters == 0 and i + 64 < samples:
+                torch.save(
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                    work_dir / f"iter_{iteration}.pth",
+                )
         torch.save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
             work_dir / f"epoch_{epoch}.pth",
@@ -87,6 +108,7 @@ def plain_loop(work_dir: Path, samples: int, epochs: int, hidden: int = 512) -> 
 
 
 async def task_span(flow_run_id) -> float:
+    """From the start of the flow's first task run to the end of the flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -94,9 +116,9 @@ async def task_span(flow_run_id) -> float:
         runs = await client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
+        flow_run = await client.read_flow_run(flow_run_id)
     starts = [r.start_time for r in runs if r.start_time]
-    ends = [r.end_time for r in runs if r.end_time]
-    return (max(ends) - min(starts)).total_seconds()
+    return (flow_run.end_time - min(starts)).total_seconds()
 
 
 def server_cpu_seconds() -> float:
@@ -176,7 +198,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=512, help="width of the two hidden layers")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's, one per core; 1 leaves a core for the rest, "
+        "as on a GPU host whose CPU does not train)",
+    )
+    parser.add_argument(
+        "--interval-iters", type=int, default=None, help="also checkpoint every N iterations"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from flows.server import EmbeddedServer, prefect_api
     from flows.train import train_pipeline
@@ -191,22 +226,35 @@ def main() -> None:
             cpu = server_cpu_seconds()
             start = time.perf_counter()
             state = train_pipeline(
-                config=config(root / f"flow{repeat}", "bench", args.samples, args.epochs),
+                config=config(
+                    root / f"flow{repeat}",
+                    "bench",
+                    args.samples,
+                    args.epochs,
+                    args.hidden,
+                    args.interval_iters,
+                ),
                 return_state=True,
             )
             call_times.append(time.perf_counter() - start)
             server_cpu.append(server_cpu_seconds() - cpu)
             span_times.append(asyncio.run(task_span(state.state_details.flow_run_id)))
 
+        def plain(repeat: int) -> float:
+            return plain_loop(
+                root / f"loop{repeat}", args.samples, args.epochs, args.hidden, args.interval_iters
+            )
+
         for repeat in range(args.repeats):
             # Alternate the order, so that a drift of the machine's speed cancels out.
             if repeat % 2 == 0:
-                loop_times.append(plain_loop(root / f"loop{repeat}", args.samples, args.epochs))
+                loop_times.append(plain(repeat))
                 run_flow(repeat)
             else:
                 run_flow(repeat)
-                loop_times.append(plain_loop(root / f"loop{repeat}", args.samples, args.epochs))
+                loop_times.append(plain(repeat))
         micro = micro_costs(root / "micro")
+    shutil.rmtree(root, ignore_errors=True)
 
     def median(values):
         return sorted(values)[len(values) // 2]
@@ -215,8 +263,9 @@ def main() -> None:
     pair_ratios = [s / lp for s, lp in zip(span_times, loop_times, strict=True)]
     epoch_length = -(-args.samples // 64)
     print(
-        f"{args.epochs} epochs x {epoch_length} iterations, MLP 64-512-512-10, {args.repeats} "
-        "repeats in alternating order"
+        f"{args.epochs} epochs x {epoch_length} iterations, MLP 64-{args.hidden}-{args.hidden}-10, "
+        f"{args.repeats} repeats in alternating order, {torch.get_num_threads()} torch threads"
+        + (f", a checkpoint every {args.interval_iters} iterations" if args.interval_iters else "")
     )
     print(
         f"  loop runs {[round(t, 2) for t in loop_times]}, flow spans {[round(t, 2) for t in span_times]}"

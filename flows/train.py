@@ -18,12 +18,11 @@ from prefect.runtime import flow_run
 from baton.checkpoint.store import CheckpointStore
 from baton.interrupt import deferred_termination
 from tasks import (
+    EpochReporter,
     RunState,
     find_resume_point,
     prepare,
-    report_epoch,
     save_checkpoint,
-    start_progress,
     summarize,
     train_epoch,
     validate,
@@ -94,20 +93,23 @@ def train_pipeline(
             print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
             summarize(cfg, state, started, note="Already complete: nothing left to train.")
             return state
-        progress = start_progress(cfg, state)
-        while not state.finished:
-            if stop.requested:
-                if state.checkpoint is None or state.checkpoint.iter != state.iter:
-                    state = save_checkpoint(cfg, state, state.epoch)
-                stop.check()
-            epoch = state.epoch + 1
-            state = train_epoch(cfg, state, epoch)
-            if cfg["val_data"] and _due(state.epoch, cfg["train"]["val_interval"], state):
-                state = validate(cfg, state, epoch)
-            if _due(state.epoch, cfg["checkpoint"]["interval"], state):
-                state = save_checkpoint(cfg, state, epoch)
-            report_epoch(cfg, state, epoch, progress)
-        summarize(cfg, state, started)
+        reporter = EpochReporter(cfg)
+        try:
+            while not state.finished:
+                if stop.requested:
+                    if state.checkpoint is None or state.checkpoint.iter != state.iter:
+                        state = save_checkpoint(cfg, state, state.epoch)
+                    stop.check()
+                epoch = state.epoch + 1
+                state = train_epoch(cfg, state, epoch)
+                if cfg["val_data"] and _due(state.epoch, cfg["train"]["val_interval"], state):
+                    state = validate(cfg, state, epoch)
+                if _due(state.epoch, cfg["checkpoint"]["interval"], state):
+                    state = save_checkpoint(cfg, state, epoch)
+                reporter.report(state)
+            summarize(cfg, state, started)
+        finally:
+            reporter.close()
     close_tensorboard(cfg)
     forget(config_of(cfg))
     return state

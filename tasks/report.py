@@ -1,25 +1,29 @@
 """Reporting: per-epoch metrics (metrics.jsonl; table, progress and checkpoint-link
 artifacts), called by the flow between tasks, and the run summary task."""
 
+import asyncio
+import contextvars
 import functools
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import (
-    create_link_artifact,
+    acreate_link_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
     create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.asyncutils import run_coro_as_sync
 
 from baton import pipeline as pl
 from baton.checkpoint import io
 from baton.checkpoint.store import CheckpointStore
-from tasks._common import artifact_key, in_run
+from tasks._common import artifact_key, in_run, run_logger
 from tasks.state import RunState, config_of
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -80,69 +84,103 @@ def sparkline(values: list[float]) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * len(SPARK)))] for v in values)
 
 
-# start_progress and report_epoch are plain functions the flow calls between its tasks,
-# not tasks: each task run costs the server ~30 ms of CPU (it records the run's events
-# and states), which on a small machine competes with training; reporting needs no
-# retries, no state of its own and nothing on the UI's task list. Their artifacts
-# belong to the flow run.
+# Per-epoch reporting is plain code the flow runs between its tasks, not tasks: each
+# task run costs the server ~25-35 ms of CPU (it records the run's events and states),
+# which on a small machine competes with training; reporting needs no retries and no
+# state of its own. Its artifacts belong to the flow run.
 
-
-def start_progress(config: dict[str, Any], state: RunState) -> str | None:
-    """Create the run's progress artifact (inside a flow run); returns its id."""
-    if not in_run():
-        return None
-    artifact_id = create_progress_artifact(
-        progress=100.0 * state.iter / state.max_iters,
-        description=f"training {config['experiment_name']}",
-    )
-    return str(artifact_id)
-
-
-# Artifacts are API calls (~30 ms here): with short epochs, publish at most this often,
-# and always after the last epoch. metrics.jsonl gets every epoch regardless.
+# Artifacts are API calls (~30 ms each here): with short epochs, publish at most this
+# often (the first time this long after the run starts), and always after the last
+# epoch. metrics.jsonl and TensorBoard get every epoch regardless.
 ARTIFACT_MIN_INTERVAL_S = 5.0
-_last_published: dict[str, float] = {}
-_last_linked: dict[str, str] = {}
 
 
-def report_epoch(
-    config: dict[str, Any], state: RunState, epoch: int, progress_id: str | None
-) -> None:
-    """Record the epoch: a line in metrics.jsonl; in a flow run (at most every
-    ``ARTIFACT_MIN_INTERVAL_S`` and after the last epoch) the metrics table, the progress
-    bar and a link to the newest committed checkpoint."""
-    record = {"epoch": state.epoch, "iter": state.iter, **state.metrics}
-    pl.append_metrics(_experiment_dir(config), "epoch", record)
-    _tensorboard(config, state)
-    if progress_id is None or not in_run():
-        return
-    now = time.monotonic()
-    if not state.finished and now - _last_published.get(progress_id, 0.0) < ARTIFACT_MIN_INTERVAL_S:
-        return
-    _last_published[progress_id] = now
-    rows = [
-        {
-            k: (round(v, 6) if isinstance(v, float) else v)
-            for k, v in r.items()
-            if k not in ("time", "kind")
-        }
-        for r in read_history(config)
-    ]
-    create_table_artifact(
-        key=artifact_key(config["experiment_name"], "metrics"),
-        table=rows,
-        description=f"per-epoch metrics of {config['experiment_name']}",
-    )
-    update_progress_artifact(progress_id, 100.0 * state.iter / state.max_iters)
-    ref = state.checkpoint
-    if ref is not None and _last_linked.get(progress_id) != ref.sha256:
-        _last_linked[progress_id] = ref.sha256
-        create_link_artifact(
-            key=artifact_key(config["experiment_name"], "checkpoint"),
-            link=ref.uri if not io.is_local(ref.uri) else f"file://{ref.uri}",
-            link_text=ref.uri.rsplit("/", 1)[-1],
-            description=f"epoch {ref.epoch}, iteration {ref.iter}, sha256 {ref.sha256[:12]}",
-        )
+class EpochReporter:
+    """Records each epoch of one flow run: metrics.jsonl, TensorBoard, and (throttled)
+    the metrics table, the progress bar and a link to the newest committed checkpoint.
+
+    Artifacts are published by a helper thread (in the flow run's context), so training
+    never waits for the API; :meth:`close` waits for the last ones. A failed publish is
+    logged and does not fail the run: the artifacts describe the run, the checkpoints
+    and metrics.jsonl are its record.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.name = config["experiment_name"]
+        self._published_at = time.monotonic()
+        self._progress_id = None
+        self._linked: str | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-artifacts")
+        self._pending: list[Future] = []
+
+    def report(self, state: RunState) -> None:
+        record = {"epoch": state.epoch, "iter": state.iter, **state.metrics}
+        pl.append_metrics(_experiment_dir(self.config), "epoch", record)
+        _tensorboard(self.config, state)
+        now = time.monotonic()
+        if not in_run() or (
+            not state.finished and now - self._published_at < ARTIFACT_MIN_INTERVAL_S
+        ):
+            return
+        self._published_at = now
+        context = contextvars.copy_context()
+        self._pending.append(self._pool.submit(context.run, self._publish_now, state))
+
+    def close(self) -> None:
+        """Wait for the artifacts still being published."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+        self._pool.shutdown()
+
+    def _publish_now(self, state: RunState) -> None:
+        try:
+            run_coro_as_sync(self._publish(state))
+        except Exception as err:  # an artifact is not worth a failed run
+            run_logger().warning(
+                "could not publish the artifacts of epoch %d: %s", state.epoch, err
+            )
+
+    async def _publish(self, state: RunState) -> None:
+        rows = [
+            {
+                k: (round(v, 6) if isinstance(v, float) else v)
+                for k, v in r.items()
+                if k not in ("time", "kind")
+            }
+            for r in read_history(self.config)
+        ]
+        progress = 100.0 * state.iter / state.max_iters
+        calls = [
+            acreate_table_artifact(
+                key=artifact_key(self.name, "metrics"),
+                table=rows,
+                description=f"per-epoch metrics of {self.name}",
+            ),
+            self._progress(progress),
+        ]
+        ref = state.checkpoint
+        if ref is not None and ref.sha256 != self._linked:
+            self._linked = ref.sha256
+            calls.append(
+                acreate_link_artifact(
+                    key=artifact_key(self.name, "checkpoint"),
+                    link=ref.uri if not io.is_local(ref.uri) else f"file://{ref.uri}",
+                    link_text=ref.uri.rsplit("/", 1)[-1],
+                    description=f"epoch {ref.epoch}, iteration {ref.iter}, "
+                    f"sha256 {ref.sha256[:12]}",
+                )
+            )
+        await asyncio.gather(*calls)
+
+    async def _progress(self, progress: float) -> None:
+        if self._progress_id is None:
+            self._progress_id = await acreate_progress_artifact(
+                progress=progress, description=f"training {self.name}"
+            )
+        else:
+            await aupdate_progress_artifact(self._progress_id, progress)
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
