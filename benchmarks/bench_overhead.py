@@ -285,6 +285,7 @@ def main() -> None:
         f"  paired ratios (flow span / loop of the same repeat): "
         f"{[round(r, 3) for r in pair_ratios]}, median {median(pair_ratios):.3f} (target <= 1.05)"
     )
+    print(f"  ratio of medians (flow span / loop): {median(span_times) / median(loop_times):.3f}")
     print(f"  plain loop, best     {loop:7.2f} s   ({loop / args.epochs:.2f} s per epoch)")
     print(f"  flow task span, best {span:7.2f} s   ratio of bests {span / loop:.3f}")
     print(f"  flow whole call, best{call:7.2f} s   ratio of bests {call / loop:.3f}")
