@@ -131,6 +131,10 @@ async def task_span(flow_run_id) -> tuple[float, list[str]]:
     return (flow_run.end_time - runs[0].start_time).total_seconds(), lines
 
 
+# The embedded server's CPU use while nothing runs (its services poll), per second.
+IDLE_SERVER_CPU = 0.02
+
+
 def server_cpu_seconds() -> float:
     """CPU time used so far by this process's children (Prefect's embedded server)."""
     total, me, tick = 0.0, os.getpid(), os.sysconf("SC_CLK_TCK")
@@ -197,10 +201,6 @@ def micro_costs(work_dir: Path) -> dict[str, float]:
         "baton checkpoint save": 1000 * ours,
         "torch.save of the same": 1000 * plain,
     }
-
-
-# The embedded server's CPU use while nothing runs (its services poll), per second.
-IDLE_SERVER_CPU = 0.02
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ from tasks import (
     validate,
     validate_config,
 )
-from tasks.report import close_tensorboard
 from tasks.state import config_of, forget
 
 
@@ -110,6 +109,5 @@ def train_pipeline(
             summarize(cfg, state, started)
         finally:
             reporter.close()
-    close_tensorboard(cfg)
     forget(config_of(cfg))
     return state

@@ -49,32 +49,6 @@ def _summary_writer_class():
     return SummaryWriter
 
 
-# One open writer per experiment for the life of the process: one event file per run,
-# flushed after every epoch.
-_writers: dict[Path, Any] = {}
-
-
-def _tensorboard(config: dict[str, Any], state: RunState) -> None:
-    """Scalars to TensorBoard event files, when tensorboard is installed (optional extra)."""
-    writer_class = _summary_writer_class()
-    if writer_class is None:
-        return
-    log_dir = _experiment_dir(config) / "tensorboard"
-    writer = _writers.get(log_dir)
-    if writer is None:
-        writer = _writers[log_dir] = writer_class(log_dir=str(log_dir))
-    for key, value in state.metrics.items():
-        writer.add_scalar(key, value, global_step=state.iter)
-    writer.flush()
-
-
-def close_tensorboard(config: dict[str, Any]) -> None:
-    """Close the experiment's TensorBoard writer (the end of a run)."""
-    writer = _writers.pop(_experiment_dir(config) / "tensorboard", None)
-    if writer is not None:
-        writer.close()
-
-
 def sparkline(values: list[float]) -> str:
     """A unicode sparkline of a series (the Prefect UI renders it in markdown)."""
     if not values:
@@ -113,11 +87,12 @@ class EpochReporter:
         self._linked: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-artifacts")
         self._pending: list[Future] = []
+        self._writer = None  # TensorBoard: one event file per run, flushed every epoch
 
     def report(self, state: RunState) -> None:
         record = {"epoch": state.epoch, "iter": state.iter, **state.metrics}
         pl.append_metrics(_experiment_dir(self.config), "epoch", record)
-        _tensorboard(self.config, state)
+        self._tensorboard(state)
         now = time.monotonic()
         if not in_run() or (
             not state.finished and now - self._published_at < ARTIFACT_MIN_INTERVAL_S
@@ -128,11 +103,25 @@ class EpochReporter:
         self._pending.append(self._pool.submit(context.run, self._publish_now, state))
 
     def close(self) -> None:
-        """Wait for the artifacts still being published."""
+        """Wait for the artifacts still being published; close the TensorBoard writer."""
+        if self._writer is not None:
+            self._writer.close()
         for future in self._pending:
             future.result()
         self._pending.clear()
         self._pool.shutdown()
+
+    def _tensorboard(self, state: RunState) -> None:
+        """Scalars to TensorBoard, when tensorboard is installed (optional extra)."""
+        writer_class = _summary_writer_class()
+        if writer_class is None:
+            return
+        if self._writer is None:
+            log_dir = _experiment_dir(self.config) / "tensorboard"
+            self._writer = writer_class(log_dir=str(log_dir))
+        for key, value in state.metrics.items():
+            self._writer.add_scalar(key, value, global_step=state.iter)
+        self._writer.flush()
 
     def _publish_now(self, state: RunState) -> None:
         try:

@@ -35,6 +35,16 @@ def write(tmp_path, cfg) -> str:
     return str(path)
 
 
+def start_run(tmp_path, cfg, env, **popen) -> subprocess.Popen:
+    """`baton run` of ``cfg`` in a new process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", write(tmp_path, cfg)],
+        cwd=ROOT,
+        env=env,
+        **popen,
+    )
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -106,13 +116,8 @@ def test_run_is_recorded_and_the_server_stops_with_it(tmp_path, prefect_env):
 def test_bad_config_starts_no_lasting_server(tmp_path, prefect_env):
     cfg = small_config(tmp_path / "wd")
     cfg["train"]["max_epochs"] = 0
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", write(tmp_path, cfg)],
-        cwd=ROOT,
-        env=prefect_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = start_run(
+        tmp_path, cfg, prefect_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     server = []
     while process.poll() is None and not server:
@@ -137,12 +142,8 @@ def test_killed_run_takes_its_server_with_it(tmp_path, prefect_env):
         **{"train.max_epochs": 50},
     )
     metrics = Path(cfg["work_dir"]) / cfg["experiment_name"] / "metrics.jsonl"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", write(tmp_path, cfg)],
-        cwd=ROOT,
-        env=prefect_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    process = start_run(
+        tmp_path, cfg, prefect_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 180
