@@ -17,7 +17,6 @@ What wins when a config and a checkpoint disagree (one place, here):
 
 import difflib
 import hashlib
-import inspect
 import json
 import types
 import typing
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import (
     AfterValidator,
@@ -34,17 +34,23 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
-from baton import components
-from baton.errors import ConfigError
-from baton.schedulers import SCHEDULERS, _accepted_args
+from baton import build
+from baton.errors import ConfigError, UntrustedInputError
 from baton.strategy import check_experiment_name
+from baton.trust import SETTINGS, Trust, check_regular_file, where_to_set
 
 # Limits on what a config file may be; configs also arrive from a web form.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_NESTING = 32
 MAX_STRING = 4096
+# YAML aliases share a node; expanding them can multiply a tiny text into gigabytes
+# (a "billion laughs"). Both the number of aliases and the expanded size are bounded.
+MAX_ALIASES = 64
+MAX_EXPANDED_NODES = 100_000
+MAX_OVERRIDES = 256
 
 
 def _has_type(value: dict) -> dict:
@@ -80,13 +86,54 @@ class DataConfig(_Strict):
     drop_last: bool = False
 
 
+class ClipGrad(_Strict):
+    """Gradient clipping, as mmengine's ``clip_grad``: by norm (``max_norm``) or by
+    value (``type: value`` with ``clip_value``)."""
+
+    type: Literal["norm", "value"] = "norm"
+    max_norm: float | None = Field(None, gt=0)
+    norm_type: float = Field(2.0, gt=0)
+    clip_value: float | None = Field(None, gt=0)
+    error_if_nonfinite: bool = False
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "ClipGrad":
+        if self.type == "norm" and (self.max_norm is None or self.clip_value is not None):
+            raise ValueError("norm clipping takes max_norm (and norm_type), not clip_value")
+        if self.type == "value" and (self.clip_value is None or self.max_norm is not None):
+            raise ValueError("value clipping (type: value) takes clip_value, not max_norm")
+        return self
+
+    def kwargs(self) -> dict[str, Any]:
+        """The ``clip_grad`` dict the optimizer wrapper takes."""
+        if self.type == "value":
+            return {"type": "value", "clip_value": self.clip_value}
+        return {
+            "max_norm": self.max_norm,
+            "norm_type": self.norm_type,
+            "error_if_nonfinite": self.error_if_nonfinite,
+        }
+
+
 class OptimWrapperConfig(_Strict):
     """The optimizer and how it is stepped."""
 
     type: Literal["OptimWrapper", "AmpOptimWrapper"] = "OptimWrapper"
     optimizer: Component
     accumulative_counts: int = Field(1, ge=1, le=1024)
-    clip_grad: dict[str, Any] | None = None
+    clip_grad: ClipGrad | None = None
+
+
+class CompileConfig(_Strict):
+    """``torch.compile`` of one method of the model."""
+
+    target: str = Field("forward", pattern=r"^[a-z][A-Za-z0-9_]{0,63}$")
+    backend: Literal["inductor", "eager", "aot_eager", "cudagraphs"] = "inductor"
+    mode: (
+        Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None
+    ) = None
+    fullgraph: bool = False
+    dynamic: bool | None = None
 
 
 class TrainConfig(_Strict):
@@ -128,23 +175,15 @@ class AutoScaleLR(_Strict):
     base_batch_size: int = Field(ge=1)
 
 
-def _safe_relative_dir(value: str) -> str:
-    if any(part == ".." for part in Path(value).parts):
-        raise ValueError("must not contain '..'")
-    return value
-
-
 class PipelineConfig(_Strict):
     """A whole training pipeline. Every default is visible here."""
 
     experiment_name: str = Field(description="stable name of the experiment folder")
-    work_dir: Annotated[str, AfterValidator(_safe_relative_dir)] = "work_dirs"
-    allowed_modules: list[str] = Field(
-        default_factory=list, description="extra module prefixes a dotted 'type' may use"
-    )
-    allowed_schemes: list[str] = Field(
-        default_factory=list,
-        description="URI schemes load_from and resume may use beyond local paths (https, s3...)",
+    work_dir: str = Field(
+        "work_dirs",
+        min_length=1,
+        description="folder of all experiments, relative to the project (absolute only "
+        "under an operator's work-dir root)",
     )
     randomness: RandomnessConfig = RandomnessConfig()
     model: Component
@@ -155,9 +194,14 @@ class PipelineConfig(_Strict):
     param_scheduler: list[Component] = Field(default_factory=list)
     train: TrainConfig
     checkpoint: CheckpointPolicy = CheckpointPolicy()
-    resume: str = Field("auto", description="'auto' (newest valid), 'never', or a checkpoint URI")
+    resume: str = Field(
+        "auto",
+        min_length=1,
+        description="'auto' (newest valid), 'never', or a checkpoint in the experiment "
+        "folder or an operator's checkpoint root",
+    )
     load_from: LoadFrom | None = None
-    compile: bool | dict[str, Any] = False
+    compile: bool | CompileConfig = False
     auto_scale_lr: AutoScaleLR | None = None
     amp: bool = Field(False, description="mixed precision (AmpOptimWrapper)")
 
@@ -247,6 +291,57 @@ def _locate(path: tuple, positions: Positions) -> tuple[int | None, int | None]:
     return None, None
 
 
+def _load_bounded(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """Compose and construct one YAML document, refusing alias expansion bombs.
+
+    Aliases are counted in the event stream (linear in the text) and the size of the
+    document once every alias is expanded is computed over the shared node graph, so a
+    hostile text is refused before anything walks the expanded tree.
+    """
+    aliases = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise ConfigError(
+                    f"{source}: more than {MAX_ALIASES} YAML aliases (*name); write the values out"
+                )
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set(), source)
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int], source: str) -> int:
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in active:
+        raise ConfigError(f"{source}: a YAML alias refers to itself (a recursive document)")
+    active.add(key)
+    total = 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            total += _expanded_size(key_node, sizes, active, source)
+            total += _expanded_size(value_node, sizes, active, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            total += _expanded_size(item, sizes, active, source)
+    active.discard(key)
+    if total > MAX_EXPANDED_NODES:
+        raise ConfigError(
+            f"{source}: the config expands to more than {MAX_EXPANDED_NODES} values "
+            "(YAML aliases); write it out plainly"
+        )
+    sizes[key] = total
+    return total
+
+
 def parse_yaml(text: str, source: str = "<config>") -> tuple[dict, Positions]:
     """Parse YAML text into a mapping and the line/column of every key.
 
@@ -257,8 +352,7 @@ def parse_yaml(text: str, source: str = "<config>") -> tuple[dict, Positions]:
     if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: config is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = _load_bounded(text, source)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
@@ -291,14 +385,20 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         ConfigError: An item without ``=`` or with a value that is not valid YAML.
     """
     parsed: dict[str, Any] = {}
-    for item in items:
+    for count, item in enumerate(items, 1):
+        if count > MAX_OVERRIDES:
+            raise ConfigError(f"more than {MAX_OVERRIDES} overrides; put them in a config file")
         if not isinstance(item, str) or "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.path=value")
+            raise ConfigError(f"override {_short(item)} must look like key.path=value")
+        if len(item) > MAX_STRING:
+            raise ConfigError(f"override {_short(item)} is longer than {MAX_STRING} characters")
         key, _, raw = item.partition("=")
         try:
-            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            parsed[key.strip()] = (
+                _load_bounded(raw, f"override {key.strip()!r}")[1] if raw.strip() else ""
+            )
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+            raise ConfigError(f"override {_short(item)}: value is not valid YAML") from err
     return parsed
 
 
@@ -402,7 +502,12 @@ def _pydantic_problems(err: ValidationError, positions: Positions) -> list[Confi
         )
         # Unions report one error per option; keep the path without the option tags.
         line, column = _locate(loc, positions)
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and loc and loc[-1] in SETTINGS:
+            message = (
+                f"{loc[-1]} is not a config key: what a run may reach is the operator's "
+                f"decision, not the config's; {where_to_set(str(loc[-1]))}"
+            )
+        elif item["type"] == "extra_forbidden":
             allowed = _fields_at(PipelineConfig, loc[:-1]) or []
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             message = "unknown key"
@@ -428,116 +533,72 @@ def _dedupe(problems: list[ConfigProblem]) -> list[ConfigProblem]:
     return out
 
 
-# Arguments each kind of component receives from the builder, not from the config.
-_SUPPLIED = {
-    "optimizer": {"params"},
-    "scheduler": {"optimizer"},
-}
-
-
-def _component_problems(data: dict, positions: Positions) -> list[ConfigProblem]:
-    """Check every component's ``type`` and arguments without building anything."""
-    prefixes = data.get("allowed_modules") or []
-    if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
-        prefixes = []
-    found: list[tuple[tuple, Any, str]] = []
-    for key in ("model", "loss"):
-        found.append(((key,), data.get(key), "component"))
+# Where the pipeline holds components, and the kind each slot takes.
+def _slots(data: Mapping) -> list[tuple[tuple, Any, str]]:
+    found: list[tuple[tuple, Any, str]] = [
+        (("model",), data.get("model"), "model"),
+        (("loss",), data.get("loss", {"type": "CrossEntropyLoss"}), "loss"),
+    ]
     for key in ("train_data", "val_data"):
         section = data.get(key)
-        if isinstance(section, dict):
-            found.append(((key, "dataset"), section.get("dataset"), "component"))
+        if isinstance(section, Mapping):
+            found.append(((key, "dataset"), section.get("dataset"), "dataset"))
     wrapper = data.get("optim_wrapper")
-    if isinstance(wrapper, dict):
+    if isinstance(wrapper, Mapping):
         found.append((("optim_wrapper", "optimizer"), wrapper.get("optimizer"), "optimizer"))
     schedulers = data.get("param_scheduler")
     if isinstance(schedulers, list):
         for index, item in enumerate(schedulers):
             found.append((("param_scheduler", index), item, "scheduler"))
+    return found
+
+
+def _component_problems(data: Mapping, positions: Positions, trust: Trust) -> list[ConfigProblem]:
+    """Check every component's ``type`` (kind and trust) and arguments, building nothing."""
     problems = []
-    for path, cfg, kind in found:
-        if isinstance(cfg, dict) and isinstance(cfg.get("type"), str) and cfg["type"]:
-            problems += _check_component(path, cfg, kind, prefixes, positions)
+    for path, cfg, kind in _slots(data):
+        if isinstance(cfg, Mapping) and isinstance(cfg.get("type"), str) and cfg["type"]:
+            for where, message in build.check(cfg, kind, trust=trust, path=path):
+                problems.append(ConfigProblem(_dotted(where), message, *_locate(where, positions)))
     return problems
 
 
-def _check_component(
-    path: tuple, cfg: dict, kind: str, prefixes: list[str], positions: Positions
+def _build_problems(
+    cfg: "PipelineConfig", positions: Positions, trust: Trust
 ) -> list[ConfigProblem]:
-    type_path = (*path, "type")
-    line, column = _locate(type_path, positions)
-    if kind == "scheduler":
-        cls = SCHEDULERS.get(cfg["type"])
-        if cls is None:
-            message = f"unknown scheduler {cfg['type']!r}; choose one of {', '.join(SCHEDULERS)}"
-            return [ConfigProblem(_dotted(type_path), message, line, column)]
-        accepted = set(_accepted_args(cls)) | {"convert_to_iter_based"}
-        unknown = sorted(set(cfg) - accepted - {"type"})
-        problems = []
-        for name in unknown:
-            where = _locate((*path, name), positions)
-            problems.append(
-                ConfigProblem(
-                    _dotted((*path, name)),
-                    f"{cfg['type']} has no argument {name!r}; "
-                    f"it accepts {', '.join(sorted(accepted))}",
-                    *where,
-                )
-            )
-        if cfg.get("convert_to_iter_based") and cfg.get("by_epoch") is False:
-            problems.append(
-                ConfigProblem(
-                    _dotted((*path, "convert_to_iter_based")),
-                    "only an epoch-based scheduler (by_epoch: true) can be converted",
-                    *_locate((*path, "convert_to_iter_based"), positions),
-                )
-            )
-        return problems
-    try:
-        factory = components.resolve_type(cfg["type"], extra_prefixes=prefixes)
-    except ValueError as err:
-        return [ConfigProblem(_dotted(type_path), str(err), line, column)]
-    return _signature_problems(path, cfg, factory, _SUPPLIED.get(kind, set()), positions)
-
-
-def _signature_problems(
-    path: tuple, cfg: dict, factory: Any, supplied: set[str], positions: Positions
-) -> list[ConfigProblem]:
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return []
-    params = signature.parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    args = {k: v for k, v in cfg.items() if k != "type"}
+    """Build model, loss and optimizer on the meta device: no memory, no data, but every
+    constructor runs, so a negative size or a bad learning rate is found now."""
     problems = []
-    if not takes_any:
-        for name in sorted(set(args) - set(params)):
-            accepted = [p for p in params if p not in supplied and p != "self"]
-            problems.append(
-                ConfigProblem(
-                    _dotted((*path, name)),
-                    f"{cfg['type']} has no argument {name!r}; it accepts {', '.join(accepted)}",
-                    *_locate((*path, name), positions),
-                )
-            )
-    for name, param in params.items():
-        required = param.default is param.empty and param.kind in (
-            param.POSITIONAL_OR_KEYWORD,
-            param.KEYWORD_ONLY,
+
+    def add(path: tuple, err: Exception) -> None:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        problems.append(
+            ConfigProblem(_dotted(path), f"cannot be built: {text}", *_locate(path, positions))
         )
-        if required and name not in args and name not in supplied:
-            problems.append(
-                ConfigProblem(
-                    _dotted((*path, name)),
-                    f"{cfg['type']} needs argument {name!r}",
-                    *_locate(path, positions),
+
+    with torch.device("meta"):
+        try:
+            model = build.build(cfg.model, "model", trust=trust)
+        except Exception as err:
+            add(("model",), err)
+            model = None
+        try:
+            build.build(cfg.loss, "loss", trust=trust)
+        except Exception as err:
+            add(("loss",), err)
+        if model is not None:
+            try:
+                build.build(
+                    cfg.optim_wrapper.optimizer, "optimizer", trust=trust, params=model.parameters()
                 )
-            )
+            except Exception as err:
+                add(("optim_wrapper", "optimizer"), err)
     return problems
 
 
-def _semantic_problems(cfg: PipelineConfig, positions: Positions) -> list[ConfigProblem]:
+def _semantic_problems(
+    cfg: "PipelineConfig", positions: Positions, trust: Trust
+) -> list[ConfigProblem]:
     problems = []
 
     def add(path: tuple, message: str) -> None:
@@ -552,21 +613,36 @@ def _semantic_problems(cfg: PipelineConfig, positions: Positions) -> list[Config
         add(("checkpoint", "best_metric"), "best_metric must start with 'val/' or 'train/'")
     if policy.best_metric and policy.best_metric.startswith("val/") and cfg.val_data is None:
         add(("checkpoint", "best_metric"), f"{policy.best_metric} needs val_data")
-    if cfg.resume not in ("auto", "never") and not cfg.resume.strip():
-        add(("resume",), "resume must be 'auto', 'never' or a checkpoint URI")
-    uris = [(("resume",), cfg.resume)]
+    experiment_dir = None
+    try:
+        experiment_dir = trust.check_work_dir(cfg.work_dir) / cfg.experiment_name
+    except UntrustedInputError as err:
+        add(("work_dir",), str(err))
+    uris = []
+    if cfg.resume not in ("auto", "never"):
+        uris.append((("resume",), cfg.resume, "resume checkpoint"))
     if cfg.load_from is not None:
-        uris.append((("load_from", "uri"), cfg.load_from.uri))
-    for path, uri in uris:
-        if "://" in uri:
-            scheme = uri.split("://", 1)[0]
-            if scheme != "file" and scheme not in cfg.allowed_schemes:
-                add(
-                    path,
-                    f"scheme {scheme!r} is not allowed (configs may come from the UI); add it "
-                    f"to allowed_schemes, e.g. allowed_schemes: [{scheme}]",
-                )
+        uris.append((("load_from", "uri"), cfg.load_from.uri, "load_from"))
+    for path, uri, what in uris:
+        try:
+            check_checkpoint_location(trust, uri, experiment_dir, what)
+        except UntrustedInputError as err:
+            add(path, str(err))
     return problems
+
+
+def check_checkpoint_location(
+    trust: Trust, uri: str, experiment_dir: Path | None, what: str
+) -> str:
+    """Where a checkpoint named by a config may come from (see ``Trust.check_checkpoint``);
+    a missing file is left for the run to report, so a config can name a checkpoint that
+    a run will write."""
+    try:
+        return trust.check_checkpoint(uri, experiment_dir=experiment_dir, what=what)
+    except UntrustedInputError as err:
+        if "does not exist" in str(err):
+            return str(trust.resolve(uri))
+        raise
 
 
 def _summary(source: str, problems: list[ConfigProblem]) -> str:
@@ -577,14 +653,22 @@ def _summary(source: str, problems: list[ConfigProblem]) -> str:
 
 
 def validate(
-    data: Mapping, positions: Positions | None = None, source: str = "<config>"
+    data: Mapping,
+    positions: Positions | None = None,
+    source: str = "<config>",
+    *,
+    trust: Trust | None = None,
 ) -> PipelineConfig:
     """Validate a config mapping; every problem is reported at once.
+
+    ``trust`` (default: :meth:`Trust.from_environment`) says which modules, schemes and
+    folders the operator allows; the config itself cannot widen it.
 
     Raises:
         ConfigError: With ``problems`` listing each one (path, line, message).
     """
     positions = positions or {}
+    trust = trust or Trust.from_environment()
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: a config must be a mapping, found {type(data).__name__}")
     data = dict(data)
@@ -594,9 +678,12 @@ def validate(
         config = PipelineConfig.model_validate(data)
     except ValidationError as err:
         problems += _pydantic_problems(err, positions)
-    problems += _component_problems(data, positions)
+    component_problems = _component_problems(data, positions, trust)
+    problems += component_problems
     if config is not None:
-        problems += _semantic_problems(config, positions)
+        problems += _semantic_problems(config, positions, trust)
+        if not component_problems:
+            problems += _build_problems(config, positions, trust)
     problems = _dedupe(problems)
     if problems or config is None:
         raise ConfigError(_summary(source, problems), problems)
@@ -606,38 +693,56 @@ def validate(
 def load_config(
     source: str | Path | Mapping,
     overrides: Mapping[str, Any] | Iterable[str] = (),
+    *,
+    trust: Trust | None = None,
+    from_parameter: bool = False,
 ) -> PipelineConfig:
     """Load and validate a pipeline config from a YAML file, YAML text or a mapping.
 
     Args:
         source: A path to a YAML file, a mapping (an inline config from the UI), or
-            YAML text (anything containing a newline or a colon and not a file).
+            YAML text (anything containing a newline or starting with ``{``).
         overrides: Dotted-key overrides (see :func:`apply_overrides`).
+        trust: The operator's allowances (default: from the environment).
+        from_parameter: ``source`` came from a run's parameters (the UI): a path must
+            name a file in the project's ``configs/`` or an operator's config root.
 
     Raises:
         ConfigError: Anything wrong, all at once; nothing is created on disk.
     """
+    trust = trust or Trust.from_environment()
     if isinstance(source, Mapping):
-        data, positions, name = json.loads(json.dumps(source, default=str)), {}, "<inline config>"
+        text = json.dumps(source, default=str)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"inline config is larger than {MAX_CONFIG_BYTES} bytes")
+        data, positions, name = json.loads(text), {}, "<inline config>"
     elif not isinstance(source, (str, Path)):
         raise ConfigError(
             f"a config is a path to a YAML file, YAML text or a mapping; got a "
             f"{type(source).__name__}"
         )
     else:
-        path = Path(source)
         text_like = isinstance(source, str) and ("\n" in source or source.strip().startswith("{"))
-        if not text_like and path.suffix in (".yaml", ".yml"):
-            try:
-                text = path.read_text(encoding="utf-8")
-            except FileNotFoundError as err:
-                raise ConfigError(f"config file {str(path)!r} does not exist") from err
-            except (OSError, UnicodeDecodeError) as err:
-                raise ConfigError(f"config file {str(path)!r} cannot be read: {err}") from err
-            name = str(path)
-        else:
+        if text_like or Path(source).suffix not in (".yaml", ".yml"):
             text, name = str(source), "<config text>"
+        else:
+            path = trust.check_config_path(str(source)) if from_parameter else Path(source)
+            text, name = _read_config_file(path), str(source)
         data, positions = parse_yaml(text, name)
     if overrides:
         data = apply_overrides(data, overrides)
-    return validate(data, positions, name)
+    return validate(data, positions, name, trust=trust)
+
+
+def _read_config_file(path: Path) -> str:
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(
+            f"config {str(path)!r} is not a .yaml file; name a YAML file, or pass YAML text"
+        )
+    try:
+        check_regular_file(path, "config file", max_bytes=MAX_CONFIG_BYTES)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from err
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror}") from err

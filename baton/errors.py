@@ -34,9 +34,14 @@ class ExperimentLockedError(BatonError):
     """Another process holds the experiment's lock."""
 
 
-class ConfigError(BatonError):
+class ConfigError(BatonError, ValueError):
     """A pipeline config is invalid. ``problems`` lists every problem found."""
 
     def __init__(self, message: str, problems: list | None = None):
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+class UntrustedInputError(ConfigError):
+    """A run's input asks for something the operator did not allow: a module, a URI
+    scheme, a path outside the experiment and the operator's roots, a device file."""

@@ -17,14 +17,19 @@ from pathlib import Path
 
 from torch import nn
 
-from baton import components, loop
+from baton import build, loop
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import PipelineConfig
 from baton.data import ResumableLoader
-from baton.errors import CheckpointMismatchError, CheckpointNotFoundError
+from baton.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    UntrustedInputError,
+)
 from baton.strategy import SingleDeviceStrategy
+from baton.trust import Trust
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +85,13 @@ def build_pipeline(cfg: PipelineConfig) -> Pipeline:
         best_mode=policy.best_mode,
     )
     strategy.config_hash = cfg.config_hash
-    prefixes = cfg.allowed_modules
+    trust = Trust.from_environment()
     train_loader = _loader(
-        cfg.train_data,
-        components.build(cfg.train_data.dataset, extra_prefixes=prefixes),
-        strategy.seed,
+        cfg.train_data, build.build(cfg.train_data.dataset, "dataset", trust=trust), strategy.seed
     )
     val_loader = None
     if cfg.val_data is not None:
-        dataset = components.build(cfg.val_data.dataset, extra_prefixes=prefixes)
+        dataset = build.build(cfg.val_data.dataset, "dataset", trust=trust)
         val_loader = _loader(cfg.val_data, dataset, strategy.seed)
     epoch_length = len(train_loader)
     if cfg.train.max_iters is not None:
@@ -97,14 +100,18 @@ def build_pipeline(cfg: PipelineConfig) -> Pipeline:
     else:
         max_epochs = cfg.train.max_epochs
         max_iters = max_epochs * epoch_length
-    wrapper = cfg.optim_wrapper.model_dump(exclude_none=True)
+    wrapper = cfg.optim_wrapper.model_dump(exclude_none=True, exclude={"clip_grad"})
+    if cfg.optim_wrapper.clip_grad is not None:
+        wrapper["clip_grad"] = cfg.optim_wrapper.clip_grad.kwargs()
     if cfg.amp:
         wrapper["type"] = "AmpOptimWrapper"
     strategy.prepare(
-        components.build(cfg.model, extra_prefixes=prefixes),
+        build.build(cfg.model, "model", trust=trust),
         optim_wrapper=wrapper,
         param_scheduler=[dict(s) for s in cfg.param_scheduler] or None,
-        compile=cfg.compile if isinstance(cfg.compile, bool) else dict(cfg.compile),
+        compile=cfg.compile
+        if isinstance(cfg.compile, bool)
+        else cfg.compile.model_dump(exclude_none=True),
         dispatch_kwargs={
             "max_epochs": max_epochs,
             "max_iters": max_iters,
@@ -112,7 +119,7 @@ def build_pipeline(cfg: PipelineConfig) -> Pipeline:
             "train_micro_batch_size_per_gpu": cfg.train_data.batch_size,
         },
     )
-    loss_fn = components.build(cfg.loss, extra_prefixes=prefixes)
+    loss_fn = build.build(cfg.loss, "loss", trust=trust)
     return Pipeline(cfg, strategy, train_loader, val_loader, loss_fn, max_epochs, max_iters)
 
 
@@ -137,14 +144,26 @@ def find_resume_point(cfg: PipelineConfig) -> CheckpointRef | None:
     store = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name)
     if cfg.resume == "auto":
         return store.latest()
-    committed = store.find(cfg.resume)
+    uri = _checked_uri(cfg, cfg.resume, "resume checkpoint")
+    committed = store.find(uri) or store.find(cfg.resume)
     if committed is not None:
         store.verify(committed)
         return committed
-    if io.is_local(cfg.resume) and not io.local_path(cfg.resume).exists():
-        raise CheckpointNotFoundError(f"resume checkpoint {cfg.resume!r} does not exist")
-    size, digest = io.sha256_of(cfg.resume)
-    return CheckpointRef(uri=cfg.resume, epoch=0, iter=0, size=size, sha256=digest)
+    size, digest = io.sha256_of(uri)
+    return CheckpointRef(uri=uri, epoch=0, iter=0, size=size, sha256=digest)
+
+
+def _checked_uri(cfg: PipelineConfig, uri: str, what: str) -> str:
+    """A checkpoint a config names, refused unless it is a regular file in the
+    experiment folder or an operator's root, or a URI of an allowed scheme."""
+    try:
+        return Trust.from_environment().check_checkpoint(
+            uri, experiment_dir=Path(cfg.work_dir) / cfg.experiment_name, what=what
+        )
+    except UntrustedInputError as err:
+        if "does not exist" in str(err):
+            raise CheckpointNotFoundError(f"{what} {uri!r} does not exist") from err
+        raise
 
 
 def _check_architecture(cfg: PipelineConfig, source: str):
@@ -181,7 +200,7 @@ def load_weights(pipeline: Pipeline) -> None:
     spec = pipeline.config.load_from
     if spec is not None:
         pipeline.strategy.load_checkpoint(
-            spec.uri,
+            _checked_uri(pipeline.config, spec.uri, "load_from"),
             strict=spec.strict,
             revise_keys=[tuple(pair) for pair in spec.revise_keys],
         )

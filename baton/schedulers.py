@@ -8,7 +8,6 @@ the value at every step equals mmengine's (a test compares them step by step), a
 state dicts use mmengine's attribute names, so checkpoints resume in either library.
 """
 
-import inspect
 import logging
 import math
 
@@ -429,67 +428,3 @@ SCHEDULERS: dict[str, type] = {
         OneCycleLR,
     )
 }
-
-
-def build_scheduler(
-    cfg: dict,
-    optimizer,
-    *,
-    epoch_length: int | None = None,
-    max_epochs: int | None = None,
-    max_iters: int | None = None,
-) -> _ParamScheduler:
-    """Build one scheduler from an mmengine-style dict; the dict is not modified.
-
-    ``end`` defaults to ``max_epochs`` (epoch-based) or ``max_iters`` (iteration-based).
-
-    Raises:
-        ValueError: An unknown ``type``, a missing default, or bad arguments.
-    """
-    args = dict(cfg)
-    kind = args.pop("type", None)
-    cls = SCHEDULERS.get(kind) if isinstance(kind, str) else kind
-    if not (isinstance(cls, type) and issubclass(cls, _ParamScheduler)):
-        raise ValueError(
-            f"unknown param_scheduler type {kind!r}; choose one of {', '.join(SCHEDULERS)}"
-        )
-    convert = args.pop("convert_to_iter_based", False)
-    if args.get("by_epoch", True):
-        if "end" not in args:
-            if max_epochs is None:
-                raise ValueError(
-                    f"{cls.__name__} has no 'end' and max_epochs is unknown: set 'end' or pass "
-                    "dispatch_kwargs={'max_epochs': ...}"
-                )
-            args["end"] = max_epochs
-    elif "end" not in args:
-        if max_iters is None:
-            raise ValueError(
-                f"{cls.__name__} has no 'end' and max_iters is unknown: set 'end' or pass "
-                "dispatch_kwargs={'max_iters': ...}"
-            )
-        args["end"] = max_iters
-    try:
-        if convert:
-            return cls.build_iter_from_epoch(optimizer, epoch_length=epoch_length, **args)
-        return cls(optimizer, **args)
-    except TypeError as err:
-        accepted = _accepted_args(cls)
-        raise ValueError(
-            f"bad arguments for {cls.__name__}: {err}; it accepts {', '.join(accepted)}"
-        ) from err
-
-
-def _accepted_args(cls: type) -> list[str]:
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if klass is object or "__init__" not in vars(klass):
-            continue
-        for name, param in inspect.signature(klass.__init__).parameters.items():
-            if name in ("self", "optimizer", "param_name", "args", "kwargs"):
-                continue
-            if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-                continue
-            if name not in names:
-                names.append(name)
-    return names

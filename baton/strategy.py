@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from baton import components, randomness
+from baton import build, randomness
 from baton.checkpoint import format as ckpt_format
 from baton.checkpoint import io
 from baton.checkpoint.loaders import load_uri
@@ -42,7 +42,7 @@ from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.convert import revert_sync_batchnorm
 from baton.errors import CheckpointError, CheckpointMismatchError
 from baton.optim import AmpOptimWrapper, OptimWrapper
-from baton.schedulers import _ParamScheduler, build_scheduler
+from baton.schedulers import _ParamScheduler
 
 _ENV_KEYS = ("randomness", "cudnn_benchmark", "mp_cfg", "dist_cfg", "resource_limit")
 _RANDOMNESS_KEYS = ("seed", "deterministic", "diff_rank_seed")
@@ -357,10 +357,7 @@ class SingleDeviceStrategy:
         if isinstance(model, nn.Module):
             return model
         if isinstance(model, dict):
-            built = components.build(model)
-            if not isinstance(built, nn.Module):
-                raise TypeError(f"model config built a {type(built).__name__}, not an nn.Module")
-            return built
+            return build.build(model, "model")
         raise TypeError(f"model must be an nn.Module or a dict, got {type(model).__name__}")
 
     def _compile_model(self, model: nn.Module, compile: dict | bool) -> nn.Module:
@@ -400,7 +397,7 @@ class SingleDeviceStrategy:
             raise ValueError("optim_wrapper needs an 'optimizer', e.g. {'type': 'SGD', 'lr': 0.1}")
         optimizer = args.pop("optimizer")
         if isinstance(optimizer, dict):
-            optimizer = components.build(optimizer, params=model.parameters())
+            optimizer = build.build(optimizer, "optimizer", params=model.parameters())
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer built a {type(optimizer).__name__}, not an Optimizer")
         if wrapper_cls is AmpOptimWrapper:
@@ -415,7 +412,7 @@ class SingleDeviceStrategy:
                 built.append(item)
             elif isinstance(item, dict):
                 built.append(
-                    build_scheduler(
+                    build.build_scheduler(
                         item,
                         self.optim_wrapper,
                         epoch_length=self.dispatch_kwargs.get("epoch_length"),

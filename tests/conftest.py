@@ -1,12 +1,17 @@
 """Shared fixtures: tiny models, deterministic strategies, isolated work dirs."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 from torch import nn
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The suite plays the operator: it trusts its own fixtures (components in tests/, work
+# dirs under the temporary folder). Child processes inherit these.
+os.environ.setdefault("BATON_ALLOWED_MODULES", "tests")
+os.environ.setdefault("BATON_WORK_DIR_ROOTS", os.path.realpath(tempfile.gettempdir()))
 
 
 @pytest.fixture

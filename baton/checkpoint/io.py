@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import signal
+import stat
 import tempfile
 import threading
 import zipfile
@@ -366,13 +367,32 @@ def open_binary(uri: str) -> BinaryIO:
     """Open a local path or fsspec URI for reading bytes; a clear error if it is missing."""
     try:
         if is_local(uri):
-            return open(local_path(uri), "rb")
+            return _open_regular_file(local_path(uri))
         return fsspec.open(uri, "rb").open()
     except FileNotFoundError as err:
         raise CheckpointNotFoundError(
             f"checkpoint {uri!r} does not exist; check the path, or list the experiment's "
             "checkpoints with CheckpointStore(...).list()"
         ) from err
+
+
+def _open_regular_file(path: Path) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file.
+
+    A device (``/dev/zero``), a FIFO or a folder would hang or fill memory when hashed or
+    loaded. ``O_NONBLOCK`` keeps the open of a FIFO from waiting for a writer.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+            raise CheckpointError(f"{str(path)!r} is {kind}, not a checkpoint file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def load(uri: str, *, map_location: MapLocation = "cpu", trusted: bool | None = None) -> Any:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from baton import SingleDeviceStrategy
-from baton.schedulers import build_scheduler
+from baton.build import build_scheduler
 
 mmengine_strategy = pytest.importorskip("mmengine._strategy")
 pytestmark = pytest.mark.mmengine

@@ -66,8 +66,11 @@ def test_resume_from_a_named_checkpoint(tmp_path):
     p, _ = pl.run(cfg_for(tmp_path, "train.max_epochs=3"))
     first = p.strategy.checkpoints.list()[0]
     assert pl.find_resume_point(cfg_for(tmp_path, resume=first.uri)) == first
+    missing = first.uri.replace("epoch_0001", "epoch_0099")
     with pytest.raises(Exception, match="does not exist"):
-        pl.find_resume_point(cfg_for(tmp_path, resume=str(tmp_path / "nope.pth")))
+        pl.find_resume_point(cfg_for(tmp_path, resume=missing))
+    with pytest.raises(ConfigError, match="outside the experiment folder"):
+        cfg_for(tmp_path, resume=str(tmp_path / "elsewhere.pth"))
 
 
 def test_resume_never_starts_fresh(tmp_path):
@@ -75,8 +78,10 @@ def test_resume_never_starts_fresh(tmp_path):
     assert pl.find_resume_point(cfg_for(tmp_path, resume="never")) is None
 
 
-def test_load_from_initialises_weights(tmp_path):
+def test_load_from_initialises_weights(tmp_path, monkeypatch):
     p, ref = pl.run(cfg_for(tmp_path))
+    # Weights from another experiment: the operator allows that experiment's folder.
+    monkeypatch.setenv("BATON_CHECKPOINT_ROOTS", str(p.strategy.experiment_dir))
     fresh = cfg_for(
         tmp_path, experiment_name="finetune", load_from={"uri": ref.uri, "strict": True}
     )

@@ -81,7 +81,7 @@ def test_amp_wrapper_from_dict(strategy, tiny_net):
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        ({"optimizer": {"type": "NoSuchOpt", "lr": 1}}, "unknown type 'NoSuchOpt'"),
+        ({"optimizer": {"type": "NoSuchOpt", "lr": 1}}, "unknown optimizer type 'NoSuchOpt'"),
         ({"type": "Fancy", "optimizer": {"type": "SGD", "lr": 1}}, "optim_wrapper type 'Fancy'"),
         ({"accumulative_counts": 2}, "needs an 'optimizer'"),
         ({"optimizer": {"type": "SGD", "lr": 1}, "paramwise_cfg": {}}, "unsupported key"),
@@ -144,9 +144,7 @@ def test_convert_to_iter_based_needs_epoch_length(strategy, tiny_net):
 
 
 def test_unknown_scheduler_lists_choices(strategy, tiny_net):
-    with pytest.raises(
-        ValueError, match="unknown param_scheduler type 'Cosine'.*CosineAnnealingLR"
-    ):
+    with pytest.raises(ValueError, match="unknown scheduler type 'Cosine'.*CosineAnnealingLR"):
         strategy.prepare(
             tiny_net,
             optim_wrapper={"optimizer": {"type": "SGD", "lr": 0.1}},
@@ -155,7 +153,7 @@ def test_unknown_scheduler_lists_choices(strategy, tiny_net):
 
 
 def test_bad_scheduler_argument_lists_accepted_ones(strategy, tiny_net):
-    with pytest.raises(ValueError, match="bad arguments for StepLR.*step_size"):
+    with pytest.raises(ValueError, match="StepLR has no argument 'step'; it accepts step_size"):
         strategy.prepare(
             tiny_net,
             optim_wrapper={"optimizer": {"type": "SGD", "lr": 0.1}},

@@ -31,7 +31,6 @@ def small_config(work_dir, name="exp", model=None, **overrides) -> dict:
     data = {
         "experiment_name": name,
         "work_dir": str(work_dir),
-        "allowed_modules": ["tests"],
         "randomness": {"seed": 3, "deterministic": True},
         "model": model
         or {"type": "MLP", "in_features": 8, "num_classes": 3, "hidden": [16], "dropout": 0.2},

@@ -1,0 +1,518 @@
+"""The one place where config becomes objects: ``type:`` names, kinds and arguments.
+
+A component is a mapping with a ``type`` key, as in mmengine configs. Each place a
+config may hold one is a *slot* with a *kind*, and a kind accepts only what it is:
+
+========== ==================================================================
+model      an ``nn.Module`` subclass
+loss       an ``nn.Module`` subclass
+dataset    a map-style ``torch.utils.data.Dataset`` subclass
+optimizer  a ``torch.optim.Optimizer`` subclass
+scheduler  one of baton's parameter schedulers
+transform  an ``nn.Module`` subclass (kornia, torchvision v2, your own)
+loader     only functions that trusted code registered (``@register("loader")``)
+========== ==================================================================
+
+A ``type`` is a short name of its kind (``SGD``, ``MLP``, ``StepLR``) or a dotted path
+into an allowed module (torch and baton, plus what the operator allows: see
+:mod:`baton.trust`). A plain function is never a component unless trusted code
+registered it for that kind with :func:`register`. Arguments are checked against the
+target's signature and annotations (pydantic) before anything is built, and a component
+nested inside another's arguments is accepted only where the argument is declared a
+slot (``Annotated[..., Slot(kind)]``, see :mod:`baton.kinds`). Validation
+(:func:`check`) and building (:func:`build`) walk the same table, so "valid" means
+"will build".
+"""
+
+import difflib
+import functools
+import importlib
+import inspect
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from baton import data, models, schedulers
+from baton.errors import ConfigError
+from baton.kinds import Slot
+from baton.trust import Trust, where_to_set
+
+# A problem found in a component: the key path below the component, and the message.
+Problem = tuple[tuple, str]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a slot accepts."""
+
+    name: str
+    bases: tuple[type, ...]
+    what: str
+    short_names: Callable[[], dict[str, Any]]
+    excluded: tuple[type, ...] = ()
+
+    def accepts(self, obj: Any) -> bool:
+        """True if ``obj`` may be built in a slot of this kind."""
+        if _registered_as(obj, self.name):
+            return True
+        return (
+            inspect.isclass(obj)
+            and issubclass(obj, self.bases)
+            and not issubclass(obj, self.excluded)
+            and not inspect.isabstract(obj)
+        )
+
+
+# name -> object registered by trusted code, per kind
+_REGISTERED: dict[str, dict[str, Any]] = {}
+
+
+def register(kind: str, name: str | None = None) -> Callable:
+    """Make a function (or class) a component of ``kind`` under ``name``.
+
+    Only trusted code calls this (baton itself, or a module the operator allows), so a
+    config can name a registered function but never an arbitrary one::
+
+        @register("loader")
+        def gray_png(path: str) -> PIL.Image.Image: ...
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+
+    def decorate(obj: Any) -> Any:
+        _REGISTERED.setdefault(kind, {})[name or obj.__name__] = obj
+        return obj
+
+    return decorate
+
+
+def _registered_as(obj: Any, kind: str) -> bool:
+    return any(obj is item for item in _REGISTERED.get(kind, {}).values())
+
+
+def _classes_in(module: Any, base: type) -> dict[str, type]:
+    return {
+        name: obj
+        for name, obj in vars(module).items()
+        if inspect.isclass(obj) and issubclass(obj, base) and not name.startswith("_")
+    }
+
+
+@functools.cache
+def _torch_modules() -> dict[str, type]:
+    return _classes_in(torch.nn, nn.Module)
+
+
+def _model_names() -> dict[str, Any]:
+    return {**_torch_modules(), **models.MODELS}
+
+
+def _loss_names() -> dict[str, Any]:
+    return {**_torch_modules(), **models.MODELS}
+
+
+def _dataset_names() -> dict[str, Any]:
+    return dict(data.DATASETS)
+
+
+def _optimizer_names() -> dict[str, Any]:
+    return _classes_in(torch.optim, torch.optim.Optimizer)
+
+
+def _scheduler_names() -> dict[str, Any]:
+    return dict(schedulers.SCHEDULERS)
+
+
+def _transform_names() -> dict[str, Any]:
+    return dict(getattr(data, "TRANSFORMS", {}))
+
+
+KINDS: dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind("model", (nn.Module,), "an nn.Module subclass", _model_names),
+        Kind("loss", (nn.Module,), "an nn.Module subclass", _loss_names),
+        Kind(
+            "dataset",
+            (Dataset,),
+            "a map-style Dataset subclass",
+            _dataset_names,
+            excluded=(IterableDataset,),
+        ),
+        Kind("optimizer", (torch.optim.Optimizer,), "an Optimizer subclass", _optimizer_names),
+        Kind(
+            "scheduler",
+            (schedulers._ParamScheduler,),
+            "one of baton's parameter schedulers",
+            _scheduler_names,
+        ),
+        Kind("transform", (nn.Module,), "an nn.Module subclass", _transform_names),
+        Kind("loader", (), "a function registered as a loader", dict),
+    )
+}
+
+# Slots of classes baton does not own (their signatures carry no Slot markers).
+EXTERNAL_SLOTS: dict[str, dict[str, Slot]] = {}
+
+# Arguments the builder passes itself, per kind; a config may not set them.
+SUPPLIED = {"optimizer": frozenset({"params"}), "scheduler": frozenset({"optimizer"})}
+
+# Scheduler arguments that are not constructor arguments (handled by the builder).
+_SCHEDULER_EXTRAS = {"convert_to_iter_based"}
+
+
+# --- resolving a type ----------------------------------------------------------------
+
+
+def resolve(type_name: Any, kind: str, trust: Trust | None = None) -> Any:
+    """The class (or registered function) a ``type`` names in a slot of ``kind``.
+
+    Raises:
+        ConfigError: Not a string, an unknown short name, a module the operator does
+            not allow, or something that is not of the slot's kind.
+    """
+    spec = KINDS[kind]
+    trust = trust or Trust.from_environment()
+    if not isinstance(type_name, str) or not type_name:
+        raise ConfigError(f"'type' must be a non-empty string naming {spec.what}")
+    short = {**spec.short_names(), **_REGISTERED.get(kind, {})}
+    if type_name in short:
+        obj = short[type_name]
+    elif "." not in type_name:
+        hint = difflib.get_close_matches(type_name, list(short), n=1)
+        choices = (
+            f"choose one of {', '.join(sorted(short))}"
+            if len(short) <= 40
+            else f"give a short name of {spec.what} or a dotted path such as "
+            "'mypkg.models.Net' in a module the operator allows"
+        )
+        raise ConfigError(
+            f"unknown {kind} type {type_name!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + f"; {choices}"
+        )
+    else:
+        obj = _import(type_name, trust)
+    if not spec.accepts(obj):
+        found = "a function" if inspect.isroutine(obj) else _describe(obj)
+        raise ConfigError(
+            f"{type_name!r} is {found}, not {spec.what}; a {kind} slot takes only {spec.what}"
+            + (
+                " (functions only when trusted code registered them with baton.build.register)"
+                if inspect.isroutine(obj)
+                else ""
+            )
+        )
+    return obj
+
+
+def _import(dotted: str, trust: Trust) -> Any:
+    parts = dotted.split(".")
+    if not all(p.isidentifier() and not p.startswith("_") for p in parts):
+        raise ConfigError(f"type {dotted!r} is not a dotted path of public names (no '_' prefixes)")
+    if not trust.allows_module(dotted):
+        raise ConfigError(
+            f"type {dotted!r} is outside the allowed modules "
+            f"({', '.join(trust.module_prefixes())}); {where_to_set('allowed_modules')}"
+        )
+    module_name, _, attr = dotted.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"type {dotted!r}: cannot import module {module_name!r} ({err})") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError as err:
+        raise ConfigError(f"type {dotted!r}: module {module_name!r} has no {attr!r}") from err
+
+
+def _describe(obj: Any) -> str:
+    if inspect.isclass(obj):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    if inspect.ismodule(obj):
+        return "a module"
+    return f"a {type(obj).__name__}"
+
+
+# --- arguments -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Param:
+    name: str
+    adapter: TypeAdapter | None
+    required: bool
+    slot: Slot | None
+
+
+_LAX = ConfigDict(arbitrary_types_allowed=True)
+
+
+def _adapter(annotation: Any) -> TypeAdapter | None:
+    if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
+        return None
+    try:
+        return TypeAdapter(annotation, config=_LAX)
+    except Exception:
+        try:
+            return TypeAdapter(annotation)
+        except Exception:
+            # An annotation pydantic cannot check (a forward reference, a protocol):
+            # the argument is passed through and the constructor checks it.
+            return None
+
+
+def _slot_of(annotation: Any) -> Slot | None:
+    if typing.get_origin(annotation) is Annotated:
+        return next((m for m in annotation.__metadata__ if isinstance(m, Slot)), None)
+    return None
+
+
+def _hints(func: Callable) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(func, include_extras=True)
+    except Exception:
+        return {}
+
+
+@functools.cache
+def _signature(factory: Any) -> tuple[dict[str, _Param], bool]:
+    """The parameters a config may set, and whether unknown keyword arguments pass."""
+    functions: list[Callable] = []
+    if inspect.isclass(factory):
+        # Walk __init__ up the class tree while it forwards **kwargs (mmengine-style
+        # schedulers and many modules do), so forwarded arguments are checked too.
+        for klass in factory.__mro__:
+            if klass in (object, nn.Module) or "__init__" not in vars(klass):
+                continue
+            functions.append(klass.__init__)
+            params = inspect.signature(klass.__init__).parameters.values()
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+    else:
+        functions.append(factory)
+    external = EXTERNAL_SLOTS.get(_qualified(factory), {})
+    found: dict[str, _Param] = {}
+    takes_any = False
+    for index, func in enumerate(functions):
+        try:
+            signature = inspect.signature(func)
+        except (TypeError, ValueError):
+            return {}, True
+        hints = _hints(func)
+        for name, param in signature.parameters.items():
+            if name == "self" or name in found:
+                continue
+            if param.kind is param.VAR_KEYWORD:
+                takes_any = index == len(functions) - 1
+                continue
+            if param.kind is param.VAR_POSITIONAL:
+                continue
+            annotation = hints.get(name, param.annotation)
+            slot = external.get(name) or _slot_of(annotation)
+            found[name] = _Param(
+                name,
+                None if slot else _adapter(annotation),
+                param.default is param.empty and param.kind is not param.POSITIONAL_ONLY,
+                slot,
+            )
+    return found, takes_any
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+
+
+def _looks_like_component(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return "type" in value or any(_looks_like_component(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_looks_like_component(v) for v in value)
+    return False
+
+
+def _error_text(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return first["msg"] + (f" at {where}" if where else "")
+
+
+# --- checking and building -----------------------------------------------------------
+
+
+def check(
+    cfg: Any,
+    kind: str,
+    *,
+    trust: Trust | None = None,
+    supplied: Iterable[str] = (),
+    path: tuple = (),
+) -> list[Problem]:
+    """Every problem with a component, without building anything.
+
+    Returns:
+        ``(key path, message)`` pairs; the path starts with ``path``.
+    """
+    trust = trust or Trust.from_environment()
+    if not isinstance(cfg, Mapping):
+        return [(path, f"a {kind} is a mapping with a 'type' key, found {type(cfg).__name__}")]
+    try:
+        factory = resolve(cfg.get("type"), kind, trust)
+    except ConfigError as err:
+        return [((*path, "type"), str(err))]
+    supplied = set(supplied) | SUPPLIED.get(kind, frozenset())
+    if kind == "scheduler" and not factory.__name__.endswith("ParamScheduler"):
+        # StepLR, StepMomentum...: the class fixes the parameter it schedules.
+        supplied.add("param_name")
+    params, takes_any = _signature(factory)
+    extras = _SCHEDULER_EXTRAS if kind == "scheduler" else set()
+    args = {k: v for k, v in cfg.items() if k != "type"}
+    problems: list[Problem] = []
+    for name, value in args.items():
+        key = (*path, name)
+        param = params.get(name)
+        if name in supplied:
+            problems.append((key, f"{cfg['type']}'s {name!r} is supplied by baton; remove it"))
+        elif param is None and name not in extras:
+            if not takes_any:
+                accepted = [p for p in params if p not in supplied]
+                problems.append(
+                    (
+                        key,
+                        f"{cfg['type']} has no argument {name!r}; it accepts {', '.join(accepted)}",
+                    )
+                )
+            elif _looks_like_component(value):
+                problems.append((key, "a component cannot go here: this argument is not a slot"))
+        elif param is not None and param.slot is not None:
+            problems += _check_slot(value, param.slot, trust, key)
+        elif _looks_like_component(value):
+            problems.append(
+                (key, f"{cfg['type']}'s {name!r} is not a slot for a component; give a plain value")
+            )
+        elif param is not None and param.adapter is not None:
+            try:
+                param.adapter.validate_python(value)
+            except ValidationError as err:
+                problems.append((key, f"{_error_text(err)}; found {_short(value)}"))
+    for name, param in params.items():
+        if param.required and name not in args and name not in supplied:
+            problems.append(((*path, name), f"{cfg['type']} needs argument {name!r}"))
+    if kind == "scheduler" and cfg.get("convert_to_iter_based") and cfg.get("by_epoch") is False:
+        problems.append(
+            (
+                (*path, "convert_to_iter_based"),
+                "only an epoch-based scheduler (by_epoch: true) can be converted",
+            )
+        )
+    return problems
+
+
+def _check_slot(value: Any, slot: Slot, trust: Trust, key: tuple) -> list[Problem]:
+    if value is None:
+        return []
+    if slot.many:
+        if not isinstance(value, list):
+            return [(key, f"expects a list of {slot.kind} components")]
+        problems: list[Problem] = []
+        for index, item in enumerate(value):
+            problems += check(item, slot.kind, trust=trust, path=(*key, index))
+        return problems
+    return check(value, slot.kind, trust=trust, path=key)
+
+
+def build(cfg: Mapping, kind: str, *, trust: Trust | None = None, **supplied: Any) -> Any:
+    """Build a component of ``kind``; ``supplied`` are arguments baton passes itself
+    (``params`` for an optimizer, ``optimizer`` for a scheduler). The mapping is not
+    modified.
+
+    Raises:
+        ConfigError: Every problem :func:`check` finds, at once.
+    """
+    trust = trust or Trust.from_environment()
+    problems = check(cfg, kind, trust=trust, supplied=supplied)
+    if problems:
+        lines = [
+            f"{'.'.join(str(p) for p in path) or kind}: {message}" for path, message in problems
+        ]
+        raise ConfigError(f"cannot build {kind}: " + "; ".join(lines), lines)
+    return _construct(cfg, kind, trust, supplied)
+
+
+def _construct(cfg: Mapping, kind: str, trust: Trust, supplied: Mapping[str, Any]) -> Any:
+    factory = resolve(cfg["type"], kind, trust)
+    params, _ = _signature(factory)
+    args: dict[str, Any] = {}
+    for name, value in cfg.items():
+        if name == "type" or name in _SCHEDULER_EXTRAS:
+            continue
+        param = params.get(name)
+        if param is not None and param.slot is not None and value is not None:
+            if param.slot.many:
+                value = [_construct(item, param.slot.kind, trust, {}) for item in value]
+            else:
+                value = _construct(value, param.slot.kind, trust, {})
+        elif param is not None and param.adapter is not None:
+            # Build with the checked values (a YAML list becomes the tuple a signature
+            # asks for), so what was validated is what is passed.
+            value = param.adapter.validate_python(value)
+        args[name] = value
+    return factory(**args, **supplied)
+
+
+def build_scheduler(
+    cfg: Mapping,
+    optimizer: Any,
+    *,
+    epoch_length: int | None = None,
+    max_epochs: int | None = None,
+    max_iters: int | None = None,
+    trust: Trust | None = None,
+) -> schedulers._ParamScheduler:
+    """Build one scheduler from an mmengine-style mapping (not modified).
+
+    ``end`` defaults to ``max_epochs`` (epoch-based) or ``max_iters`` (iteration-based);
+    ``convert_to_iter_based`` converts an epoch-based schedule with ``epoch_length``.
+
+    Raises:
+        ConfigError: Bad type or arguments, or a missing default.
+    """
+    trust = trust or Trust.from_environment()
+    problems = check(cfg, "scheduler", trust=trust, supplied={"optimizer"})
+    if problems:
+        lines = [f"{'.'.join(str(p) for p in path)}: {message}" for path, message in problems]
+        raise ConfigError("cannot build scheduler: " + "; ".join(lines), lines)
+    cls = resolve(cfg["type"], "scheduler", trust)
+    params, _ = _signature(cls)
+    args = {
+        k: (params[k].adapter.validate_python(v) if k in params and params[k].adapter else v)
+        for k, v in cfg.items()
+        if k not in ("type", *_SCHEDULER_EXTRAS)
+    }
+    convert = bool(cfg.get("convert_to_iter_based", False))
+    if convert and args.get("by_epoch", True) is False:
+        raise ConfigError(f"{cls.__name__}: only an epoch-based scheduler can be converted")
+    if "end" not in args:
+        by_epoch = args.get("by_epoch", True)
+        default = max_epochs if by_epoch else max_iters
+        if default is None:
+            unit = "max_epochs" if by_epoch else "max_iters"
+            raise ConfigError(
+                f"{cls.__name__} has no 'end' and {unit} is unknown: set 'end' or pass "
+                f"dispatch_kwargs={{'{unit}': ...}}"
+            )
+        args["end"] = default
+    if convert:
+        return cls.build_iter_from_epoch(optimizer, epoch_length=epoch_length, **args)
+    return cls(optimizer, **args)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
