@@ -27,6 +27,39 @@ def _settings(args) -> dict:
     return settings
 
 
+def _trust_operator_flags(args) -> None:
+    """The command line is the operator's: what it names explicitly is trusted, in this
+    process only (the flow reads trust from the environment, see ``baton.trust``).
+
+    ``--allow-module``/``--allow-scheme`` widen modules and schemes; the config file,
+    ``--work-dir`` and ``--resume`` named here are allowed where they are. Overrides
+    (``--set``) are data like a config's contents and widen nothing.
+    """
+    additions: dict[str, list[str]] = {
+        "BATON_ALLOWED_MODULES": list(getattr(args, "allow_module", None) or []),
+        "BATON_ALLOWED_SCHEMES": list(getattr(args, "allow_scheme", None) or []),
+        "BATON_CONFIG_ROOTS": [],
+        "BATON_CHECKPOINT_ROOTS": [],
+        "BATON_WORK_DIR_ROOTS": [],
+    }
+    config = getattr(args, "config", None)
+    if config and Path(config).suffix in (".yaml", ".yml"):
+        additions["BATON_CONFIG_ROOTS"].append(str(Path(config).resolve().parent))
+    work_dir = getattr(args, "work_dir", None)
+    if work_dir and not work_dir.startswith("~"):
+        additions["BATON_WORK_DIR_ROOTS"].append(str(Path(work_dir).resolve()))
+    for checkpoint in (getattr(args, "resume", None), getattr(args, "checkpoint", None)):
+        if checkpoint and checkpoint not in ("auto", "never") and "://" not in checkpoint:
+            additions["BATON_CHECKPOINT_ROOTS"].append(str(Path(checkpoint).resolve().parent))
+    for name, values in additions.items():
+        separator = (
+            "," if name in ("BATON_ALLOWED_MODULES", "BATON_ALLOWED_SCHEMES") else os.pathsep
+        )
+        current = [v for v in os.environ.get(name, "").split(separator) if v]
+        if values:
+            os.environ[name] = separator.join([*current, *values])
+
+
 def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -47,6 +80,7 @@ def _metrics_table(history: list[dict]) -> str:
 def cmd_validate(args) -> int:
     from baton.config import load_config
 
+    _trust_operator_flags(args)
     cfg = load_config(args.config, _settings(args))
     print(
         f"{args.config}: valid (experiment {cfg.experiment_name}, config hash {cfg.config_hash[:12]})"
@@ -81,6 +115,7 @@ def _prefect_session(load: Callable[[], Any]) -> Iterator[Any]:
 def cmd_run(args) -> int:
     if sys.stderr.isatty():
         os.environ.setdefault("BATON_PROGRESS", "1")
+    _trust_operator_flags(args)
 
     def load():
         from baton import pipeline
@@ -163,11 +198,14 @@ def cmd_ckpt_inspect(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    _trust_operator_flags(args)
+
     def load():
         from baton import pipeline
         from baton.config import load_config, parse_overrides
 
-        load_config(args.config, parse_overrides(args.set or []))
+        cfg = load_config(args.config, parse_overrides(args.set or []))
+        _check_evaluation(cfg, args.checkpoint)  # one line, before Prefect starts
         import flows.evaluate  # noqa: F401
 
         pipeline.preload()
@@ -175,12 +213,43 @@ def cmd_evaluate(args) -> int:
     with _prefect_session(load):
         from flows.evaluate import evaluate_checkpoint
 
-        metrics = evaluate_checkpoint(
-            checkpoint=args.checkpoint, config=args.config, overrides=args.set or None
+        state = evaluate_checkpoint(
+            checkpoint=args.checkpoint,
+            config=args.config,
+            overrides=args.set or None,
+            return_state=True,
         )
+        if not state.is_completed():
+            print(f"baton: the evaluation ended {state.name}: {state.message}", file=sys.stderr)
+            return 1
+        metrics = state.result()
     for key, value in sorted(metrics.items()):
         print(f"{key:16} {value:.4f}")
     return 0
+
+
+def _check_evaluation(cfg, checkpoint: str) -> None:
+    """What can be told before any run: the config can evaluate, the file is a checkpoint."""
+    from baton.errors import CheckpointError, ConfigError
+    from baton.trust import Trust
+    from flows.evaluate import NO_VAL_DATA
+
+    if cfg.val_data is None:
+        raise ConfigError(NO_VAL_DATA)
+    uri = Trust.from_environment().check_checkpoint(
+        checkpoint,
+        experiment_dir=Path(cfg.work_dir) / cfg.experiment_name,
+        what="checkpoint",
+    )
+    if "://" not in uri:
+        with open(uri, "rb") as handle:
+            head = handle.read(4)
+        # torch.save writes a zip archive (or, in the legacy format, a pickle).
+        if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+            raise CheckpointError(
+                f"{checkpoint!r} is not a torch checkpoint (neither a zip archive nor a "
+                "pickle); name a .pth file written by baton, mmengine or torch.save"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,15 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
                 "--set", action="append", metavar="KEY=VALUE", help="override a config value"
             )
 
+    def trust_args(p):
+        p.add_argument(
+            "--allow-module",
+            action="append",
+            metavar="PREFIX",
+            help="trust a module prefix for dotted 'type' names (operator setting)",
+        )
+        p.add_argument(
+            "--allow-scheme",
+            action="append",
+            metavar="SCHEME",
+            help="allow checkpoint URIs of this scheme, e.g. s3 (operator setting)",
+        )
+
     run = commands.add_parser("run", help="train a pipeline (resumes automatically)")
     config_args(run)
     run.add_argument("--experiment-name")
     run.add_argument("--resume", help="auto, never, or a checkpoint path")
     run.add_argument("--work-dir")
+    trust_args(run)
     run.set_defaults(func=cmd_run)
 
     check = commands.add_parser("validate", help="check a config; writes nothing")
     config_args(check)
+    trust_args(check)
     check.set_defaults(func=cmd_validate)
 
     ckpt = commands.add_parser("ckpt", help="list or inspect checkpoints")
@@ -222,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--config", required=True)
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE")
+    trust_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -6,8 +6,11 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from baton.errors import ConfigError
 from tasks import load_checkpoint, validate, validate_config
-from tasks._common import artifact_key
+from tasks._common import artifact_key, permanent_errors_end_the_run
+
+NO_VAL_DATA = "the config has no val_data to evaluate on; add a val_data section to the config"
 
 
 @task(name="publish-evaluation", cache_policy=NO_CACHE)
@@ -33,10 +36,11 @@ def evaluate_checkpoint(
         config: The pipeline config it was trained with (path, YAML text or mapping).
         overrides: Dotted-key overrides of that config.
     """
-    cfg = validate_config(config, overrides, {"resume": "never"})
-    if not cfg["val_data"]:
-        raise ValueError("the config has no val_data to evaluate on")
-    state = load_checkpoint(cfg, checkpoint)
+    with permanent_errors_end_the_run():
+        cfg = validate_config(config, overrides, {"resume": "never"})
+        if not cfg["val_data"]:
+            raise ConfigError(NO_VAL_DATA)
+        state = load_checkpoint(cfg, checkpoint)
     state = validate(cfg, state, state.epoch)
     publish_evaluation(cfg["experiment_name"], checkpoint, state.metrics)
     return state.metrics

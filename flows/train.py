@@ -28,6 +28,7 @@ from tasks import (
     validate,
     validate_config,
 )
+from tasks._common import permanent_errors_end_the_run
 from tasks.state import config_of, forget
 
 
@@ -82,7 +83,16 @@ def train_pipeline(
     """
     started = time.time()
     settings = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
-    cfg = validate_config(config, overrides, {k: v for k, v in settings.items() if v is not None})
+    with permanent_errors_end_the_run():
+        cfg = validate_config(
+            config, overrides, {k: v for k, v in settings.items() if v is not None}
+        )
+        state = _train(cfg, started)
+    forget(config_of(cfg))
+    return state
+
+
+def _train(cfg: dict[str, Any], started: float) -> RunState:
     store = CheckpointStore(f"{cfg['work_dir']}/{cfg['experiment_name']}")
     # A SIGTERM (cancel, preemption) between tasks waits for the current task; inside the
     # training task it waits for the current iteration, then an emergency checkpoint.
@@ -109,5 +119,4 @@ def train_pipeline(
             summarize(cfg, state, started)
         finally:
             reporter.close()
-    forget(config_of(cfg))
     return state

@@ -1,23 +1,29 @@
 """Helpers shared by the task modules: loggers, retry conditions, artifact keys."""
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 
-from prefect import get_run_logger
+from prefect import get_client, get_run_logger
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 
 from baton.errors import (
     CheckpointMismatchError,
+    CheckpointNotFoundError,
     ConfigError,
     ExperimentLockedError,
     UnsafeCheckpointError,
 )
 
-# Failures a retry cannot fix: the same inputs would fail the same way.
+# Failures a retry cannot fix: the same inputs would fail the same way. ConfigError
+# covers refused input too (UntrustedInputError): a module, scheme or path the operator
+# did not allow.
 PERMANENT_ERRORS = (
     ConfigError,
     CheckpointMismatchError,
+    CheckpointNotFoundError,
     ExperimentLockedError,
     UnsafeCheckpointError,
 )
@@ -40,6 +46,32 @@ def retry_unless_permanent(task, task_run, state) -> bool:
     except BaseException:
         return True
     return True
+
+
+@contextlib.contextmanager
+def permanent_errors_end_the_run() -> Iterator[None]:
+    """Let a permanent error fail the flow run once, without its flow retries.
+
+    Prefect 3.9's flows have no retry condition: the server turns every Failed proposal
+    into a retry while retries remain. On a permanent error this sets the flow run's
+    retries to zero first, so the run ends Failed with the error as its state message,
+    and only transient faults are retried.
+    """
+    try:
+        yield
+    except PERMANENT_ERRORS:
+        _stop_flow_retries()
+        raise
+
+
+def _stop_flow_retries() -> None:
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(context.flow_run.id)
+        policy = run.empirical_policy.model_copy(update={"retries": 0, "max_retries": 0})
+        client.update_flow_run(context.flow_run.id, empirical_policy=policy)
 
 
 def artifact_key(experiment_name: str, suffix: str) -> str:

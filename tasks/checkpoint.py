@@ -1,5 +1,6 @@
 """Tasks: save a checkpoint of the live pipeline; load one into a fresh pipeline."""
 
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -8,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from baton import pipeline as pl
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
+from baton.trust import Trust
 from tasks._common import retry_unless_permanent, run_logger
 from tasks.state import RunState, config_of, live_pipeline, using
 
@@ -41,11 +43,23 @@ def save_checkpoint(config: dict[str, Any], state: RunState, epoch: int) -> RunS
     return state.model_copy(update={"checkpoint": ref})
 
 
-@task(name="load-checkpoint", task_run_name="load-checkpoint", cache_policy=NO_CACHE)
+@task(
+    name="load-checkpoint",
+    task_run_name="load-checkpoint",
+    retries=1,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
 def load_checkpoint(config: dict[str, Any], checkpoint: CheckpointRef | str) -> RunState:
     """Build a pipeline from ``config`` and restore ``checkpoint`` into it (kept live)."""
     cfg = config_of(config)
     if isinstance(checkpoint, str):
+        # A path from a run's parameters: the experiment's folder or an operator's root.
+        checkpoint = Trust.from_environment().check_checkpoint(
+            checkpoint,
+            experiment_dir=Path(cfg.work_dir) / cfg.experiment_name,
+            what="checkpoint",
+        )
         size, digest = io.sha256_of(checkpoint)
         checkpoint = CheckpointRef(uri=checkpoint, epoch=0, iter=0, size=size, sha256=digest)
     pipeline, _ = live_pipeline(cfg, None, checkpoint=checkpoint)

@@ -22,7 +22,10 @@ def validate_config(
         settings: Typed overrides by dotted key (applied after ``overrides``).
 
     Raises:
-        ConfigError: Every problem at once; nothing is written.
+        ConfigError: Every problem at once, or a config path outside configs/ and the
+            operator's config roots; nothing is written.
     """
     combined = {**parse_overrides(overrides or []), **(settings or {})}
-    return load_config(config, combined).model_dump(mode="json")
+    # A config path in a run's parameters names a file in configs/ (or an operator's
+    # config root), never any file the worker can read.
+    return load_config(config, combined, from_parameter=True).model_dump(mode="json")

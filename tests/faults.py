@@ -1,6 +1,7 @@
 """Models that fail or dawdle on purpose, for fault-injection tests.
 
-Configs reach them through ``allowed_modules: [tests]``. A failure budget lives in a file,
+Configs reach them because the suite trusts ``tests`` (BATON_ALLOWED_MODULES, set in
+tests/conftest.py). A failure budget lives in a file,
 so it is shared by retries, flow retries and new processes.
 """
 
