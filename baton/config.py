@@ -353,6 +353,8 @@ def parse_yaml(text: str, source: str = "<config>") -> tuple[dict, Positions]:
         raise ConfigError(f"{source}: config is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         node, data = _load_bounded(text, source)
+    except ConfigError:
+        raise
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)

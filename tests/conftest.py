@@ -21,6 +21,18 @@ def work_dir(tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def _restore_trust():
+    """`baton run` trusts what its command line names by extending BATON_* variables of
+    its own process; in-process CLI calls must not leak that into later tests."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("BATON_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("BATON_")]:
+        if key not in before:
+            del os.environ[key]
+    os.environ.update(before)
+
+
+@pytest.fixture(autouse=True)
 def _restore_torch_determinism():
     """Strategies may switch on deterministic algorithms; tests must not leak that."""
     before = torch.are_deterministic_algorithms_enabled()
