@@ -1,0 +1,110 @@
+"""Permanent errors fail a run once, with their message as the run's state message;
+transient ones are retried. And evaluation reports bad input in one line."""
+
+import asyncio
+import re
+
+import pytest
+import torch
+import yaml
+from prefect.client.orchestration import get_client
+
+from baton.checkpoint.store import CheckpointStore
+from flows.cli import main
+from flows.train import train_pipeline
+
+from .conftest import small_config
+
+pytestmark = pytest.mark.integration
+
+
+def _runs(flow_run_id):
+    async def read():
+        async with get_client() as client:
+            flow_run = await client.read_flow_run(flow_run_id)
+            tasks = await client.read_task_runs()
+            return flow_run, [t for t in tasks if t.flow_run_id == flow_run_id]
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim_wrapper.optimizer.lr=fast"], "optim_wrapper.optimizer.lr"),
+        (["model.type=torch.utils.collect_env.run"], "not an nn.Module subclass"),
+        (["resume=/dev/zero"], "outside the experiment folder"),
+    ],
+)
+def test_a_bad_config_fails_once(prefect_harness, tmp_path, overrides, message):
+    cfg = small_config(tmp_path / "wd", name="bad")
+    state = train_pipeline(config=cfg, overrides=overrides, return_state=True)
+    assert state.is_failed()
+    assert message in state.message
+    flow_run, task_runs = _runs(state.state_details.flow_run_id)
+    assert flow_run.run_count == 1, "a permanent error was retried by the flow"
+    assert len(task_runs) == 1 and task_runs[0].name.startswith("validate-config")
+    assert task_runs[0].run_count == 1
+    assert not (tmp_path / "wd").exists()
+
+
+def test_a_held_lock_fails_once(prefect_harness, tmp_path):
+    cfg = small_config(tmp_path / "wd", name="locked")
+    store = CheckpointStore(tmp_path / "wd" / "locked")
+    with store.lock():
+        state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_failed() and "lock" in state.message.lower()
+    flow_run, _ = _runs(state.state_details.flow_run_id)
+    assert flow_run.run_count == 1
+
+
+def test_a_transient_failure_is_still_retried(prefect_harness, tmp_path):
+    model = {
+        "type": "tests.faults.FlakyMLP",
+        "in_features": 8,
+        "num_classes": 3,
+        "hidden": [16],
+        "fail_at": 3,
+        "failures": 3,  # exhausts the task's retries: the flow's retry takes over
+        "budget": str(tmp_path / "budget"),
+    }
+    cfg = small_config(tmp_path / "wd", name="transient", model=model)
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_completed()
+    flow_run, _ = _runs(state.state_details.flow_run_id)
+    assert flow_run.run_count == 2
+
+
+def _one_line(err: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+
+
+def test_evaluate_reports_bad_input_in_one_line(tmp_path, capsys):
+    cfg = small_config(tmp_path / "wd", name="evaluated")
+    no_val = {k: v for k, v in cfg.items() if k != "val_data"}
+    no_val["checkpoint"] = {**no_val["checkpoint"], "best_metric": None}
+    checkpoints = tmp_path / "wd" / "evaluated" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    text = checkpoints / "notes.pth"
+    text.write_text("just some text\n")
+    torch.save({"state_dict": {}}, checkpoints / "real.pth")
+    with_val = tmp_path / "with_val.yaml"
+    with_val.write_text(yaml.safe_dump(cfg))
+    without_val = tmp_path / "without_val.yaml"
+    without_val.write_text(yaml.safe_dump(no_val))
+
+    assert main(["evaluate", str(checkpoints / "real.pth"), "--config", str(without_val)]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "no val_data" in err
+    for bad, expected in (
+        (text, "not a torch checkpoint"),
+        (checkpoints, "is a folder"),
+        (checkpoints / "missing.pth", "does not exist"),
+        ("/dev/zero", "not a regular file|outside"),
+    ):
+        assert main(["evaluate", str(bad), "--config", str(with_val)]) in (1, 2)
+        err = capsys.readouterr().err
+        _one_line(err)
+        assert re.search(expected, err), err
