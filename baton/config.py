@@ -496,13 +496,13 @@ def _short(value: Any) -> str:
 
 def _pydantic_problems(err: ValidationError, positions: Positions) -> list[ConfigProblem]:
     problems = []
-    for item in err.errors():
-        loc = tuple(
-            p
-            for p in item["loc"]
-            if not (isinstance(p, str) and p.startswith(("function-", "union[")))
-        )
-        # Unions report one error per option; keep the path without the option tags.
+    items = [(_without_union_tags(item["loc"]), item) for item in err.errors()]
+    deeper = {loc[:-1] for loc, _ in items if loc}
+    for loc, item in items:
+        # A union (``bool | CompileConfig``) reports one error per option; a mapping
+        # given where a scalar option failed is about the other option's keys.
+        if item["type"].endswith("_type") and loc in deeper:
+            continue
         line, column = _locate(loc, positions)
         if item["type"] == "extra_forbidden" and loc and loc[-1] in SETTINGS:
             message = (
@@ -523,6 +523,23 @@ def _pydantic_problems(err: ValidationError, positions: Positions) -> list[Confi
             message = f"{item['msg']}; found {_short(item.get('input'))}"
         problems.append(ConfigProblem(_dotted(loc), message, line, column))
     return _dedupe(problems)
+
+
+def _without_union_tags(loc: tuple) -> tuple:
+    """The key path without the tags pydantic adds for union options and validators
+    (``function-after[...]``, ``union[...]``, ``bool``, ``CompileConfig``): the schema's
+    own keys are lowercase names and list indexes."""
+    return tuple(
+        p
+        for p in loc
+        if not isinstance(p, str)
+        or not (
+            p.startswith(("function-", "union[")) or "[" in p or p in _TYPE_TAGS or p[:1].isupper()
+        )
+    )
+
+
+_TYPE_TAGS = {"bool", "int", "float", "str", "list", "dict", "tuple", "none", "literal"}
 
 
 def _dedupe(problems: list[ConfigProblem]) -> list[ConfigProblem]:

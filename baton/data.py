@@ -11,9 +11,11 @@ import gzip
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 # Multiplier mixing the seed and the epoch into one generator seed.
@@ -47,9 +49,9 @@ class DigitsDataset(TensorPairDataset):
 
     def __init__(
         self,
-        split: str = "train",
-        val_fraction: float = 0.2,
-        split_seed: int = 0,
+        split: Literal["train", "val"] = "train",
+        val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
+        split_seed: Annotated[int, Field(ge=0)] = 0,
         image: bool = False,
     ):
         if split not in ("train", "val"):
@@ -100,10 +102,10 @@ class SyntheticClassification(TensorPairDataset):
 
     def __init__(
         self,
-        num_samples: int = 256,
-        num_features: int = 8,
-        num_classes: int = 3,
-        seed: int = 0,
+        num_samples: Annotated[int, Field(ge=1)] = 256,
+        num_features: Annotated[int, Field(ge=1)] = 8,
+        num_classes: Annotated[int, Field(ge=1)] = 3,
+        seed: Annotated[int, Field(ge=0)] = 0,
     ):
         generator = torch.Generator().manual_seed(seed)
         centers = torch.randn(num_classes, num_features, generator=generator) * 2

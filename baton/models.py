@@ -1,6 +1,9 @@
 """Small models for the example pipelines and the tests."""
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
 
 
@@ -16,10 +19,10 @@ class MLP(nn.Module):
 
     def __init__(
         self,
-        in_features: int,
-        num_classes: int,
-        hidden: list[int] | tuple[int, ...] = (64,),
-        dropout: float = 0.0,
+        in_features: Annotated[int, Field(ge=1)],
+        num_classes: Annotated[int, Field(ge=1)],
+        hidden: list[Annotated[int, Field(ge=1)]] | tuple[Annotated[int, Field(ge=1)], ...] = (64,),
+        dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -49,11 +52,11 @@ class SmallCNN(nn.Module):
 
     def __init__(
         self,
-        num_classes: int = 10,
-        channels: int = 32,
-        in_channels: int = 1,
-        image_size: int = 8,
-        dropout: float = 0.0,
+        num_classes: Annotated[int, Field(ge=1)] = 10,
+        channels: Annotated[int, Field(ge=1)] = 32,
+        in_channels: Annotated[int, Field(ge=1)] = 1,
+        image_size: Annotated[int, Field(ge=1)] = 8,
+        dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
     ):
         super().__init__()
         self.features = nn.Sequential(

@@ -428,3 +428,26 @@ def test_uri_schemes_must_be_allowed(field, value, monkeypatch):
     data.pop("allowed_schemes")
     monkeypatch.setenv("BATON_ALLOWED_SCHEMES", scheme)
     load_config(data)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"optim_wrapper.optimizer.lr": "fast"}, r"optim_wrapper.optimizer.lr.*valid number"),
+        ({"compile": {"mode": "max-autotune", "fast": True}}, r"compile.fast.*unknown key"),
+        ({"compile": {"backend": "mypkg.backend"}}, r"compile.backend"),
+        ({"optim_wrapper.clip_grad": {"max_norm": 1.0, "nrom_type": 2}}, r"clip_grad.nrom_type"),
+        ({"optim_wrapper.clip_grad": {"type": "value"}}, r"value clipping.*clip_value"),
+        ({"model.hidden": [16, -4]}, r"model.hidden.*greater than or equal to 1"),
+        ({"model": {"type": "Linear", "in_features": 8, "out_features": -3}}, r"model.*negative"),
+        ({"optim_wrapper.optimizer.momentum": -1}, r"optim_wrapper.optimizer.*momentum"),
+        ({"model.hidden": {"type": "MLP"}}, r"model.hidden.*not a slot"),
+        (
+            {"train_data.dataset": {"type": "DigitsDataset", "split": "test"}},
+            r"train_data.dataset.split.*'train' or 'val'",
+        ),
+    ],
+)
+def test_what_would_fail_at_run_time_fails_validation(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(base(), overrides)
