@@ -361,10 +361,12 @@ class AmpOptimWrapper(OptimWrapper):
         use_fsdp: bool = False,
         **kwargs,
     ):
-        if isinstance(loss_scale, Optimizer):
+        if isinstance(loss_scale, Optimizer) and "optimizer" not in kwargs:
+            # What mmengine raises here, then why: its first parameter is loss_scale.
             raise TypeError(
-                "AmpOptimWrapper's first argument is loss_scale, as in mmengine; pass the "
-                "optimizer by keyword: AmpOptimWrapper(optimizer=...)"
+                "OptimWrapper.__init__() missing 1 required positional argument: "
+                "'optimizer'; AmpOptimWrapper's first parameter is loss_scale, as in "
+                "mmengine: pass the optimizer by keyword, AmpOptimWrapper(optimizer=...)"
             )
         super().__init__(**kwargs)
         self._scale_update_param = None

@@ -465,7 +465,8 @@ class OneCycleParamScheduler(_ParamScheduler):
             )
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(
-                f'anneal_strategy must by one of "cos" or "linear", instead got {anneal_strategy}'
+                f'anneal_strategy must by one of "cos" or "linear", instead got {anneal_strategy}; '
+                "'cos' anneals along a half cosine, 'linear' along a straight line"
             )
         self.anneal_strategy = anneal_strategy
         p = param_name
@@ -656,7 +657,10 @@ class ReduceOnPlateauParamScheduler(_ParamScheduler):
         self.eps = eps
         self.monitor = monitor
         if threshold < 0:
-            raise ValueError(f"threshold {threshold} should be >= 0.")
+            raise ValueError(
+                f"threshold {threshold} should be >= 0. It is the least change that counts "
+                "as an improvement (relative or absolute, by threshold_rule)"
+            )
         if rule not in ("less", "greater"):
             raise ValueError(f"mode {rule} is unknown! Use rule='less' or rule='greater'")
         if threshold_rule not in ("rel", "abs"):
