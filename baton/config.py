@@ -552,6 +552,20 @@ def _semantic_problems(cfg: PipelineConfig, positions: Positions) -> list[Config
         add(("checkpoint", "best_metric"), "best_metric must start with 'val/' or 'train/'")
     if policy.best_metric and policy.best_metric.startswith("val/") and cfg.val_data is None:
         add(("checkpoint", "best_metric"), f"{policy.best_metric} needs val_data")
+    for index, item in enumerate(cfg.param_scheduler):
+        cls = SCHEDULERS.get(item.get("type"))
+        if not getattr(cls, "need_val_args", False):
+            continue
+        # A plateau scheduler follows the validations: without them it would never act.
+        if cfg.val_data is None:
+            add(("param_scheduler", index, "type"), f"{item['type']} needs val_data")
+        iteration_based = {"by_epoch": False, "convert_to_iter_based": True}
+        for key, value in iteration_based.items():
+            if item.get(key) is value:
+                add(
+                    ("param_scheduler", index, key),
+                    f"{item['type']} steps after validations, once per epoch: remove {key}",
+                )
     if cfg.resume not in ("auto", "never") and not cfg.resume.strip():
         add(("resume",), "resume must be 'auto', 'never' or a checkpoint URI")
     uris = [(("resume",), cfg.resume)]

@@ -305,7 +305,9 @@ class OptimWrapper:
         if factor <= 0:
             raise AssertionError(
                 "loss_factor should be larger than zero! This error could happened when "
-                "initialize_iter_status called with an error `init_counts` or `max_counts`"
+                "initialize_iter_status called with an error `init_counts` or `max_counts` "
+                f"(backward {self._inner_count + 1} of {self._max_counts}): give "
+                "initialize_count_status the run's total iterations"
             )
         return loss / factor
 

@@ -815,6 +815,8 @@ def build_scheduler(
 
     Raises:
         ValueError: An unknown ``type``, a missing default, or bad arguments.
+        AssertionError: ``convert_to_iter_based`` without a positive ``epoch_length``, or
+            for a scheduler that cannot be converted (mmengine's type).
     """
     args = dict(cfg)
     kind = args.pop("type", None)

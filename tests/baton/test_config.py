@@ -427,3 +427,16 @@ def test_uri_schemes_must_be_allowed(field, value):
     data[field] = {"uri": "/local/path.pth"} if field == "load_from" else "/local/path.pth"
     data["allowed_schemes"] = []
     load_config(data)
+
+
+def test_a_plateau_scheduler_needs_the_validations_it_follows():
+    data = base()
+    data["param_scheduler"] = [
+        {"type": "ReduceOnPlateauLR", "by_epoch": False, "convert_to_iter_based": True}
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_config(data)
+    problems = {p.path: p.message for p in err.value.problems}
+    assert problems["param_scheduler.0.type"] == "ReduceOnPlateauLR needs val_data"
+    assert "remove by_epoch" in problems["param_scheduler.0.by_epoch"]
+    assert "remove convert_to_iter_based" in problems["param_scheduler.0.convert_to_iter_based"]
