@@ -107,6 +107,24 @@ class _ParamScheduler:
                 self.__dict__[key] = value
             else:
                 logger.debug("ignoring scheduler state key %r", key)
+        self._add_base_group_values()
+
+    def _add_base_group_values(self) -> None:
+        # A state saved before baton's wrapper had mmengine's base group (two or more
+        # param groups) has one value per group fewer: the base group gets its own
+        # current values, so the real groups resume exactly.
+        groups = self.optimizer.param_groups
+        if getattr(self.optimizer, "base_param_settings", None) is None:
+            return
+        base = groups[-1]
+        for key, missing in (
+            ("base_values", base.get(f"initial_{self.param_name}")),
+            ("_last_value", base.get(self.param_name)),
+            ("min_values", None),
+        ):
+            values = self.__dict__.get(key)
+            if isinstance(values, list) and values and len(values) == len(groups) - 1:
+                values.append(values[-1] if missing is None else missing)
 
     def get_last_value(self) -> list[float]:
         """The value of each param group after the last step."""

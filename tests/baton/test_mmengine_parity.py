@@ -492,3 +492,24 @@ def test_amp_autocasts_where_the_model_is_when_the_context_is_entered():
     wrapper = BATON.AmpOptimWrapper(optimizer=torch.optim.SGD(elsewhere, lr=0.1))
     with wrapper.optim_context(model):
         assert model(torch.randn(2, 4)).dtype == torch.bfloat16
+
+
+def test_a_state_saved_before_the_base_group_existed_still_resumes():
+    """Schedulers saved by baton before its wrapper had mmengine's base group hold one
+    value per real param group; they resume, and the real groups continue exactly."""
+    wrapper = _wrapper(BATON)
+    scheduler = BATON.CosineAnnealingLR(wrapper, T_max=5)
+    for _ in range(2):
+        wrapper.step()
+        scheduler.step()
+    old = copy.deepcopy(scheduler.state_dict())
+    old["base_values"], old["_last_value"] = old["base_values"][:-1], old["_last_value"][:-1]
+    old_optimizer = copy.deepcopy(wrapper.state_dict())
+    del old_optimizer["base_param_settings"]
+    expected = _drive(scheduler, wrapper, steps=3)
+    again = _wrapper(BATON)
+    resumed = BATON.CosineAnnealingLR(again, T_max=5)
+    again.load_state_dict(old_optimizer)
+    resumed.load_state_dict(old)
+    resumed_values = _drive(resumed, again, steps=3)
+    assert [v[:-1] for v in resumed_values] == [v[:-1] for v in expected]
