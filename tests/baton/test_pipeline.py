@@ -174,21 +174,27 @@ def _plateau_cfg(tmp_path, *overrides):
         "threshold_rule": "abs",
         "end": 100,
     }
-    return cfg_for(tmp_path, "checkpoint.keep_last=null", *overrides, param_scheduler=[plateau])
+    # and a step-counting scheduler beside it, for the step-order warnings
+    multistep = {"type": "MultiStepLR", "milestones": [3], "gamma": 0.5, "end": 100}
+    return cfg_for(
+        tmp_path, "checkpoint.keep_last=null", *overrides, param_scheduler=[plateau, multistep]
+    )
 
 
 def _plateau_state(p):
-    (scheduler,) = p.strategy.param_schedulers
-    return scheduler.state_dict(), p.strategy.optim_wrapper.get_lr()
+    plateau, _ = p.strategy.param_schedulers
+    return plateau.state_dict(), p.strategy.optim_wrapper.get_lr()
 
 
 def test_reduce_on_plateau_follows_validation_and_resumes_exactly(tmp_path, recwarn):
     straight, _ = pl.run(_plateau_cfg(tmp_path / "a", "train.max_epochs=4"))
     state, lrs = _plateau_state(straight)
-    assert lrs == {"lr": [0.1 * 0.5**3]}  # validated 4 times, reduced after the last 3
+    # validated 4 times, reduced after the last 3; MultiStepLR halved it after epoch 3
+    assert lrs == {"lr": [0.1 * 0.5**4]}
     assert (state["num_bad_epochs"], state["_global_step"], state["last_step"]) == (0, 4, 3)
 
-    pl.run(_plateau_cfg(tmp_path / "b", "train.max_epochs=2"))
+    # stopped inside the first epoch, before any scheduler stepped, then resumed
+    pl.run(_plateau_cfg(tmp_path / "b", "train.max_epochs=null", "train.max_iters=3"))
     resumed, _ = pl.run(_plateau_cfg(tmp_path / "b", "train.max_epochs=4"))
     assert _plateau_state(resumed) == (state, lrs)
     for key, value in weights(straight).items():
