@@ -39,6 +39,7 @@ from pydantic import (
 
 from baton import build
 from baton.errors import ConfigError, UntrustedInputError
+from baton.schedulers import SCHEDULERS
 from baton.strategy import check_experiment_name
 from baton.trust import SETTINGS, Trust, check_regular_file, where_to_set
 
@@ -527,16 +528,15 @@ def _pydantic_problems(err: ValidationError, positions: Positions) -> list[Confi
 
 def _without_union_tags(loc: tuple) -> tuple:
     """The key path without the tags pydantic adds for union options and validators
-    (``function-after[...]``, ``union[...]``, ``bool``, ``CompileConfig``): the schema's
-    own keys are lowercase names and list indexes."""
-    return tuple(
+    (``function-after[...]``, ``union[...]``, ``bool``, ``CompileConfig``)."""
+    models = {cls.__name__ for cls in _Strict.__subclasses__()}
+    kept = tuple(
         p
         for p in loc
         if not isinstance(p, str)
-        or not (
-            p.startswith(("function-", "union[")) or "[" in p or p in _TYPE_TAGS or p[:1].isupper()
-        )
+        or not (p.startswith(("function-", "union[")) or p in models or p in _TYPE_TAGS)
     )
+    return kept if kept or not loc else tuple(loc)
 
 
 _TYPE_TAGS = {"bool", "int", "float", "str", "list", "dict", "tuple", "none", "literal"}
@@ -632,6 +632,20 @@ def _semantic_problems(
         add(("checkpoint", "best_metric"), "best_metric must start with 'val/' or 'train/'")
     if policy.best_metric and policy.best_metric.startswith("val/") and cfg.val_data is None:
         add(("checkpoint", "best_metric"), f"{policy.best_metric} needs val_data")
+    for index, item in enumerate(cfg.param_scheduler):
+        cls = SCHEDULERS.get(item.get("type"))
+        if not getattr(cls, "need_val_args", False):
+            continue
+        # A plateau scheduler follows the validations: without them it would never act.
+        if cfg.val_data is None:
+            add(("param_scheduler", index, "type"), f"{item['type']} needs val_data")
+        iteration_based = {"by_epoch": False, "convert_to_iter_based": True}
+        for key, value in iteration_based.items():
+            if item.get(key) is value:
+                add(
+                    ("param_scheduler", index, key),
+                    f"{item['type']} steps after validations, once per epoch: remove {key}",
+                )
     experiment_dir = None
     try:
         experiment_dir = trust.check_work_dir(cfg.work_dir) / cfg.experiment_name

@@ -1,9 +1,12 @@
 """Optimizer wrappers with mmengine's interface: accumulation, clipping, ``update_params``.
 
-``OptimWrapper`` is a drop-in for ``mmengine.optim.OptimWrapper``; its ``state_dict`` is
-the optimizer's own, so checkpoints move freely between the two. ``AmpOptimWrapper``
-adds autocast and a gradient scaler, and stores the scaler under ``'loss_scaler'`` as
-mmengine does.
+``OptimWrapper`` is a drop-in for ``mmengine.optim.OptimWrapper`` and ``AmpOptimWrapper``
+for ``mmengine.optim.AmpOptimWrapper``: the same signatures, attributes
+(``base_param_settings``, ``message_hub``, ``loss_scaler``, ``_scale_update_param``),
+state dict layout, exception types and warnings. Each message starts with mmengine's words
+and goes on to say what to do. The deliberate differences (baton's log channel, AMP on the
+CPU, no scaler for bfloat16, a caller's ``clip_grad`` left unmodified) are listed in
+``docs/mmengine.md``.
 """
 
 import contextlib
@@ -12,9 +15,40 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 logger = logging.getLogger(__name__)
+
+_CLIP_ARGS = {
+    "norm": (torch.nn.utils.clip_grad_norm_, "grad_norm", {"max_norm"}, {"norm_type"}),
+    "value": (torch.nn.utils.clip_grad_value_, "grad_value", {"clip_value"}, set()),
+}
+_CLIP_OPTIONAL = {"error_if_nonfinite", "foreach"}
+
+
+class MessageHub:
+    """The part of mmengine's ``MessageHub`` an optimizer wrapper writes to.
+
+    It keeps the latest value of each scalar (``train/grad_norm`` after each clipped
+    step). mmengine's own hub can take its place: ``wrapper.message_hub =
+    mmengine.logging.MessageHub.get_current_instance()``.
+    """
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, float] = {}
+
+    def update_scalar(self, key: str, value: float, count: int = 1) -> None:
+        """Record the latest ``value`` of ``key`` (``count`` is accepted for mmengine's API)."""
+        self.scalars[key] = float(value)
+
+    def get_scalar(self, key: str) -> float:
+        """The latest value of ``key``.
+
+        Raises:
+            KeyError: Nothing was recorded under ``key``.
+        """
+        return self.scalars[key]
 
 
 class OptimWrapper:
@@ -34,52 +68,90 @@ class OptimWrapper:
         clip_grad: dict | None = None,
     ):
         if not isinstance(optimizer, Optimizer):
+            # mmengine fails later, with an AttributeError on ``param_groups``.
             raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+                f"optimizer should be an Optimizer, but got {type(optimizer).__name__}; "
+                "build one first, e.g. torch.optim.SGD(model.parameters(), lr=0.1)"
             )
-        if not isinstance(accumulative_counts, int) or accumulative_counts < 1:
-            raise ValueError(
-                f"accumulative_counts must be an int >= 1, got {accumulative_counts!r}"
+        if (
+            not isinstance(accumulative_counts, int)
+            or isinstance(accumulative_counts, bool)
+            or accumulative_counts < 1
+        ):
+            raise AssertionError(
+                "_accumulative_counts at least greater than or equal to 1; got "
+                f"{accumulative_counts!r}: give the number of iterations per update"
             )
-        self.optimizer = optimizer
         self._accumulative_counts = accumulative_counts
-        self.clip_grad_kwargs, self._clip_func = self._parse_clip_grad(clip_grad)
+        self.optimizer = optimizer
+        self.clip_grad_kwargs, self.clip_func, self.grad_name = self._parse_clip_grad(clip_grad)
+        # The grad norm of each clipped step goes here (mmengine's runner logs it), and
+        # to ``last_grad_norm``.
+        self.message_hub = MessageHub()
         self.last_grad_norm: float | None = None
         self._inner_count = 0
         self._max_counts = -1
         self._remainder_counts = -1
+        # With several param groups, mmengine adds a base group that no parameter uses:
+        # schedulers step it too, so ``get_lr()['base_lr']`` follows the schedule of the
+        # optimizer's default lr, whatever per-group multipliers the other groups have.
+        if len(optimizer.param_groups) > 1:
+            self.base_param_settings: dict | None = {
+                "params": torch.tensor([0.0], dtype=torch.float),
+                **optimizer.defaults,
+            }
+        else:
+            self.base_param_settings = None
 
     @staticmethod
     def _parse_clip_grad(clip_grad: dict | None):
         if clip_grad is None:
-            return None, None
+            return None, None, None
         if not isinstance(clip_grad, dict) or not clip_grad:
-            raise ValueError(
-                "clip_grad must be a non-empty dict such as {'max_norm': 1.0} or "
-                f"{{'type': 'value', 'clip_value': 0.5}}, got {clip_grad!r}"
+            raise AssertionError(
+                "If `clip_grad` is not None, it should be a `dict` which is the arguments of "
+                "`torch.nn.utils.clip_grad_norm_` or clip_grad_value_`. Got "
+                f"{clip_grad!r}; write {{'max_norm': 1.0}} or "
+                "{'type': 'value', 'clip_value': 0.5}, or leave clip_grad unset"
             )
-        kwargs = dict(clip_grad)
+        kwargs = dict(clip_grad)  # mmengine pops 'type' from the caller's dict; we copy
         kind = kwargs.pop("type", "norm")
-        if kind == "norm":
-            func, allowed = torch.nn.utils.clip_grad_norm_, {"max_norm", "norm_type"}
-        elif kind == "value":
-            func, allowed = torch.nn.utils.clip_grad_value_, {"clip_value"}
-        else:
-            raise ValueError(f"clip_grad type must be 'norm' or 'value', got {kind!r}")
-        unknown = set(kwargs) - allowed - {"error_if_nonfinite", "foreach"}
-        missing = allowed - {"norm_type"} - set(kwargs)
-        if unknown or missing:
+        if kind not in _CLIP_ARGS:
             raise ValueError(
-                f"clip_grad of type {kind!r} takes {sorted(allowed)}; "
-                f"unknown: {sorted(unknown)}, missing: {sorted(missing)}"
+                f'type of clip_grad should be "norm" or "value" but got {kind}; '
+                "norm clips the gradients' total norm, value each element"
             )
-        return kwargs, func
+        if not kwargs:
+            raise AssertionError(
+                "`clip_grad` should contain other arguments besides `type`. The arguments "
+                "should match with the `torch.nn.utils.clip_grad_norm_` or clip_grad_value_`"
+                f"; e.g. {{'type': {kind!r}, {sorted(_CLIP_ARGS[kind][2])[0]!r}: 1.0}}"
+            )
+        func, grad_name, required, optional = _CLIP_ARGS[kind]
+        unknown = sorted(set(kwargs) - required - optional - _CLIP_OPTIONAL)
+        missing = sorted(required - set(kwargs))
+        # mmengine accepts these and fails at the first clipped step with the TypeError
+        # of torch's clip function; baton refuses them up front, with the same type.
+        if unknown:
+            raise TypeError(
+                f"{func.__name__}() got an unexpected keyword argument {unknown[0]!r}; "
+                f"clip_grad of type {kind!r} takes "
+                f"{sorted(required | optional | _CLIP_OPTIONAL)}"
+            )
+        if missing:
+            raise TypeError(
+                f"{func.__name__}() missing required argument {missing[0]!r}; add it to clip_grad"
+            )
+        return kwargs, func, grad_name
 
     # mmengine's public surface --------------------------------------------------------
 
     @property
     def param_groups(self) -> list[dict]:
-        """The optimizer's parameter groups (schedulers write lr and momentum here)."""
+        """The optimizer's parameter groups (schedulers write lr and momentum here), and
+        the base group (``base_param_settings``) when there is one."""
+        if self.base_param_settings is not None:
+            return [*self.optimizer.param_groups, self.base_param_settings]
         return self.optimizer.param_groups
 
     @property
@@ -112,7 +184,7 @@ class OptimWrapper:
 
     def step(self, **kwargs) -> None:
         """Clip gradients if configured, then ``optimizer.step()``."""
-        if self._clip_func is not None:
+        if self.clip_grad_kwargs:
             self._clip_grad()
         self.optimizer.step(**kwargs)
 
@@ -130,13 +202,18 @@ class OptimWrapper:
             yield
 
     def get_lr(self) -> dict[str, list[float]]:
-        """``{'lr': [lr of each param group]}``."""
-        return {"lr": [group["lr"] for group in self.param_groups]}
+        """``{'lr': [lr of each param group]}``, with ``'base_lr'`` first when there is a
+        base group."""
+        lrs = {}
+        if self.base_param_settings is not None:
+            lrs["base_lr"] = [self.base_param_settings["lr"]]
+        lrs["lr"] = [group["lr"] for group in self.optimizer.param_groups]
+        return lrs
 
     def get_momentum(self) -> dict[str, list[float]]:
         """``{'momentum': [...]}``, reading Adam's ``betas[0]`` where there is no momentum."""
         values = []
-        for group in self.param_groups:
+        for group in self.optimizer.param_groups:
             if "momentum" in group:
                 values.append(group["momentum"])
             elif "betas" in group:
@@ -146,12 +223,20 @@ class OptimWrapper:
         return {"momentum": values}
 
     def state_dict(self) -> dict:
-        """The optimizer's state dict (mmengine's layout)."""
-        return self.optimizer.state_dict()
+        """The optimizer's state dict, plus ``base_param_settings`` when there is a base
+        group (mmengine's layout)."""
+        state = self.optimizer.state_dict()
+        if self.base_param_settings is not None:
+            state["base_param_settings"] = self.base_param_settings
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load an optimizer state dict written by this wrapper or by mmengine's."""
-        self.optimizer.load_state_dict(state_dict)
+        """Load a state dict written by this wrapper or by mmengine's (not modified)."""
+        state = dict(state_dict)
+        base = state.pop("base_param_settings", None)
+        if base is not None:
+            self.base_param_settings = base
+        self.optimizer.load_state_dict(state)
 
     # accumulation ---------------------------------------------------------------------
 
@@ -172,9 +257,21 @@ class OptimWrapper:
         self._max_counts = max_counts
         if init_counts % self._accumulative_counts != 0 and not grads_restored:
             logger.warning(
-                "resumed at iteration %d, inside an accumulation window of %d: the "
-                "gradients of that window's earlier iterations were not saved",
+                "Resumed iteration number is not divisible by `_accumulative_counts` in "
+                "`GradientCumulativeOptimizerHook`, which means the gradient of some "
+                "iterations is lost and the result may be influenced slightly. (Resumed at "
+                "iteration %d, inside a window of %d; baton's checkpoints keep those "
+                "gradients, this one did not.)",
                 init_counts,
+                self._accumulative_counts,
+            )
+        if self._accumulative_counts > 1 and any(
+            isinstance(module, _BatchNorm) for module in model.modules()
+        ):
+            logger.warning(
+                "Gradient accumulative may slightly decrease performance because the model "
+                "has BatchNorm layers. (Their statistics see each micro-batch of %d, not the "
+                "accumulated batch.)",
                 self._accumulative_counts,
             )
         self._remainder_counts = max_counts % self._accumulative_counts
@@ -205,6 +302,13 @@ class OptimWrapper:
             factor = self._accumulative_counts
         else:
             factor = self._remainder_counts
+        if factor <= 0:
+            raise AssertionError(
+                "loss_factor should be larger than zero! This error could happened when "
+                "initialize_iter_status called with an error `init_counts` or `max_counts` "
+                f"(backward {self._inner_count + 1} of {self._max_counts}): give "
+                "initialize_count_status the run's total iterations"
+            )
         return loss / factor
 
     def _clip_grad(self) -> None:
@@ -215,9 +319,10 @@ class OptimWrapper:
             if p.requires_grad and p.grad is not None
         ]
         if params:
-            result = self._clip_func(params, **self.clip_grad_kwargs)
-            if result is not None:
+            result = self.clip_func(params, **self.clip_grad_kwargs)
+            if result is not None:  # clip_grad_value_ returns None
                 self.last_grad_norm = float(result)
+                self.message_hub.update_scalar(f"train/{self.grad_name}", self.last_grad_norm)
 
     def __repr__(self) -> str:
         return (
@@ -227,49 +332,85 @@ class OptimWrapper:
 
 
 class AmpOptimWrapper(OptimWrapper):
-    """``OptimWrapper`` with automatic mixed precision.
+    """``OptimWrapper`` with automatic mixed precision, with mmengine's signature.
 
-    On CUDA, autocast to ``dtype`` (float16 by default) with a gradient scaler; on CPU,
-    autocast to bfloat16 without a scaler (bfloat16 keeps float32's exponent range).
+    The forward pass runs under ``torch.autocast`` on the device of the model's
+    parameters when :meth:`optim_context` is entered. ``float16`` uses a gradient scaler;
+    ``bfloat16`` needs none (it keeps float32's exponent range), so the scaler is
+    disabled; ``float32``/``float64`` turn autocast off. With ``dtype=None`` the device's
+    autocast default is used (float16 on CUDA, bfloat16 on the CPU).
 
     Args:
-        loss_scale: ``'dynamic'`` (default), a float for a static scale, or a dict of
-            ``torch.amp.GradScaler`` arguments.
-        dtype: ``'float16'``, ``'bfloat16'`` or a ``torch.dtype``; ``None`` chooses.
-        device_type: ``'cuda'`` or ``'cpu'``; ``None`` follows the optimizer's params.
+        loss_scale: ``'dynamic'`` (default), a number for a static scale (kept after each
+            step, as mmengine does), or a dict of ``GradScaler`` arguments.
+        dtype: ``'float16'``, ``'bfloat16'``, ``'float32'``, ``'float64'``, one of those
+            ``torch.dtype`` values, or ``None``.
+        use_fsdp: Use torch's ``ShardedGradScaler`` (for FSDP models).
+        **kwargs: ``optimizer``, ``accumulative_counts``, ``clip_grad`` (``OptimWrapper``'s).
+
+    Raises:
+        TypeError: ``loss_scale`` is not one of the above, or the optimizer came
+            positionally (mmengine's first argument is ``loss_scale``).
+        AssertionError: ``dtype`` is not one of the above.
     """
+
+    valid_dtypes = ("float16", "bfloat16", "float32", "float64")
 
     def __init__(
         self,
-        optimizer: Optimizer,
-        accumulative_counts: int = 1,
-        clip_grad: dict | None = None,
         loss_scale: str | float | dict = "dynamic",
         dtype: str | torch.dtype | None = None,
-        device_type: str | None = None,
+        use_fsdp: bool = False,
+        **kwargs,
     ):
-        super().__init__(optimizer, accumulative_counts, clip_grad)
-        if device_type is None:
-            first = next((p for g in optimizer.param_groups for p in g["params"]), None)
-            device_type = first.device.type if first is not None else "cpu"
-        self.device_type = device_type
-        if isinstance(dtype, str):
-            if dtype not in ("float16", "bfloat16"):
-                raise ValueError(f"AMP dtype must be 'float16' or 'bfloat16', got {dtype!r}")
-            dtype = getattr(torch, dtype)
-        self.cast_dtype = dtype or (torch.float16 if device_type == "cuda" else torch.bfloat16)
-        use_scaler = self.cast_dtype == torch.float16
-        if isinstance(loss_scale, dict):
-            scaler_kwargs = dict(loss_scale)
-        elif loss_scale == "dynamic":
-            scaler_kwargs = {}
-        elif isinstance(loss_scale, (int, float)):
-            scaler_kwargs = {"init_scale": float(loss_scale), "growth_interval": 2**31 - 1}
-        else:
-            raise ValueError(
-                f"loss_scale must be 'dynamic', a number or a dict, got {loss_scale!r}"
+        if isinstance(loss_scale, Optimizer) and "optimizer" not in kwargs:
+            # What mmengine raises here, then why: its first parameter is loss_scale.
+            raise TypeError(
+                "OptimWrapper.__init__() missing 1 required positional argument: "
+                "'optimizer'; AmpOptimWrapper's first parameter is loss_scale, as in "
+                "mmengine: pass the optimizer by keyword, AmpOptimWrapper(optimizer=...)"
             )
-        self.loss_scaler = torch.amp.GradScaler(device_type, enabled=use_scaler, **scaler_kwargs)
+        super().__init__(**kwargs)
+        self._scale_update_param = None
+        if isinstance(dtype, str):
+            if dtype not in self.valid_dtypes:
+                raise AssertionError(
+                    f"dtype should be any of {self.valid_dtypes}, got {dtype}; bfloat16 "
+                    "needs no loss scaling, float16 uses a GradScaler"
+                )
+            dtype = getattr(torch, dtype)
+        if dtype is not None and dtype not in tuple(getattr(torch, d) for d in self.valid_dtypes):
+            raise AssertionError(
+                f"dtype should be None or instance of torch.dtype, got {dtype}; use one of "
+                f"{self.valid_dtypes}"
+            )
+        self.cast_dtype = dtype
+        # The scaler only matters for float16; its device is where float16 autocast runs.
+        on_cuda = torch.cuda.is_available()
+        use_scaler = dtype == torch.float16 or (dtype is None and on_cuda)
+        device = "cuda" if on_cuda else "cpu"
+        scaler_cls = torch.amp.GradScaler
+        if use_fsdp:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler_cls = ShardedGradScaler
+
+        def scaler_type(**options) -> torch.amp.GradScaler:
+            return scaler_cls(device, enabled=use_scaler, **options)
+
+        if isinstance(loss_scale, str) and loss_scale == "dynamic":
+            self.loss_scaler = scaler_type()
+        elif isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+            # Static: step() resets the scale to this value after every update.
+            self._scale_update_param = float(loss_scale)
+            self.loss_scaler = scaler_type(init_scale=float(loss_scale))
+        elif isinstance(loss_scale, dict):
+            self.loss_scaler = scaler_type(**loss_scale)
+        else:
+            raise TypeError(
+                'loss_scale must be of type float, dict, or "dynamic", but got '
+                f"{loss_scale}; a number is a static scale, a dict holds GradScaler arguments"
+            )
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """Backward on the scaled loss."""
@@ -278,28 +419,58 @@ class AmpOptimWrapper(OptimWrapper):
 
     def step(self, **kwargs) -> None:
         """Unscale, clip, step through the scaler and update its scale."""
-        if self._clip_func is not None:
+        if self.clip_grad_kwargs:
             self.loss_scaler.unscale_(self.optimizer)
             self._clip_grad()
         self.loss_scaler.step(self.optimizer, **kwargs)
-        self.loss_scaler.update()
+        self.loss_scaler.update(self._scale_update_param)
 
     @contextlib.contextmanager
     def optim_context(self, model: nn.Module) -> Iterator[None]:
-        """Autocast for the forward pass, inside the base context."""
-        with super().optim_context(model), torch.autocast(self.device_type, self.cast_dtype):
+        """Autocast on the model's device (where it is now), inside the base context.
+
+        Raises:
+            RuntimeError: bfloat16 on a CUDA device without bfloat16 support.
+        """
+        device_type = self._device_type(model)
+        dtype = self.cast_dtype
+        if dtype in (torch.float32, torch.float64):
+            autocast = torch.autocast(device_type, enabled=False)
+        else:
+            if dtype is None:
+                dtype = torch.get_autocast_dtype(device_type)
+            if (
+                device_type == "cuda"
+                and dtype == torch.bfloat16
+                and not torch.cuda.is_bf16_supported()
+            ):
+                raise RuntimeError(
+                    "Current CUDA Device does not support bfloat16. Please switch dtype to float16."
+                )
+            autocast = torch.autocast(device_type, dtype=dtype)
+        with super().optim_context(model), autocast:
             yield
+
+    def _device_type(self, model: nn.Module) -> str:
+        param = next(model.parameters(), None)
+        if param is None:
+            param = next((p for g in self.optimizer.param_groups for p in g["params"]), None)
+        return param.device.type if param is not None else "cpu"
 
     def state_dict(self) -> dict:
         """Optimizer state plus ``'loss_scaler'`` (mmengine's layout)."""
-        state = dict(self.optimizer.state_dict())
+        state = super().state_dict()
         state["loss_scaler"] = self.loss_scaler.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load optimizer and scaler state."""
+        """Load optimizer and scaler state (the caller's dict is not modified).
+
+        An empty scaler state (written by a disabled scaler, e.g. a bfloat16 run) is
+        skipped, where torch's ``GradScaler.load_state_dict`` would raise.
+        """
         state = dict(state_dict)
         scaler_state = state.pop("loss_scaler", None)
         if scaler_state:
             self.loss_scaler.load_state_dict(scaler_state)
-        self.optimizer.load_state_dict(state)
+        super().load_state_dict(state)

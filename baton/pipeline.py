@@ -46,6 +46,9 @@ class Pipeline:
     max_epochs: int
     max_iters: int
     history: list[dict] = field(default_factory=list)
+    # The epoch whose validation last stepped the plateau schedulers: once per epoch,
+    # however often that epoch is validated (a retried task, an evaluation).
+    scored_epoch: int | None = None
 
     @property
     def epoch_length(self) -> int:
@@ -187,8 +190,12 @@ def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
     """Restore the pipeline from a checkpoint (architecture checked first)."""
     strategy = pipeline.strategy
     checkpoint = strategy.resume(ref.uri, callback=_check_architecture(pipeline.config, ref.uri))
-    history = (checkpoint.get("meta") or {}).get("history")
-    pipeline.history = list(history or [])
+    meta = checkpoint.get("meta") or {}
+    pipeline.history = list(meta.get("history") or [])
+    # Saved after that epoch's validation (its metrics say so): the plateau schedulers'
+    # state already holds it.
+    if strategy.step_in_epoch == 0 and any(k.startswith("val/") for k in meta.get("metrics") or {}):
+        pipeline.scored_epoch = strategy.epoch
     # The data order follows the seed in effect, which a resume may have changed.
     pipeline.train_loader.seed = strategy.seed
     if pipeline.val_loader is not None:
@@ -252,11 +259,55 @@ def should_validate(pipeline: Pipeline) -> bool:
 
 
 def validate(pipeline: Pipeline) -> dict[str, float]:
-    """Validation metrics (``val/*``)."""
+    """Validation metrics (``val/*``); they also step the plateau schedulers.
+
+    As mmengine's ``ParamSchedulerHook.after_val_epoch`` does, each ``ReduceOnPlateau*``
+    scheduler is stepped with the metrics after the validation that follows a training
+    epoch, once per epoch. Its ``monitor`` names a metric as mmengine's configs do
+    (``loss``, ``accuracy``: baton's ``val/loss``, ``val/accuracy``) or by baton's key.
+    """
     if pipeline.val_loader is None:
         return {}
     metrics = loop.validate(pipeline.strategy, pipeline.val_loader, loss_fn=pipeline.loss_fn)
-    return {f"val/{k}": v for k, v in metrics.items()}
+    metrics = {f"val/{k}": v for k, v in metrics.items()}
+    _step_plateau_schedulers(pipeline, metrics)
+    return metrics
+
+
+def _plateau_schedulers(pipeline: Pipeline) -> list:
+    schedulers = getattr(pipeline.strategy, "param_schedulers", [])
+    return [s for s in schedulers if s.by_epoch and getattr(s, "need_val_args", False)]
+
+
+def _step_plateau_schedulers(pipeline: Pipeline, metrics: dict[str, float]) -> None:
+    strategy = pipeline.strategy
+    schedulers = _plateau_schedulers(pipeline)
+    after_an_epoch = strategy.epoch > 0 and strategy.step_in_epoch == 0
+    if not schedulers or not after_an_epoch or pipeline.scored_epoch == strategy.epoch:
+        return
+    named = {**{k.removeprefix("val/"): v for k, v in metrics.items()}, **metrics}
+    for scheduler in schedulers:
+        scheduler.step(named)
+    pipeline.scored_epoch = strategy.epoch
+
+
+def replay(pipeline: Pipeline, stop_at: int, *, validated: bool = False) -> None:
+    """Train a resumed pipeline again up to iteration ``stop_at``, as the run did.
+
+    Where a plateau scheduler follows the validations, the ones the run made on the way
+    are made again (validation is deterministic), so the schedule matches too;
+    ``validated`` says whether the run had also validated at ``stop_at``.
+    """
+    strategy = pipeline.strategy
+    while strategy.iter < stop_at:
+        train_one_epoch(pipeline, stop_at=stop_at)
+        if (
+            _plateau_schedulers(pipeline)
+            and strategy.step_in_epoch == 0
+            and should_validate(pipeline)
+            and (strategy.iter < stop_at or validated)
+        ):
+            validate(pipeline)
 
 
 def should_save(pipeline: Pipeline) -> bool:

@@ -400,9 +400,8 @@ class SingleDeviceStrategy:
             optimizer = build.build(optimizer, "optimizer", params=model.parameters())
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer built a {type(optimizer).__name__}, not an Optimizer")
-        if wrapper_cls is AmpOptimWrapper:
-            args.setdefault("device_type", self.device.type)
-        return wrapper_cls(optimizer, **args)
+        # By keyword: AmpOptimWrapper's first parameter is loss_scale, as in mmengine.
+        return wrapper_cls(optimizer=optimizer, **args)
 
     def _build_param_schedulers(self, cfg) -> list[_ParamScheduler]:
         items = cfg if isinstance(cfg, (list, tuple)) else [cfg]
@@ -454,7 +453,8 @@ class SingleDeviceStrategy:
                 group["initial_lr"] *= ratio
         for scheduler in built:
             if scheduler.param_name == "lr":
-                scheduler.base_values = [v * ratio for v in scheduler.base_values]
+                if hasattr(scheduler, "base_values"):  # ReduceOnPlateau keeps none
+                    scheduler.base_values = [v * ratio for v in scheduler.base_values]
                 scheduler._last_value = [v * ratio for v in scheduler._last_value]
 
     # conversion -----------------------------------------------------------------------

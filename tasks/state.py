@@ -126,8 +126,8 @@ def live_pipeline(
                 f"checkpoint {checkpoint.uri} is past the requested position "
                 f"(iteration {strategy.iter} > {state.iter})"
             )
-        while strategy.iter < state.iter:
-            pl.train_one_epoch(pipeline, stop_at=state.iter)
+        validated = any(key.startswith("val/") for key in state.metrics)
+        pl.replay(pipeline, state.iter, validated=validated)
     with _LOCK:
         _LIVE[_key(cfg)] = _Live(pipeline, cfg.config_hash)
     return pipeline, False

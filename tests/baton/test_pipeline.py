@@ -165,3 +165,55 @@ def test_running_metrics_are_the_sample_weighted_means_so_far(tmp_path):
         assert running["loss"] == pytest.approx(expected, rel=1e-12)
         assert running["accuracy"] == sum(hits[: i + 1]) / n
     assert metrics == {"train/loss": seen[-1]["loss"], "train/accuracy": seen[-1]["accuracy"]}
+
+
+def _plateau_cfg(tmp_path, *overrides):
+    # An absolute threshold no validation beats after the first: every later one is a
+    # bad epoch, so with patience 0 the learning rate halves after each.
+    plateau = {
+        "type": "ReduceOnPlateauLR",
+        "monitor": "loss",
+        "factor": 0.5,
+        "patience": 0,
+        "threshold": 100.0,
+        "threshold_rule": "abs",
+        "end": 100,
+    }
+    # and a step-counting scheduler beside it, for the step-order warnings
+    multistep = {"type": "MultiStepLR", "milestones": [3], "gamma": 0.5, "end": 100}
+    return cfg_for(
+        tmp_path, "checkpoint.keep_last=null", *overrides, param_scheduler=[plateau, multistep]
+    )
+
+
+def _plateau_state(p):
+    plateau, _ = p.strategy.param_schedulers
+    return plateau.state_dict(), p.strategy.optim_wrapper.get_lr()
+
+
+def test_reduce_on_plateau_follows_validation_and_resumes_exactly(tmp_path, recwarn):
+    straight, _ = pl.run(_plateau_cfg(tmp_path / "a", "train.max_epochs=4"))
+    state, lrs = _plateau_state(straight)
+    # validated 4 times, reduced after the last 3; MultiStepLR halved it after epoch 3
+    assert lrs == {"lr": [0.1 * 0.5**4]}
+    assert (state["num_bad_epochs"], state["_global_step"], state["last_step"]) == (0, 4, 3)
+
+    # stopped inside the first epoch, before any scheduler stepped, then resumed
+    pl.run(_plateau_cfg(tmp_path / "b", "train.max_epochs=null", "train.max_iters=3"))
+    resumed, _ = pl.run(_plateau_cfg(tmp_path / "b", "train.max_epochs=4"))
+    assert _plateau_state(resumed) == (state, lrs)
+    for key, value in weights(straight).items():
+        assert torch.equal(weights(resumed)[key], value)
+    assert not [w for w in recwarn if "scheduler.step()" in str(w.message)]
+
+
+def test_replaying_to_a_validated_epoch_replays_its_plateau_steps(tmp_path):
+    cfg = _plateau_cfg(tmp_path, "train.max_epochs=3")
+    straight, _ = pl.run(cfg)
+    first = straight.strategy.checkpoints.list()[0]
+    assert first.epoch == 1
+    again = pl.build_pipeline(cfg)
+    pl.resume(again, first)
+    pl.replay(again, straight.strategy.iter, validated=True)
+    assert _plateau_state(again) == _plateau_state(straight)
+    assert pl.validate(again) and _plateau_state(again) == _plateau_state(straight)  # once
