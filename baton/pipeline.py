@@ -126,25 +126,57 @@ def preload() -> None:
     importlib.import_module("torch._dynamo")
 
 
-def find_resume_point(cfg: PipelineConfig) -> CheckpointRef | None:
-    """The checkpoint a run of ``cfg`` continues from, by its resume policy.
+def find_resume_point(cfg: PipelineConfig, *, run_id: str | None = None) -> CheckpointRef | None:
+    """The checkpoint a run of ``cfg`` continues from, by its resume policy; it also
+    records which lineage the run's commits go to. Call it under the experiment's lock.
 
-    ``'auto'``: the newest valid checkpoint of the experiment (``None`` if there is
-    none); ``'never'``: ``None``; anything else: that checkpoint, which must exist.
+    - ``'auto'``: the newest valid checkpoint of the newest lineage (``None`` if there is
+      none); the run continues that lineage.
+    - ``'never'``: ``None``. If the experiment already has checkpoints, a new lineage is
+      started: the older lineages keep every file, and auto-resume continues the new
+      lineage from then on.
+    - a path: that checkpoint, which must exist. Unless it is the newest one, the run
+      starts a new lineage from it (a branch).
+
+    A retry of the run that started the newest lineage (the same ``run_id``: a Prefect
+    flow run retried) continues that lineage instead of starting yet another.
+
+    Raises:
+        CheckpointNotFoundError: The named checkpoint does not exist.
+        CheckpointCorruptError: The named committed checkpoint no longer verifies.
     """
-    if cfg.resume == "never":
-        return None
     store = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name)
+    head = store.head()
+    own_retry = run_id is not None and head is not None and head.run == run_id
     if cfg.resume == "auto":
         return store.latest()
+    if cfg.resume == "never":
+        if own_retry:
+            return store.latest()
+        if head is None and run_id is None:
+            return None  # an empty experiment: the first commit starts lineage 1
+        if head is not None and not head.checkpoints and not (head.parent or head.parent_outside):
+            return None  # the newest lineage is still empty and fresh: use it
+        store.start_lineage(reason="fresh", run=run_id, config_hash=cfg.config_hash)
+        return None
     committed = store.find(cfg.resume)
     if committed is not None:
         store.verify(committed)
+        if own_retry and head.parent == committed:
+            return store.latest() or committed
+        if committed != store.latest():
+            store.start_lineage(
+                parent=committed, reason="branch", run=run_id, config_hash=cfg.config_hash
+            )
         return committed
     if io.is_local(cfg.resume) and not io.local_path(cfg.resume).exists():
         raise CheckpointNotFoundError(f"resume checkpoint {cfg.resume!r} does not exist")
     size, digest = io.sha256_of(cfg.resume)
-    return CheckpointRef(uri=cfg.resume, epoch=0, iter=0, size=size, sha256=digest)
+    ref = CheckpointRef(uri=cfg.resume, epoch=0, iter=0, size=size, sha256=digest)
+    if own_retry and head.parent_outside == cfg.resume:
+        return store.latest() or ref
+    store.start_lineage(parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash)
+    return ref
 
 
 def _check_architecture(cfg: PipelineConfig, source: str):

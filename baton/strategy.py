@@ -477,10 +477,17 @@ class SingleDeviceStrategy:
             raise RuntimeError(f"call prepare(model, ...) before {what}()")
 
     def _resolve_target(self, filename: str) -> str:
-        """A bare file name goes into the experiment's checkpoint folder."""
+        """A bare file name goes into the experiment's checkpoint folder, named for the
+        newest lineage (``L2-epoch_0003.pth``), so that no lineage writes over another's
+        committed file; an explicit path into that folder is refused if it would."""
+        store = self.checkpoints
         if "://" not in filename and "/" not in filename and filename not in ("", ".", ".."):
-            return str(self.checkpoints.path_for(filename))
-        return str(io.local_path(filename).absolute()) if io.is_local(filename) else filename
+            return str(store.target(filename))
+        if not io.is_local(filename):
+            return filename
+        target = str(io.local_path(filename).absolute())
+        store.check_target(target)
+        return target
 
     def save_checkpoint(
         self,
@@ -612,6 +619,8 @@ class SingleDeviceStrategy:
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
         position = {"epoch": int(meta.get("epoch", 0)), "iter": int(meta.get("iter", 0))}
         store = self.checkpoints
+        # Only files of the experiment's own checkpoints/ folder enter its manifest (and
+        # its newest lineage); a checkpoint written elsewhere is returned, not committed.
         if io.is_local(target) and store.owns(target):
             ref = store.commit(target, size=size, sha256=digest, metrics=metrics, **position)
         else:
