@@ -162,9 +162,9 @@ def find_resume_point(cfg: PipelineConfig, *, run_id: str | None = None) -> Chec
     committed = store.find(cfg.resume)
     if committed is not None:
         store.verify(committed)
-        if own_retry and head.parent == committed:
+        if own_retry and _same(head.parent, committed):
             return store.latest() or committed
-        if committed != store.latest():
+        if not _same(store.latest(), committed):
             store.start_lineage(
                 parent=committed, reason="branch", run=run_id, config_hash=cfg.config_hash
             )
@@ -177,6 +177,11 @@ def find_resume_point(cfg: PipelineConfig, *, run_id: str | None = None) -> Chec
         return store.latest() or ref
     store.start_lineage(parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash)
     return ref
+
+
+def _same(a: CheckpointRef | None, b: CheckpointRef | None) -> bool:
+    """The same file with the same bytes (metrics may hold NaN, which equals nothing)."""
+    return a is not None and b is not None and (a.uri, a.sha256) == (b.uri, b.sha256)
 
 
 def _check_architecture(cfg: PipelineConfig, source: str):
