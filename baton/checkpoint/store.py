@@ -677,19 +677,16 @@ class CheckpointStore:
     def _open_checkpoint_dir(self) -> int:
         try:
             return os.open(self.checkpoint_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except NotADirectoryError as err:
-            raise CheckpointOutsideError(
-                f"{self.checkpoint_dir} is not a folder (a link or a file); the store does not "
-                "follow it"
-            ) from err
-        except OSError as err:
-            if os.path.islink(self.checkpoint_dir):
-                raise CheckpointOutsideError(
-                    f"{self.checkpoint_dir} is a symbolic link; the store does not follow it"
-                ) from err
+        except FileNotFoundError:
             raise
+        except OSError as err:
+            what = "a symbolic link" if os.path.islink(self.checkpoint_dir) else "not a folder"
+            raise CheckpointOutsideError(
+                f"{self.checkpoint_dir} is {what}; the store does not follow it (make it a "
+                "real folder: the experiment folder itself may live on any disk)"
+            ) from err
 
-    def _hash_own(self, name: str) -> tuple[int, str]:
+    def _hash_own(self, name: str, expected_size: int | None = None) -> tuple[int, str]:
         """Size and sha256 of ``checkpoints/<name>``, a regular file, opened without
         following a link.
 
@@ -712,9 +709,15 @@ class CheckpointStore:
         finally:
             os.close(dir_fd)
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 raise CheckpointOutsideError(
                     f"{self.checkpoint_dir / name} is not a regular file; the store does not read it"
+                )
+            if expected_size is not None and st.st_size != expected_size:
+                raise CheckpointCorruptError(
+                    f"{self.checkpoint_dir / name} has {st.st_size} bytes but {expected_size} "
+                    "were committed (truncated or overwritten)"
                 )
             size, digest = 0, hashlib.sha256()
             while chunk := handle.read(8 << 20):
@@ -798,16 +801,7 @@ class CheckpointStore:
                 f"{ref.uri} is not inside {self.checkpoint_dir}; the store verifies only its "
                 "own checkpoints"
             )
-        try:
-            actual_size = os.stat(self.checkpoint_dir / name, follow_symlinks=False).st_size
-        except FileNotFoundError:
-            actual_size = -1
-        if actual_size >= 0 and actual_size != ref.size:
-            raise CheckpointCorruptError(
-                f"{ref.uri} has {actual_size} bytes but {ref.size} were committed "
-                "(truncated or overwritten)"
-            )
-        size, digest = self._hash_own(name)
+        size, digest = self._hash_own(name, expected_size=ref.size)
         if size != ref.size or digest != ref.sha256:
             raise CheckpointCorruptError(
                 f"{ref.uri} does not match its manifest entry: sha256 {digest[:12]}... "
