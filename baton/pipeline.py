@@ -23,7 +23,11 @@ from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import PipelineConfig
 from baton.data import ResumableLoader
-from baton.errors import CheckpointMismatchError, CheckpointNotFoundError
+from baton.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    TrainingDivergedError,
+)
 from baton.strategy import SingleDeviceStrategy
 
 logger = logging.getLogger(__name__)
@@ -282,6 +286,25 @@ def should_save(pipeline: Pipeline) -> bool:
     return pipeline.strategy.epoch % pipeline.config.checkpoint.interval == 0 or pipeline.finished
 
 
+def _refuse_diverged(pipeline: Pipeline, metrics: dict[str, float]) -> None:
+    """Stop before a diverged state is saved: it would become the latest checkpoint, and
+    every later run would resume from it."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    strategy = pipeline.strategy
+    head = strategy.checkpoints.head()
+    last = head.checkpoints[-1].uri if head and head.checkpoints else None
+    values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+    raise TrainingDivergedError(
+        f"training diverged at epoch {strategy.epoch + (strategy.step_in_epoch > 0)}, "
+        f"iteration {strategy.iter} ({values}); nothing was saved from this state and the "
+        f"committed checkpoints are intact (the last one: {last or 'none'}). Lower the "
+        "learning rate or set optim_wrapper.clip_grad, then continue from that checkpoint "
+        "or start a new lineage with resume: never"
+    )
+
+
 def save(
     pipeline: Pipeline,
     metrics: dict[str, float],
@@ -296,6 +319,7 @@ def save(
     """
     strategy = pipeline.strategy
     cfg = pipeline.config
+    _refuse_diverged(pipeline, metrics)
     record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
     if name is None:
         pipeline.history = [h for h in pipeline.history if h["iter"] != strategy.iter] + [record]

@@ -357,3 +357,30 @@ def test_ckpt_inspect_says_what_a_non_checkpoint_is(tmp_path, capsys, make, said
     assert main(["ckpt", "inspect", str(path)]) == 1
     err = capsys.readouterr().err
     assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_diverged_run_stops_clearly_and_keeps_its_checkpoints(tmp_path):
+    from baton import pipeline as pl
+    from baton.config import load_config
+    from baton.errors import TrainingDivergedError
+
+    cfg = load_config(
+        {
+            "experiment_name": "exp",
+            "work_dir": str(tmp_path / "wd"),
+            "randomness": {"seed": 3, "deterministic": True},
+            "model": {"type": "MLP", "in_features": 8, "num_classes": 3, "hidden": [16]},
+            "train_data": {"dataset": {"type": "SyntheticClassification"}, "batch_size": 32},
+            "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 100.0, "momentum": 0.9}},
+            "train": {"max_epochs": 4},
+            "checkpoint": {"keep_last": 2, "interval_iters": 2},
+        }
+    )
+    with pytest.raises(TrainingDivergedError, match=r"train/loss=nan.*iter_000014\.pth"):
+        pl.run(cfg)
+    store = CheckpointStore(tmp_path / "wd" / "exp")
+    report = store.check()
+    assert report.entries and all(e.problem is None for e in report.entries)
+    assert all(math.isfinite(v) for e in report.entries for v in e.ref.metrics.values())
+    assert report.latest.iter == 14
+    strict_json(store.manifest_path.read_text())
