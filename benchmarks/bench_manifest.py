@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from baton.checkpoint import io
-from baton.checkpoint import store as store_module
-from baton.checkpoint.store import CheckpointStore, _State
+from baton.checkpoint import io, manifest
+from baton.checkpoint.store import CheckpointStore
 
 SIZES = (10, 1_000, 10_000)
 DIGEST = "ab" * 32
@@ -49,7 +48,7 @@ def entry(seq: int) -> dict:
 def experiment_with(root: Path, entries: int) -> CheckpointStore:
     """A store whose snapshot already holds ``entries`` committed checkpoints."""
     store = CheckpointStore(root)
-    state = _State()
+    state = manifest.ManifestState()
     state.add_lineage({"id": 1, "started": 1.0, "reason": "first", "parent": None})
     for seq in range(1, entries + 1):
         state.add_entry(entry(seq))
@@ -99,7 +98,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="baton-bench-manifest-", dir=args.dir))
     stores = {n: experiment_with(folder / f"exp{n}", n) for n in SIZES}
     old_entries = {n: [entry(s) for s in range(1, n + 1)] for n in SIZES}
-    line = store_module._encode({"op": "commit", "entry": entry(1), "drop": []})
+    line = manifest.encode_record({"op": "commit", "entry": entry(1), "drop": []})
     times: dict[str, list[float]] = {"append+fsync": []}
     times |= {f"commit at {n}": [] for n in SIZES}
     times |= {f"first format at {n}": [] for n in SIZES}
@@ -135,7 +134,7 @@ def main() -> None:
         print(f"  {name:24} {value:8.3f} ms   ratio to commit at 10: {value / base:7.2f}")
     print("compaction (whole snapshot rewritten), amortized over the commits between two:")
     for n in SIZES:
-        every = max(store_module.COMPACT_AFTER, n)
+        every = max(manifest.COMPACT_AFTER, n)
         print(
             f"  at {n:6d} entries: {compaction[n] * 1000:8.2f} ms every {every} commits = "
             f"{compaction[n] * 1000 / every:.4f} ms per commit"

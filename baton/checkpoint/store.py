@@ -25,11 +25,12 @@ opened without following links; anything else a manifest names (an absolute path
 
 **Commit cost.** A commit appends one checksummed line to the journal and fsyncs it, so
 its cost does not grow with the history; the journal is folded into a new snapshot
-(written atomically) once it holds more records than the snapshot has entries. A crash
-leaves at worst a torn last line, which readers ignore and the next writer cuts off.
-Manifests of the first format (one JSON file with absolute URIs) are read as they are
-and rewritten in this format by the first writer (a run holding the lock). Readers never
-write: repairs belong to runs that hold the experiment's lock.
+(written atomically) once it holds more records than the snapshot has entries (the
+format: :mod:`baton.checkpoint.manifest`). A crash leaves at worst a torn last line,
+which readers ignore and the next writer cuts off. Manifests of the first format (one
+JSON file with absolute URIs) are read as they are and rewritten in this format by the
+first writer (a run holding the lock). Readers never write: repairs belong to runs that
+hold the experiment's lock.
 
 A checkpoint exists for :meth:`CheckpointStore.latest` only once it is in the manifest
 and its bytes still match the recorded size and sha256.
@@ -47,13 +48,13 @@ import os
 import stat
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from baton.checkpoint import io
+from baton.checkpoint import io, manifest
+from baton.checkpoint.manifest import MANIFEST_VERSION
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.errors import (
     CheckpointCorruptError,
@@ -67,15 +68,6 @@ from baton.errors import (
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 2
-# The journal is folded into the snapshot once it holds this many records, or as many as
-# the snapshot has entries if that is more: compaction then costs O(1) per commit on
-# average, however long the history.
-COMPACT_AFTER = 1024
-# A manifest or journal larger than this is not read (a hostile file must not exhaust
-# memory); 10,000 entries take about 4 MB.
-MAX_MANIFEST_BYTES = 512 << 20
-_CHECKPOINTS = "checkpoints"
 _READ_ATTEMPTS = 50
 
 # Manifest updates are read-modify-write; a background save commits from another thread.
@@ -177,282 +169,6 @@ class StoreCheck:
     pending: str | None
 
 
-# manifest content --------------------------------------------------------------------
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _clean_metrics(metrics: dict | None) -> dict[str, float | None]:
-    """Metrics as the manifest stores them: NaN and infinities become ``null``, so that
-    the manifest stays valid JSON and such a value is never ranked as best."""
-    return {str(k): (float(v) if _finite(float(v)) else None) for k, v in (metrics or {}).items()}
-
-
-def _path_problem(path) -> str | None:
-    """Why a manifest path is not one of the store's own files (``None``: it is)."""
-    if not isinstance(path, str) or "\0" in path or "\\" in path:
-        return "not a path"
-    pure = PurePosixPath(path)
-    if pure.is_absolute():
-        return "an absolute path; the store only uses files inside its checkpoints/ folder"
-    if ".." in pure.parts:
-        return "a path with '..'; the store only uses files inside its checkpoints/ folder"
-    if len(pure.parts) != 2 or pure.parts[0] != _CHECKPOINTS:
-        return "not a file directly inside checkpoints/"
-    return None
-
-
-def _encode(record: dict) -> bytes:
-    """One journal line: the crc32 of the JSON, a space, the JSON, a newline."""
-    body = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return f"{zlib.crc32(body.encode()):08x} {body}\n".encode()
-
-
-def _decode(line: bytes) -> dict | None:
-    """A journal line's record, or ``None`` if the line is torn or damaged."""
-    try:
-        crc, body = line.decode("utf-8").split(" ", 1)
-        if int(crc, 16) != zlib.crc32(body.encode()):
-            return None
-        record = json.loads(body)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _parse_lines(data: bytes) -> tuple[list[dict], int, str | None]:
-    """Records of complete, intact journal lines; the offset after the last of them; and
-    a problem when a damaged line is followed by intact ones (only a torn tail is normal)."""
-    records: list[dict] = []
-    offset = 0
-    damaged_at = None
-    *complete, _tail = data.split(b"\n")  # the tail (after the last newline) is torn
-    for number, line in enumerate(complete, 1):
-        record = _decode(line)
-        if record is None:
-            damaged_at = damaged_at or number
-            continue
-        if damaged_at is not None:
-            return records, offset, f"the journal is damaged at line {damaged_at}"
-        records.append(record)
-        offset += len(line) + 1
-    return records, offset, None
-
-
-class _State:
-    """The committed state: lineages and entries, in commit order."""
-
-    def __init__(self) -> None:
-        self.generation = 0
-        self.next_seq = 1
-        self.lineages: dict[int, dict] = {}
-        self.entries: dict[int, dict] = {}  # seq -> entry, in commit order
-        self.by_path: dict[str, int] = {}
-        self.outside: list[dict] = []
-        self.records = 0
-        self.problem: str | None = None  # the files on disk could not be read as they are
-        self.pending: str | None = None  # a repair for the next writer
-
-    @property
-    def head(self) -> int | None:
-        return max(self.lineages, default=None)
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.generation, self.records)
-
-    def add_lineage(self, raw: dict) -> None:
-        lineage_id = int(raw["id"])
-        if lineage_id < 1:
-            raise ValueError(f"lineage id {lineage_id} is not positive")
-        parent = raw.get("parent")
-        if parent is not None and not isinstance(parent, dict):
-            raise TypeError("a lineage's parent is not an object")
-        self.lineages[lineage_id] = {
-            "id": lineage_id,
-            "started": float(raw.get("started", 0.0)),
-            "reason": str(raw.get("reason", "")),
-            "parent": parent,
-            "run": raw.get("run"),
-            "config_hash": raw.get("config_hash"),
-        }
-
-    def add_entry(self, raw: dict) -> None:
-        """Take an entry as recorded; one that points outside goes to ``outside``."""
-        seq = int(raw["seq"])
-        problem = _path_problem(raw.get("path"))
-        if problem is not None:
-            self.outside.append({"seq": seq, "what": str(raw.get("path")), "problem": problem})
-            self.next_seq = max(self.next_seq, seq + 1)
-            return
-        path = str(PurePosixPath(raw["path"]))
-        entry = {
-            "seq": seq,
-            "path": path,
-            "lineage": int(raw["lineage"]),
-            "epoch": int(raw["epoch"]),
-            "iter": int(raw["iter"]),
-            "size": int(raw["size"]),
-            "sha256": str(raw["sha256"]),
-            "metrics": {
-                str(k): (None if v is None else float(v))
-                for k, v in (raw.get("metrics") or {}).items()
-            },
-            "created": float(raw.get("created", 0.0)),
-        }
-        _to_ref(entry, Path("/"))  # checks the types and ranges, as a reference would
-        replaced = self.by_path.pop(path, None)
-        if replaced is not None:
-            self.entries.pop(replaced, None)
-        self.entries[seq] = entry
-        self.by_path[path] = seq
-        self.next_seq = max(self.next_seq, seq + 1)
-
-    def drop(self, seq: int) -> dict | None:
-        entry = self.entries.pop(seq, None)
-        if entry is not None and self.by_path.get(entry["path"]) == seq:
-            del self.by_path[entry["path"]]
-        return entry
-
-    def apply(self, record: dict) -> None:
-        op = record.get("op")
-        if op == "lineage":
-            self.add_lineage(record["lineage"])
-        elif op == "commit":
-            self.add_entry(record["entry"])
-            for seq in record.get("drop", []):
-                self.drop(int(seq))
-        else:
-            raise ValueError(f"unknown journal record {op!r}")
-        self.records += 1
-
-    def parent_seqs(self) -> set[int]:
-        return {
-            int(lin["parent"]["seq"])
-            for lin in self.lineages.values()
-            if lin["parent"] and "seq" in lin["parent"]
-        }
-
-    def snapshot(self) -> dict:
-        return {
-            "version": MANIFEST_VERSION,
-            "generation": self.generation,
-            "next_seq": self.next_seq,
-            "lineages": [self.lineages[k] for k in sorted(self.lineages)],
-            "checkpoints": list(self.entries.values()),
-            "outside": self.outside,
-        }
-
-
-def _to_ref(entry: dict, checkpoint_dir: Path) -> CheckpointRef:
-    return CheckpointRef(
-        uri=str(checkpoint_dir / PurePosixPath(entry["path"]).name),
-        epoch=entry["epoch"],
-        iter=entry["iter"],
-        size=entry["size"],
-        sha256=entry["sha256"],
-        metrics={k: (math.nan if v is None else v) for k, v in entry["metrics"].items()},
-    )
-
-
-def _state_from_snapshot(data) -> _State:
-    if not isinstance(data, dict):
-        raise TypeError("the manifest is not a JSON object")
-    version = data.get("version", 1)
-    if version == 1:
-        return _state_from_first_format(data)
-    if not isinstance(version, int) or version > MANIFEST_VERSION:
-        raise ManifestVersionError(
-            f"the manifest has format {version!r}, newer than this baton's "
-            f"({MANIFEST_VERSION}); upgrade baton to use this experiment (nothing was changed)"
-        )
-    state = _State()
-    state.generation = int(data["generation"])
-    state.next_seq = int(data.get("next_seq", 1))
-    for raw in data["lineages"]:
-        state.add_lineage(raw)
-    for raw in data["checkpoints"]:
-        state.add_entry(raw)
-    for raw in data.get("outside", []):
-        state.outside.append(
-            {"seq": int(raw["seq"]), "what": str(raw["what"]), "problem": str(raw["problem"])}
-        )
-    return state
-
-
-def _state_from_first_format(data: dict) -> _State:
-    """Read a manifest of the first format: absolute URIs, no lineages.
-
-    An entry whose file is named ``checkpoints/<name>`` is taken as this experiment's
-    ``checkpoints/<name>``: that is where the first format wrote every committed file, and
-    it is what a moved or copied experiment holds (the recorded absolute path may be the
-    original's). Anything else is kept as an outside entry, reported and never followed.
-    """
-    entries = data["checkpoints"]
-    if not isinstance(entries, list):
-        raise TypeError("'checkpoints' is not a list")
-    state = _State()
-    state.pending = "migrate"
-    state.add_lineage({"id": 1, "started": 0.0, "reason": "migrated", "parent": None})
-    for raw in sorted(entries, key=lambda e: int(e["seq"])):
-        uri = raw["uri"]
-        if not isinstance(uri, str):
-            raise TypeError("an entry's 'uri' is not a string")
-        candidate = PurePosixPath(uri[len("file://") :] if uri.startswith("file://") else uri)
-        own = (
-            io.is_local(uri)
-            and candidate.parent.name == _CHECKPOINTS
-            and candidate.name not in ("", ".", "..")
-        )
-        state.add_entry(
-            {
-                **raw,
-                "path": f"{_CHECKPOINTS}/{candidate.name}" if own else uri,
-                "lineage": 1,
-            }
-        )
-    return state
-
-
-# file access that never follows links ------------------------------------------------
-
-
-def _stat_key(path: Path) -> tuple | None:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _read_own_file(path: Path, offset: int = 0) -> bytes:
-    """The bytes of a regular file (not a link, not a device) from ``offset``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointOutsideError(f"{path} is not a regular file")
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise CheckpointCorruptError(f"{path} has {st.st_size} bytes, more than any manifest")
-        os.lseek(fd, offset, os.SEEK_SET)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _append_record(fd: int, line: bytes) -> None:
-    """Append one journal line and make it durable (the commit point of a commit)."""
-    view = memoryview(line)
-    while view:
-        view = view[os.write(fd, view) :]
-    os.fsync(fd)
-
-
 def _unlink_in(dir_fd: int, name: str) -> None:
     """Delete a rotated checkpoint file (only called for regular files)."""
     os.unlink(name, dir_fd=dir_fd)
@@ -460,13 +176,17 @@ def _unlink_in(dir_fd: int, name: str) -> None:
 
 @dataclass
 class _Cached:
+    """The state last read from an experiment's files, and which files those were."""
+
     snapshot_key: tuple | None
     journal_key: tuple | None  # (dev, ino) of the journal read
     offset: int  # journal bytes consumed
-    state: _State
-    checked_at: tuple = field(default=())
+    state: manifest.ManifestState
 
 
+# Per process and experiment folder: a commit reads only the journal lines written since
+# the last read (none, when this process wrote them), so its cost does not grow with the
+# history. Keyed by the files' identity and size, so another process's writes are seen.
 _CACHE: dict[Path, _Cached] = {}
 
 
@@ -486,7 +206,7 @@ class CheckpointStore:
     @property
     def checkpoint_dir(self) -> Path:
         """Where checkpoint files live."""
-        return self.root / _CHECKPOINTS
+        return self.root / manifest.CHECKPOINTS
 
     @property
     def manifest_path(self) -> Path:
@@ -523,11 +243,11 @@ class CheckpointStore:
 
     # reading --------------------------------------------------------------------------
 
-    def _load(self) -> _State:
+    def _load(self) -> manifest.ManifestState:
         """The committed state (callers hold the manifest's thread lock). Never writes."""
         for _ in range(_READ_ATTEMPTS):
-            snapshot_key = _stat_key(self.manifest_path)
-            journal_key = _stat_key(self.journal_path)
+            snapshot_key = manifest.stat_key(self.manifest_path)
+            journal_key = manifest.stat_key(self.journal_path)
             cached = _CACHE.get(self.root)
             if (
                 cached is not None
@@ -547,10 +267,12 @@ class CheckpointStore:
                 if journal_key[2] == cached.offset:
                     return cached.state
                 try:
-                    data = _read_own_file(self.journal_path, cached.offset)
+                    data = manifest.read_regular_file(self.journal_path, cached.offset)
                 except (OSError, CheckpointError):
                     data = None
-                records, used, problem = _parse_lines(data) if data is not None else ([], 0, "x")
+                records, used, problem = (
+                    manifest.parse_journal(data) if data is not None else ([], 0, "x")
+                )
                 if problem is None:
                     for record in records:
                         cached.state.apply(record)
@@ -563,23 +285,27 @@ class CheckpointStore:
                 continue
             if state.problem is not None:
                 journal_id = journal_key[:2] if journal_key else None
-            if _stat_key(self.manifest_path) != snapshot_key:
+            if manifest.stat_key(self.manifest_path) != snapshot_key:
                 continue  # replaced while we read the journal: read again
             _CACHE[self.root] = _Cached(snapshot_key, journal_id, offset, state)
             return state
         state = self._state_from_files(f"{self.manifest_path} kept changing while being read")
         return state
 
-    def _read_files(self) -> tuple[_State, int, tuple | None]:
+    def _read_files(self) -> tuple[manifest.ManifestState, int, tuple | None]:
         try:
-            text = _read_own_file(self.manifest_path) if self.manifest_path.exists() else None
+            text = (
+                manifest.read_regular_file(self.manifest_path)
+                if self.manifest_path.exists()
+                else None
+            )
             if text is None and not os.path.lexists(self.journal_path):
-                empty = _State()
+                empty = manifest.ManifestState()
                 empty.pending = "compact"  # the first writer creates both files
                 return empty, 0, None
             if text is None:
                 raise ValueError("there is a journal but no manifest.json")
-            state = _state_from_snapshot(json.loads(text))
+            state = manifest.read_snapshot(json.loads(text))
         except ManifestVersionError:
             raise
         except (OSError, ValueError, KeyError, TypeError, CheckpointError) as err:
@@ -592,10 +318,10 @@ class CheckpointStore:
             state.pending = "compact"
             return state, 0, None
         try:
-            data = _read_own_file(self.journal_path)
+            data = manifest.read_regular_file(self.journal_path)
         except (OSError, CheckpointError) as err:
             return self._state_from_files(f"{self.journal_path} is unreadable ({err})"), 0, None
-        records, offset, problem = _parse_lines(data)
+        records, offset, problem = manifest.parse_journal(data)
         header = records[0] if records else None
         if header is None or "generation" not in header:
             if data:
@@ -620,10 +346,10 @@ class CheckpointStore:
             state.pending = "truncate"
         return state, offset, (st.st_dev, st.st_ino)
 
-    def _state_from_files(self, problem: str) -> _State:
+    def _state_from_files(self, problem: str) -> manifest.ManifestState:
         """A state rebuilt in memory from the checkpoint files that load safely."""
         logger.warning("manifest of %s: %s; using the checkpoint files instead", self.root, problem)
-        state = _State()
+        state = manifest.ManifestState()
         state.problem = problem
         found: list[tuple[int, int, str, dict]] = []
         for name in self._own_file_names():
@@ -635,13 +361,13 @@ class CheckpointStore:
                 checkpoint = io.load(str(self.checkpoint_dir / name))
                 meta = checkpoint.get("meta") or {}
                 entry = {
-                    "path": f"{_CHECKPOINTS}/{name}",
+                    "path": f"{manifest.CHECKPOINTS}/{name}",
                     "lineage": parsed.lineage,
                     "epoch": int(meta["epoch"]),
                     "iter": int(meta["iter"]),
                     "size": size,
                     "sha256": digest,
-                    "metrics": _clean_metrics(meta.get("metrics")),
+                    "metrics": manifest.clean_metrics(meta.get("metrics")),
                     "created": os.stat(self.checkpoint_dir / name).st_mtime,
                 }
                 found.append((parsed.lineage, entry["iter"], name, entry))
@@ -725,12 +451,12 @@ class CheckpointStore:
                 size += len(chunk)
         return size, digest.hexdigest()
 
-    def _view(self) -> _State:
+    def _view(self) -> manifest.ManifestState:
         with _manifest_lock(self.root):
             return self._load()
 
     def _ref(self, entry: dict) -> CheckpointRef:
-        return _to_ref(entry, self.checkpoint_dir)
+        return manifest.entry_ref(entry, self.checkpoint_dir)
 
     # queries --------------------------------------------------------------------------
 
@@ -745,7 +471,7 @@ class CheckpointStore:
         with _manifest_lock(self.root):
             return self._lineages_of(self._load())
 
-    def _lineages_of(self, state: _State) -> list[Lineage]:
+    def _lineages_of(self, state: manifest.ManifestState) -> list[Lineage]:
         members: dict[int, list[CheckpointRef]] = {k: [] for k in state.lineages}
         for entry in state.entries.values():
             members.setdefault(entry["lineage"], []).append(self._ref(entry))
@@ -783,7 +509,7 @@ class CheckpointStore:
         name = self._own_name(ref.uri)
         with _manifest_lock(self.root):
             state = self._load()
-            seq = state.by_path.get(f"{_CHECKPOINTS}/{name}") if name else None
+            seq = state.by_path.get(f"{manifest.CHECKPOINTS}/{name}") if name else None
             return state.entries[seq]["lineage"] if seq is not None else None
 
     def verify(self, ref: CheckpointRef) -> None:
@@ -831,7 +557,9 @@ class CheckpointStore:
             logger.info("no valid checkpoint in %s", self.root)
         return ref
 
-    def _latest_in(self, state: _State, valid: Callable[[dict], bool]) -> CheckpointRef | None:
+    def _latest_in(
+        self, state: manifest.ManifestState, valid: Callable[[dict], bool]
+    ) -> CheckpointRef | None:
         lineage, limit, seen = state.head, math.inf, set()
         while lineage is not None and lineage not in seen:
             seen.add(lineage)
@@ -857,7 +585,7 @@ class CheckpointStore:
         scored = [
             e
             for e in state.entries.values()
-            if _finite(e["metrics"].get(metric)) and lineage in (None, e["lineage"])
+            if manifest.finite(e["metrics"].get(metric)) and lineage in (None, e["lineage"])
         ]
         scored.sort(key=lambda e: e["metrics"][metric], reverse=(mode == "max"))
         for entry in scored:
@@ -872,7 +600,7 @@ class CheckpointStore:
         if name is None:
             return None
         state = self._view()
-        seq = state.by_path.get(f"{_CHECKPOINTS}/{name}")
+        seq = state.by_path.get(f"{manifest.CHECKPOINTS}/{name}")
         return self._ref(state.entries[seq]) if seq is not None else None
 
     def check(self) -> StoreCheck:
@@ -916,7 +644,7 @@ class CheckpointStore:
 
     # changes --------------------------------------------------------------------------
 
-    def _writable(self) -> _State:
+    def _writable(self) -> manifest.ManifestState:
         """The state, with any repair written first (callers hold the thread lock)."""
         state = self._load()
         if state.problem is not None:
@@ -946,8 +674,8 @@ class CheckpointStore:
             with open(self.journal_path, "r+b") as handle:
                 handle.truncate(cached.offset)
                 os.fsync(handle.fileno())
-            cached.snapshot_key = _stat_key(self.manifest_path)
-            journal_key = _stat_key(self.journal_path)
+            cached.snapshot_key = manifest.stat_key(self.manifest_path)
+            journal_key = manifest.stat_key(self.journal_path)
             cached.journal_key = journal_key[:2] if journal_key else None
             state.pending = None
         return state
@@ -959,7 +687,7 @@ class CheckpointStore:
             if os.path.lexists(path):
                 os.replace(path, path.with_name(f"{path.name}.corrupt-{stamp}"))
 
-    def _compact(self, state: _State) -> None:
+    def _compact(self, state: manifest.ManifestState) -> None:
         """Write the whole state as a new snapshot, then start an empty journal.
 
         The snapshot carries a new generation before the journal is replaced: a crash in
@@ -970,23 +698,25 @@ class CheckpointStore:
         state.records = 0
         text = json.dumps(state.snapshot(), indent=1, sort_keys=True, allow_nan=False)
         io.write_text_atomic(self.manifest_path, text)
-        header = _encode({"generation": state.generation, "journal": MANIFEST_VERSION})
+        header = manifest.encode_record(
+            {"generation": state.generation, "journal": MANIFEST_VERSION}
+        )
         io.write_text_atomic(self.journal_path, header.decode())
-        journal_key = _stat_key(self.journal_path)
+        journal_key = manifest.stat_key(self.journal_path)
         _CACHE[self.root] = _Cached(
-            _stat_key(self.manifest_path),
+            manifest.stat_key(self.manifest_path),
             journal_key[:2] if journal_key else None,
             len(header),
             state,
         )
         state.pending = None
 
-    def _append(self, state: _State, record: dict) -> None:
-        line = _encode(record)
+    def _append(self, state: manifest.ManifestState, record: dict) -> None:
+        line = manifest.encode_record(record)
         cached = _CACHE[self.root]
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         try:
-            _append_record(fd, line)
+            manifest.append_record(fd, line)
         except OSError as err:
             # Cut what was written of the line, so that the next record starts clean.
             with contextlib.suppress(OSError):
@@ -999,7 +729,7 @@ class CheckpointStore:
             os.close(fd)
         state.apply(record)
         cached.offset += len(line)
-        if state.records >= max(COMPACT_AFTER, len(state.entries)):
+        if state.records >= max(manifest.COMPACT_AFTER, len(state.entries)):
             self._compact(state)
 
     def start_lineage(
@@ -1043,11 +773,13 @@ class CheckpointStore:
         logger.info("started lineage %d of %s (%s)", lineage_id, self.root.name, reason)
         return lineage_id
 
-    def _parent_record(self, state: _State, parent: CheckpointRef | None) -> dict | None:
+    def _parent_record(
+        self, state: manifest.ManifestState, parent: CheckpointRef | None
+    ) -> dict | None:
         if parent is None:
             return None
         name = self._own_name(parent.uri)
-        seq = state.by_path.get(f"{_CHECKPOINTS}/{name}") if name else None
+        seq = state.by_path.get(f"{manifest.CHECKPOINTS}/{name}") if name else None
         if seq is not None and state.entries[seq]["sha256"] == parent.sha256:
             return {"seq": seq, "lineage": state.entries[seq]["lineage"]}
         return {
@@ -1086,8 +818,8 @@ class CheckpointStore:
             state = self._load()
             self._check_target(state, name, state.head or 1)
 
-    def _check_target(self, state: _State, name: str, lineage: int) -> None:
-        seq = state.by_path.get(f"{_CHECKPOINTS}/{name}")
+    def _check_target(self, state: manifest.ManifestState, name: str, lineage: int) -> None:
+        seq = state.by_path.get(f"{manifest.CHECKPOINTS}/{name}")
         if seq is not None and state.entries[seq]["lineage"] != lineage:
             raise CheckpointError(
                 f"{name} is a committed checkpoint of lineage {state.entries[seq]['lineage']}; "
@@ -1128,13 +860,13 @@ class CheckpointStore:
             self._check_target(state, name, lineage)
             entry = {
                 "seq": state.next_seq,
-                "path": f"{_CHECKPOINTS}/{name}",
+                "path": f"{manifest.CHECKPOINTS}/{name}",
                 "lineage": lineage,
                 "epoch": int(epoch),
                 "iter": int(iter),
                 "size": int(size),
                 "sha256": sha256,
-                "metrics": _clean_metrics(metrics),
+                "metrics": manifest.clean_metrics(metrics),
                 "created": time.time(),
             }
             drop = self._rotation_drops(state, entry)
@@ -1143,7 +875,7 @@ class CheckpointStore:
             self._delete_own([PurePosixPath(p).name for p in dropped])
             return self._ref(entry)
 
-    def _rotation_drops(self, state: _State, new: dict) -> list[int]:
+    def _rotation_drops(self, state: manifest.ManifestState, new: dict) -> list[int]:
         policy = self.retention
         if policy.keep_last is None:
             return []
@@ -1155,7 +887,7 @@ class CheckpointStore:
         keep = {e["seq"] for e in own[-policy.keep_last :]} | {new["seq"]} | state.parent_seqs()
         if policy.keep_best and policy.best_metric:
             metric = policy.best_metric
-            scored = [e for e in own if _finite(e["metrics"].get(metric))]
+            scored = [e for e in own if manifest.finite(e["metrics"].get(metric))]
             scored.sort(key=lambda e: e["metrics"][metric], reverse=(policy.best_mode == "max"))
             keep |= {e["seq"] for e in scored[: policy.keep_best]}
         return [e["seq"] for e in own if e["seq"] not in keep]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from baton.checkpoint import io
+from baton.checkpoint import io, manifest
 from baton.checkpoint import store as store_module
 from baton.checkpoint.ref import CheckpointName
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
@@ -273,7 +273,7 @@ def test_a_journal_damaged_in_the_middle_is_rebuilt_from_the_files_under_the_loc
 
 
 def test_compaction_folds_the_journal_and_an_interrupted_one_loses_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "COMPACT_AFTER", 4)
+    monkeypatch.setattr(manifest, "COMPACT_AFTER", 4)
     store = CheckpointStore(tmp_path / "exp")
     refs = [commit(store, epoch) for epoch in (1, 2)]  # 3 records: the lineage, 2 commits
     journal_before = store.journal_path.read_bytes()

@@ -21,7 +21,7 @@ def die() -> None:
 
 def arm(point: str, n: int) -> None:
     from baton import loop
-    from baton.checkpoint import io, store
+    from baton.checkpoint import io, manifest, store
 
     count = {"n": 0}
 
@@ -63,7 +63,7 @@ def arm(point: str, n: int) -> None:
 
         io._HashingWriter._write = write
     elif point == "manifest-update":
-        original_append = store._append_record
+        original_append = manifest.append_record
 
         def append_record(fd, line):
             count["n"] += 1
@@ -73,7 +73,7 @@ def arm(point: str, n: int) -> None:
                 die()
             original_append(fd, line)
 
-        store._append_record = append_record
+        manifest.append_record = append_record
     elif point == "rotation":
         original_unlink = store._unlink_in
 
