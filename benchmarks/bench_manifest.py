@@ -129,7 +129,7 @@ def main() -> None:
 
     medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
     base = medians["commit at 10"]
-    print(f"median of {args.commits} commits per size, interleaved (ms)")
+    print(f"median of {args.commits} commits per size, interleaved in a shuffled order (ms)")
     for name, value in medians.items():
         print(f"  {name:24} {value:8.3f} ms   ratio to commit at 10: {value / base:7.2f}")
     print("compaction (whole snapshot rewritten), amortized over the commits between two:")
