@@ -26,6 +26,7 @@ from baton.data import ResumableLoader
 from baton.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    ConfigError,
     TrainingDivergedError,
 )
 from baton.strategy import SingleDeviceStrategy
@@ -305,6 +306,22 @@ def _refuse_diverged(pipeline: Pipeline, metrics: dict[str, float]) -> None:
     )
 
 
+def _check_best_metric(cfg: PipelineConfig, metrics: dict[str, float]) -> None:
+    """``checkpoint.best_metric`` must be a metric the pipeline produces, or ``keep_best``
+    would silently keep nothing. Which metrics exist is known once the first step of its
+    kind (``val/`` or ``train/``) has run, so it is checked at the first save after it."""
+    wanted = cfg.checkpoint.best_metric
+    if wanted is None or wanted in metrics:
+        return
+    prefix = wanted.split("/", 1)[0] + "/"
+    produced = sorted(k for k in metrics if k.startswith(prefix))
+    if produced:
+        raise ConfigError(
+            f"checkpoint.best_metric {wanted!r} is not a metric this pipeline produces "
+            f"({', '.join(produced)}); set checkpoint.best_metric to one of them"
+        )
+
+
 def save(
     pipeline: Pipeline,
     metrics: dict[str, float],
@@ -320,6 +337,7 @@ def save(
     strategy = pipeline.strategy
     cfg = pipeline.config
     _refuse_diverged(pipeline, metrics)
+    _check_best_metric(cfg, metrics)
     record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
     if name is None:
         pipeline.history = [h for h in pipeline.history if h["iter"] != strategy.iter] + [record]

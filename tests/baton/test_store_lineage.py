@@ -205,3 +205,12 @@ def test_a_manifest_of_the_first_format_is_read_then_migrated_under_the_lock(tmp
     ]
     assert (experiment / "manifest.v1.json").read_bytes() == original
     assert store.latest().epoch == 4 and store.lineages()[0].reason == "migrated"
+
+
+def test_a_best_metric_the_pipeline_does_not_produce_is_refused_before_any_commit(tmp_path):
+    from baton.errors import ConfigError
+
+    cfg = small(tmp_path, "checkpoint.keep_best=1", "checkpoint.best_metric=val/acc")
+    with pytest.raises(ConfigError, match=r"'val/acc' is not a metric.*val/accuracy, val/loss"):
+        pl.run(cfg)
+    assert CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name).list() == []
