@@ -697,11 +697,16 @@ class CheckpointStore:
         state.generation += 1
         state.records = 0
         text = json.dumps(state.snapshot(), indent=1, sort_keys=True, allow_nan=False)
-        io.write_text_atomic(self.manifest_path, text)
         header = manifest.encode_record(
             {"generation": state.generation, "journal": MANIFEST_VERSION}
         )
-        io.write_text_atomic(self.journal_path, header.decode())
+        try:
+            io.write_text_atomic(self.manifest_path, text)
+            io.write_text_atomic(self.journal_path, header.decode())
+        except BaseException:
+            # What is on disk is consistent either way; forget the state changed in memory.
+            _CACHE.pop(self.root, None)
+            raise
         journal_key = manifest.stat_key(self.journal_path)
         _CACHE[self.root] = _Cached(
             manifest.stat_key(self.manifest_path),

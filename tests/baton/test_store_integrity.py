@@ -384,3 +384,29 @@ def test_a_diverged_run_stops_clearly_and_keeps_its_checkpoints(tmp_path):
     assert all(math.isfinite(v) for e in report.entries for v in e.ref.metrics.values())
     assert report.latest.iter == 14
     strict_json(store.manifest_path.read_text())
+
+
+def test_a_full_disk_during_a_commit_records_nothing_and_leaves_no_torn_line(tmp_path):
+    import resource
+    import signal
+
+    from baton import CheckpointWriteError
+
+    store = CheckpointStore(tmp_path / "exp")
+    first = commit(store, 1)
+    path = store.target("epoch_0002.pth")
+    size, digest = io.save({"meta": {"epoch": 2, "iter": 20}}, str(path))
+    journal = store.journal_path.read_bytes()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(journal) + 40, limits[1]))
+    try:
+        with pytest.raises(CheckpointWriteError, match="committed checkpoints are untouched"):
+            store.commit(str(path), epoch=2, iter=20, size=size, sha256=digest)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert store.journal_path.read_bytes() == journal
+    store_module._CACHE.clear()
+    assert store.list() == [first]
+    assert store.commit(str(path), epoch=2, iter=20, size=size, sha256=digest).epoch == 2
