@@ -501,8 +501,9 @@ class SingleDeviceStrategy:
         """Write a checkpoint atomically and return its reference.
 
         A bare file name (``'epoch_0003.pth'``) is written into the experiment's
-        ``checkpoints/`` folder and committed to its manifest (with retention applied);
-        a path or URI is written where it says. Weights and optimizer state are moved
+        ``checkpoints/`` folder and committed to its manifest, in the newest lineage
+        (whose files after the first are named ``L2-epoch_0003.pth``), with retention
+        applied within that lineage; a path or URI is written where it says. Weights and optimizer state are moved
         to the CPU. ``extra_ckpt`` is copied, never modified; its ``meta`` entries
         (``epoch``, ``iter``, ``metrics``...) join the checkpoint's ``meta``.
         ``callback(checkpoint)`` may edit the dict just before it is written.

@@ -12,6 +12,7 @@ from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import load_config
+from flows.cli import main
 
 
 def small(tmp_path, *overrides, **top):
@@ -51,7 +52,7 @@ def commit(store: CheckpointStore, epoch: int, metrics: dict | None = None):
     )
 
 
-def test_a_fresh_start_in_a_used_experiment_keeps_both_runs(tmp_path):
+def test_a_fresh_start_in_a_used_experiment_keeps_both_runs(tmp_path, capsys):
     """Issue 12's reproduction: run 4 epochs, then `--resume never` for 2 epochs with
     another lr, then an automatic run."""
     _, old = pl.run(small(tmp_path))
@@ -86,6 +87,11 @@ def test_a_fresh_start_in_a_used_experiment_keeps_both_runs(tmp_path):
     p, again = pl.run(small(tmp_path, "train.max_epochs=2", "optim_wrapper.optimizer.lr=0.01"))
     assert again == new and p.strategy.epoch == 2
     assert [lin.reason for lin in store.lineages()] == ["first", "fresh"]
+    assert main(["ckpt", "list", str(experiment)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in out[:4]] == ["L1", "L1", "L2", "L2"]
+    assert "<- latest" in out[3]
+    assert out[-1].startswith("lineage L2: fresh") and "auto-resume continues it" in out[-1]
 
 
 def test_an_explicit_older_checkpoint_starts_a_branch(tmp_path):
@@ -194,7 +200,9 @@ def test_a_manifest_of_the_first_format_is_read_then_migrated_under_the_lock(tmp
 
     store = CheckpointStore(experiment)
     assert store.latest().epoch == 4 and [r.epoch for r in store.list()] == [3, 4]
+    assert main(["ckpt", "list", str(experiment)]) == 0
     assert manifest.read_bytes() == original  # reading writes nothing
+    assert sorted(p.name for p in experiment.iterdir()) == ["checkpoints", "manifest.json"]
     with store.lock():
         pass
     data = json.loads(manifest.read_text())
