@@ -266,19 +266,9 @@ class CheckpointStore:
             ):
                 if journal_key[2] == cached.offset:
                     return cached.state
-                try:
-                    data = manifest.read_regular_file(self.journal_path, cached.offset)
-                except (OSError, CheckpointError):
-                    data = None
-                records, used, problem = (
-                    manifest.parse_journal(data) if data is not None else ([], 0, "x")
-                )
-                if problem is None:
-                    for record in records:
-                        cached.state.apply(record)
-                    cached.offset += used
-                    cached.state.pending = "truncate" if used < len(data) else None
+                if self._read_new_records(cached):
                     return cached.state
+                _CACHE.pop(self.root, None)  # anything odd: read everything again
             try:
                 state, offset, journal_id = self._read_files()
             except _Changed:
@@ -291,6 +281,22 @@ class CheckpointStore:
             return state
         state = self._state_from_files(f"{self.manifest_path} kept changing while being read")
         return state
+
+    def _read_new_records(self, cached: _Cached) -> bool:
+        """Apply the journal lines written since ``cached`` was read; False when they
+        cannot be read as intact records (then the caller reads everything again)."""
+        try:
+            data = manifest.read_regular_file(self.journal_path, cached.offset)
+            records, used, problem = manifest.parse_journal(data)
+            if problem is not None:
+                return False
+            for record in records:
+                cached.state.apply(record)
+        except (OSError, CheckpointError, ValueError, KeyError, TypeError):
+            return False
+        cached.offset += used
+        cached.state.pending = "truncate" if used < len(data) else None
+        return True
 
     def _read_files(self) -> tuple[manifest.ManifestState, int, tuple | None]:
         try:
