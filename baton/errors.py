@@ -45,3 +45,18 @@ class ConfigError(BatonError, ValueError):
 class UntrustedInputError(ConfigError):
     """A run's input asks for something the operator did not allow: a module, a URI
     scheme, a path outside the experiment and the operator's roots, a device file."""
+
+
+class CheckpointOutsideError(CheckpointError):
+    """A path the store was asked to read, verify, commit or delete is not a regular file
+    directly inside the experiment's ``checkpoints/`` folder (an absolute or ``..`` path,
+    a symbolic link, a device). The store reports it and never follows it."""
+
+
+class ManifestVersionError(CheckpointError):
+    """The manifest was written by a newer baton; it is left untouched."""
+
+
+class TrainingDivergedError(BatonError):
+    """Training produced a non-finite metric (NaN or infinity); nothing was committed from
+    the diverged state, and the checkpoints committed before it are intact."""

@@ -26,6 +26,8 @@ from baton.data import ResumableLoader
 from baton.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    ConfigError,
+    TrainingDivergedError,
     UntrustedInputError,
 )
 from baton.strategy import SingleDeviceStrategy
@@ -136,24 +138,56 @@ def preload() -> None:
     importlib.import_module("torch._dynamo")
 
 
-def find_resume_point(cfg: PipelineConfig) -> CheckpointRef | None:
-    """The checkpoint a run of ``cfg`` continues from, by its resume policy.
+def find_resume_point(cfg: PipelineConfig, *, run_id: str | None = None) -> CheckpointRef | None:
+    """The checkpoint a run of ``cfg`` continues from, by its resume policy; it also
+    records which lineage the run's commits go to. Call it under the experiment's lock.
 
-    ``'auto'``: the newest valid checkpoint of the experiment (``None`` if there is
-    none); ``'never'``: ``None``; anything else: that checkpoint, which must exist.
+    - ``'auto'``: the newest valid checkpoint of the newest lineage (``None`` if there is
+      none); the run continues that lineage.
+    - ``'never'``: ``None``. If the experiment already has checkpoints, a new lineage is
+      started: the older lineages keep every file, and auto-resume continues the new
+      lineage from then on.
+    - a path: that checkpoint, which must exist. Unless it is the newest one, the run
+      starts a new lineage from it (a branch).
+
+    A retry of the run that started the newest lineage (the same ``run_id``: a Prefect
+    flow run retried) continues that lineage instead of starting yet another.
+
+    Raises:
+        CheckpointNotFoundError: The named checkpoint does not exist.
+        CheckpointCorruptError: The named committed checkpoint no longer verifies.
     """
-    if cfg.resume == "never":
-        return None
     store = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name)
+    head = store.head()
+    own_retry = run_id is not None and head is not None and head.run == run_id
     if cfg.resume == "auto":
         return store.latest()
+    if cfg.resume == "never":
+        if own_retry:
+            return store.latest()
+        if head is None and run_id is None:
+            return None  # an empty experiment: the first commit starts lineage 1
+        if head is not None and not head.checkpoints and not (head.parent or head.parent_outside):
+            return None  # the newest lineage is still empty and fresh: use it
+        store.start_lineage(reason="fresh", run=run_id, config_hash=cfg.config_hash)
+        return None
     uri = _checked_uri(cfg, cfg.resume, "resume checkpoint")
     committed = store.find(uri) or store.find(cfg.resume)
     if committed is not None:
         store.verify(committed)
+        if own_retry and _same(head.parent, committed):
+            return store.latest() or committed
+        if not _same(store.latest(), committed):
+            store.start_lineage(
+                parent=committed, reason="branch", run=run_id, config_hash=cfg.config_hash
+            )
         return committed
     size, digest = io.sha256_of(uri)
-    return CheckpointRef(uri=uri, epoch=0, iter=0, size=size, sha256=digest)
+    ref = CheckpointRef(uri=uri, epoch=0, iter=0, size=size, sha256=digest)
+    if own_retry and head.parent_outside == uri:
+        return store.latest() or ref
+    store.start_lineage(parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash)
+    return ref
 
 
 def _checked_uri(cfg: PipelineConfig, uri: str, what: str) -> str:
@@ -167,6 +201,11 @@ def _checked_uri(cfg: PipelineConfig, uri: str, what: str) -> str:
         if "does not exist" in str(err):
             raise CheckpointNotFoundError(f"{what} {uri!r} does not exist") from err
         raise
+
+
+def _same(a: CheckpointRef | None, b: CheckpointRef | None) -> bool:
+    """The same file with the same bytes (metrics may hold NaN, which equals nothing)."""
+    return a is not None and b is not None and (a.uri, a.sha256) == (b.uri, b.sha256)
 
 
 def _check_architecture(cfg: PipelineConfig, source: str):
@@ -315,6 +354,41 @@ def should_save(pipeline: Pipeline) -> bool:
     return pipeline.strategy.epoch % pipeline.config.checkpoint.interval == 0 or pipeline.finished
 
 
+def _refuse_diverged(pipeline: Pipeline, metrics: dict[str, float]) -> None:
+    """Stop before a diverged state is saved: it would become the latest checkpoint, and
+    every later run would resume from it."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    strategy = pipeline.strategy
+    head = strategy.checkpoints.head()
+    last = head.checkpoints[-1].uri if head and head.checkpoints else None
+    values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+    raise TrainingDivergedError(
+        f"training diverged at epoch {strategy.epoch + (strategy.step_in_epoch > 0)}, "
+        f"iteration {strategy.iter} ({values}); nothing was saved from this state and the "
+        f"committed checkpoints are intact (the last one: {last or 'none'}). Lower the "
+        "learning rate or set optim_wrapper.clip_grad, then continue from that checkpoint "
+        "or start a new lineage with resume: never"
+    )
+
+
+def _check_best_metric(cfg: PipelineConfig, metrics: dict[str, float]) -> None:
+    """``checkpoint.best_metric`` must be a metric the pipeline produces, or ``keep_best``
+    would silently keep nothing. Which metrics exist is known once the first step of its
+    kind (``val/`` or ``train/``) has run, so it is checked at the first save after it."""
+    wanted = cfg.checkpoint.best_metric
+    if wanted is None or wanted in metrics:
+        return
+    prefix = wanted.split("/", 1)[0] + "/"
+    produced = sorted(k for k in metrics if k.startswith(prefix))
+    if produced:
+        raise ConfigError(
+            f"checkpoint.best_metric {wanted!r} is not a metric this pipeline produces "
+            f"({', '.join(produced)}); set checkpoint.best_metric to one of them"
+        )
+
+
 def save(
     pipeline: Pipeline,
     metrics: dict[str, float],
@@ -329,6 +403,8 @@ def save(
     """
     strategy = pipeline.strategy
     cfg = pipeline.config
+    _refuse_diverged(pipeline, metrics)
+    _check_best_metric(cfg, metrics)
     record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
     if name is None:
         pipeline.history = [h for h in pipeline.history if h["iter"] != strategy.iter] + [record]

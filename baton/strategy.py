@@ -474,10 +474,17 @@ class SingleDeviceStrategy:
             raise RuntimeError(f"call prepare(model, ...) before {what}()")
 
     def _resolve_target(self, filename: str) -> str:
-        """A bare file name goes into the experiment's checkpoint folder."""
+        """A bare file name goes into the experiment's checkpoint folder, named for the
+        newest lineage (``L2-epoch_0003.pth``), so that no lineage writes over another's
+        committed file; an explicit path into that folder is refused if it would."""
+        store = self.checkpoints
         if "://" not in filename and "/" not in filename and filename not in ("", ".", ".."):
-            return str(self.checkpoints.path_for(filename))
-        return str(io.local_path(filename).absolute()) if io.is_local(filename) else filename
+            return str(store.target(filename))
+        if not io.is_local(filename):
+            return filename
+        target = str(io.local_path(filename).absolute())
+        store.check_target(target)
+        return target
 
     def save_checkpoint(
         self,
@@ -491,8 +498,9 @@ class SingleDeviceStrategy:
         """Write a checkpoint atomically and return its reference.
 
         A bare file name (``'epoch_0003.pth'``) is written into the experiment's
-        ``checkpoints/`` folder and committed to its manifest (with retention applied);
-        a path or URI is written where it says. Weights and optimizer state are moved
+        ``checkpoints/`` folder and committed to its manifest, in the newest lineage
+        (whose files after the first are named ``L2-epoch_0003.pth``), with retention
+        applied within that lineage; a path or URI is written where it says. Weights and optimizer state are moved
         to the CPU. ``extra_ckpt`` is copied, never modified; its ``meta`` entries
         (``epoch``, ``iter``, ``metrics``...) join the checkpoint's ``meta``.
         ``callback(checkpoint)`` may edit the dict just before it is written.
@@ -609,6 +617,8 @@ class SingleDeviceStrategy:
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
         position = {"epoch": int(meta.get("epoch", 0)), "iter": int(meta.get("iter", 0))}
         store = self.checkpoints
+        # Only files of the experiment's own checkpoints/ folder enter its manifest (and
+        # its newest lineage); a checkpoint written elsewhere is returned, not committed.
         if io.is_local(target) and store.owns(target):
             ref = store.commit(target, size=size, sha256=digest, metrics=metrics, **position)
         else:

@@ -156,29 +156,109 @@ def cmd_run(args) -> int:
 
 
 def cmd_ckpt_list(args) -> int:
+    """List an experiment's checkpoints by lineage, each verified, all from one committed
+    state of the manifest. Read-only: a manifest to repair or migrate is shown as the next
+    run holding the experiment's lock will write it."""
     from baton import CheckpointStore
 
     store = CheckpointStore(args.experiment_dir)
-    if not store.manifest_path.exists():
+    if not store.manifest_path.exists() and not store.journal_path.exists():
         print(
             f"{args.experiment_dir}: no manifest.json (no committed checkpoints)", file=sys.stderr
         )
         return 1
-    refs = store.list()
-    latest = store.latest()
-    for ref in refs:
-        status = "ok" if store.is_valid(ref) else "INVALID"
-        mark = " <- latest" if latest == ref else ""
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in ref.metrics.items())
+    report = store.check()
+    if report.problem:
         print(
-            f"{status:7} epoch {ref.epoch:4d} iter {ref.iter:7d} {ref.sha256[:12]} {ref.uri}{mark} {metrics}"
+            f"baton: {report.problem}; listed from the checkpoint files instead (the next "
+            "run of the experiment rebuilds the manifest)",
+            file=sys.stderr,
         )
+    elif report.pending == "migrate":
+        print(
+            "baton: the manifest has the first format (absolute paths); listed as the next "
+            "run will migrate it (nothing was written)",
+            file=sys.stderr,
+        )
+    for entry in report.entries:
+        ref = entry.ref
+        status = "ok" if entry.problem is None else "INVALID"
+        latest = report.latest
+        mark = (
+            " <- latest" if latest and (ref.uri, ref.sha256) == (latest.uri, latest.sha256) else ""
+        )
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in ref.metrics.items())
+        why = f" ({entry.problem})" if entry.problem else ""
+        print(
+            f"{status:7} L{entry.lineage:<3} epoch {ref.epoch:4d} iter {ref.iter:7d} "
+            f"{ref.sha256[:12]} {ref.uri}{mark} {metrics}{why}".rstrip()
+        )
+    for what, why in report.outside:
+        print(f"OUTSIDE {what}: {why}; reported, never read or deleted")
+    for lineage in report.lineages:
+        print(_lineage_line(lineage, newest=lineage is report.lineages[-1]))
     return 0
 
 
+def _lineage_line(lineage, *, newest: bool) -> str:
+    import time
+
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(lineage.started))
+    parts = [f"lineage L{lineage.id}: {lineage.reason or 'started'}"]
+    if lineage.started:
+        parts.append(f"started {started}")
+    if lineage.parent is not None:
+        parts.append(f"from {Path(lineage.parent.uri).name} (epoch {lineage.parent.epoch})")
+    elif lineage.parent_outside:
+        parts.append(f"from {lineage.parent_outside}")
+    if lineage.run:
+        parts.append(f"run {lineage.run}")
+    count = len(lineage.checkpoints)
+    parts.append(f"{count} checkpoint{'s' if count != 1 else ''}")
+    line = ", ".join(parts)
+    return line + " <- newest: auto-resume continues it" if newest else line
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What a local file is when it cannot be a checkpoint; ``None`` when it may be one."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing: no such file"
+    except OSError as err:
+        return f"unreadable ({os.strerror(err.errno) if err.errno else err})"
+    if stat.S_ISDIR(mode):
+        if (path / "manifest.json").exists():
+            return f"an experiment folder; list its checkpoints with `baton ckpt list {path}`"
+        return "a directory, not a checkpoint file"
+    if not stat.S_ISREG(mode):
+        return "a device or special file, not a checkpoint file"
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None  # torch's zip format, or a legacy pickle: load it to tell
+    if not head:
+        return "an empty file, not a checkpoint"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data, not a checkpoint (it starts with bytes {head[:8].hex(' ')})"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file, not a checkpoint (it starts with {first!r})"
+
+
 def cmd_ckpt_inspect(args) -> int:
+    """What a checkpoint file holds (loaded safely); one line and exit 1 for anything that
+    is not a checkpoint."""
     from baton.checkpoint import io
 
+    if io.is_local(args.checkpoint):
+        what = _not_a_checkpoint(io.local_path(args.checkpoint))
+        if what is not None:
+            print(f"baton: {args.checkpoint} is {what}", file=sys.stderr)
+            return 1
     size, digest = io.sha256_of(args.checkpoint)
     checkpoint = io.load(args.checkpoint)
     meta = dict(checkpoint.get("meta") or {}) if isinstance(checkpoint, dict) else {}

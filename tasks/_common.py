@@ -14,6 +14,7 @@ from baton.errors import (
     CheckpointNotFoundError,
     ConfigError,
     ExperimentLockedError,
+    TrainingDivergedError,
     UnsafeCheckpointError,
 )
 
@@ -25,6 +26,7 @@ PERMANENT_ERRORS = (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     ExperimentLockedError,
+    TrainingDivergedError,
     UnsafeCheckpointError,
 )
 

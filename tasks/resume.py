@@ -4,6 +4,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from baton import pipeline as pl
 from baton.checkpoint.ref import CheckpointRef
@@ -19,7 +20,9 @@ from tasks.state import config_of
 def find_resume_point(config: dict[str, Any]) -> CheckpointRef | None:
     """The newest valid checkpoint (``resume: auto``), none (``never``), or the one named."""
     cfg = config_of(config)
-    ref = pl.find_resume_point(cfg)
+    # The flow run's id marks the lineage a fresh start or a branch begins, so that a
+    # retry of the same flow run continues it instead of starting another.
+    ref = pl.find_resume_point(cfg, run_id=flow_run.get_id())
     if ref is None:
         run_logger().info("no checkpoint to resume for %s: starting fresh", cfg.experiment_name)
     else:

@@ -2,7 +2,8 @@
 
 A reference says where a checkpoint is and what it must contain (size, sha256); it never
 holds tensors. ``CheckpointName`` is the one place that formats, parses and orders the
-file names of an experiment's checkpoints.
+file names of an experiment's checkpoints, including the lineage prefix that keeps two
+lineages of one experiment from ever writing the same file.
 """
 
 import re
@@ -42,6 +43,7 @@ class CheckpointRef(BaseModel):
         return cls.model_validate_json(text)
 
 
+_LINEAGE_RE = re.compile(r"^L(?P<lineage>[1-9]\d{0,8})-(?P<rest>.+)$")
 _NAME_RE = re.compile(r"^(?P<kind>epoch|iter)_(?P<number>\d+)\.pth$")
 
 
@@ -49,12 +51,15 @@ _NAME_RE = re.compile(r"^(?P<kind>epoch|iter)_(?P<number>\d+)\.pth$")
 class CheckpointName:
     """A checkpoint file name: ``epoch_0003.pth`` or ``iter_000120.pth``.
 
-    Ordering is by (kind, number), which only matters for display; the store orders
-    checkpoints by training position (iteration), not by name.
+    Files of an experiment's first lineage carry no prefix; a later lineage ``n`` names
+    its files ``Ln-epoch_0003.pth``, so that a fresh start or a branch never overwrites
+    a file another lineage committed. Ordering is by (kind, number, lineage), which only
+    matters for display; the store orders checkpoints by commit.
     """
 
     kind: str
     number: int
+    lineage: int = 1
 
     EPOCH_DIGITS = 4
     ITER_DIGITS = 6
@@ -72,11 +77,25 @@ class CheckpointName:
     @classmethod
     def parse(cls, name: str) -> "CheckpointName | None":
         """Parse a file name; ``None`` when it does not follow the scheme."""
-        match = _NAME_RE.match(name)
+        lineage, rest = cls.split_lineage(name)
+        match = _NAME_RE.match(rest)
         if match is None:
             return None
-        return cls(match["kind"], int(match["number"]))
+        return cls(match["kind"], int(match["number"]), lineage)
+
+    @staticmethod
+    def split_lineage(filename: str) -> tuple[int, str]:
+        """``("L3-epoch_0002.pth")`` -> ``(3, "epoch_0002.pth")``; no prefix is lineage 1."""
+        match = _LINEAGE_RE.match(filename)
+        if match is None:
+            return 1, filename
+        return int(match["lineage"]), match["rest"]
+
+    @staticmethod
+    def in_lineage(filename: str, lineage: int) -> str:
+        """The file name a bare name without a lineage prefix takes in ``lineage``."""
+        return filename if lineage == 1 else f"L{lineage}-{filename}"
 
     def __str__(self) -> str:
         digits = self.EPOCH_DIGITS if self.kind == "epoch" else self.ITER_DIGITS
-        return f"{self.kind}_{self.number:0{digits}d}.pth"
+        return CheckpointName.in_lineage(f"{self.kind}_{self.number:0{digits}d}.pth", self.lineage)

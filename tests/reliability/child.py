@@ -4,8 +4,8 @@
 
 POINT is where the N-th occurrence kills the process: ``iteration`` (after a training
 iteration), ``validation`` (inside validation), ``checkpoint-write`` (inside a checkpoint
-file's write), ``manifest-update`` (new manifest written to its temporary file, not yet
-renamed), ``rotation`` (manifest committed, old file not yet deleted), or ``none``.
+file's write), ``manifest-update`` (half of a manifest journal record written), ``rotation`` (commit
+recorded, old file not yet deleted), or ``none``.
 Everything is patched here, in the throw-away child; the engine has no fault hooks.
 """
 
@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 
 
 def die() -> None:
@@ -22,7 +21,7 @@ def die() -> None:
 
 def arm(point: str, n: int) -> None:
     from baton import loop
-    from baton.checkpoint import io
+    from baton.checkpoint import io, manifest, store
 
     count = {"n": 0}
 
@@ -64,28 +63,25 @@ def arm(point: str, n: int) -> None:
 
         io._HashingWriter._write = write
     elif point == "manifest-update":
-        original_text = io.write_text_atomic
+        original_append = manifest.append_record
 
-        def write_text_atomic(path, text):
-            if Path(path).name == "manifest.json":
-                count["n"] += 1
-                if count["n"] == n:  # half a manifest in a temporary file, then death
-                    Path(path).with_name(".manifest.json.killed.tmp").write_text(
-                        text[: len(text) // 2]
-                    )
-                    die()
-            original_text(path, text)
+        def append_record(fd, line):
+            count["n"] += 1
+            if count["n"] == n:  # half a journal record on disk, then death
+                os.write(fd, line[: len(line) // 2])
+                os.fsync(fd)
+                die()
+            original_append(fd, line)
 
-        io.write_text_atomic = write_text_atomic
+        manifest.append_record = append_record
     elif point == "rotation":
-        original_unlink = Path.unlink
+        original_unlink = store._unlink_in
 
-        def unlink(self, missing_ok=False):
-            if self.suffix == ".pth" and self.parent.name == "checkpoints":
-                tick()
-            return original_unlink(self, missing_ok=missing_ok)
+        def unlink_in(dir_fd, name):
+            tick()
+            original_unlink(dir_fd, name)
 
-        Path.unlink = unlink
+        store._unlink_in = unlink_in
     elif point != "none":
         raise SystemExit(f"unknown kill point {point!r}")
 
