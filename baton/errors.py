@@ -40,3 +40,7 @@ class ConfigError(BatonError):
     def __init__(self, message: str, problems: list | None = None):
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+class RestartLimitError(BatonError):
+    """An automatic restart was refused: the experiment's restart bound is spent."""

@@ -11,6 +11,7 @@ from baton.errors import (
     CheckpointMismatchError,
     ConfigError,
     ExperimentLockedError,
+    RestartLimitError,
     UnsafeCheckpointError,
 )
 
@@ -19,6 +20,7 @@ PERMANENT_ERRORS = (
     ConfigError,
     CheckpointMismatchError,
     ExperimentLockedError,
+    RestartLimitError,
     UnsafeCheckpointError,
 )
 
