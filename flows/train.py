@@ -6,17 +6,22 @@ silently reset its other fields. Here each parameter stands alone.
 """
 
 import contextlib
+import functools
 import logging
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_client
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 
 from baton.checkpoint.store import CheckpointStore
 from baton.interrupt import deferred_termination
+from baton.restarts import RestartBound, RestartLog
 from tasks import (
     EpochReporter,
     RunState,
@@ -59,17 +64,64 @@ def _run_log_file(cfg: dict) -> Iterator[None]:
         handler.close()
 
 
+def restart_name(crashed: str) -> str:
+    """The name of an automatic restart of the run called ``crashed``: a chain of restarts
+    keeps the first run's name and counts up (``brave-fox-restart-1``, ``-restart-2``), so
+    the UI lists them together. Names are only shown, never used as paths."""
+    crashed = re.sub(r"[^\w.-]+", "-", crashed)[:80]
+    base, _, count = re.fullmatch(r"(.*?)(-restart-(\d+))?", crashed).groups()
+    return f"{base}-restart-{int(count or 0) + 1}"
+
+
+def _run_name() -> str:
+    """Prefect's own run name, or the restart's name when the restart automation started it."""
+    crashed = flow_run.get_parameters().get("restart_of")
+    return restart_name(str(crashed)) if crashed else flow_run.get_name()
+
+
+def _cancel_ends_cancelled(fn: Callable[..., RunState]) -> Callable[..., RunState | State]:
+    """End the run Cancelled, not Crashed, when its SIGTERM was a cancel (UI, API, CLI).
+
+    Prefect tells a cancel from other terminations through a handshake that its own SIGTERM
+    handler must answer; while baton defers the signal to the end of an iteration, its
+    handler is installed instead, so Prefect would report the cancel as a crash, and the
+    restart automation would start the run again. The run's state on the server
+    (Cancelling) says what Prefect's handshake would have said.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> RunState | State:
+        try:
+            return fn(*args, **kwargs)
+        except TerminationSignal:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(flow_run.get_id()).state
+            if state is not None and state.is_cancelling():
+                return Cancelled(message="Cancelled after an emergency checkpoint.")
+            raise
+
+    return run
+
+
 def _due(epoch: int, interval: int, state: RunState) -> bool:
     return epoch % interval == 0 or state.finished
 
 
-@flow(name="train-pipeline", retries=1, retry_delay_seconds=0, log_prints=True)
+@flow(
+    name="train-pipeline",
+    flow_run_name=_run_name,
+    retries=1,
+    retry_delay_seconds=0,
+    log_prints=True,
+)
+@_cancel_ends_cancelled
 def train_pipeline(
     config: str | dict[str, Any] = "configs/digits_mlp.yaml",
     overrides: list[str] | None = None,
     experiment_name: str | None = None,
     resume: str | None = None,
     work_dir: str | None = None,
+    restart_of: str | None = None,
 ) -> RunState:
     """Train a pipeline to its horizon, continuing from the experiment's newest checkpoint.
 
@@ -79,6 +131,7 @@ def train_pipeline(
         experiment_name: Overrides the config's experiment_name (the folder checkpoints go to).
         resume: 'auto' (newest valid checkpoint), 'never', or a checkpoint path; default: the config's.
         work_dir: Overrides the config's work_dir.
+        restart_of: Set by the restart automation: the crashed run this one continues. Leave empty.
     """
     started = time.time()
     settings = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
@@ -87,6 +140,10 @@ def train_pipeline(
     # A SIGTERM (cancel, preemption) between tasks waits for the current task; inside the
     # training task it waits for the current iteration, then an emergency checkpoint.
     with store.lock(), _run_log_file(cfg), deferred_termination() as stop:
+        if restart_of:
+            bound = RestartBound.from_env()
+            count = RestartLog(store.root).claim(str(flow_run.get_id()), restart_of, bound)
+            print(f"automatic restart {count}/{bound.limit} of crashed run {restart_of!r}")
         state = prepare(cfg, find_resume_point(cfg))
         if state.finished:
             print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
