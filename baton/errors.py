@@ -42,5 +42,6 @@ class ConfigError(BatonError):
         self.problems = list(problems or [])
 
 
-class RestartLimitError(BatonError):
-    """An automatic restart was refused: the experiment's restart bound is spent."""
+class RestartRefusedError(BatonError):
+    """An automatic restart was refused: the restart bound is spent, or `restart_of` does
+    not name a crashed flow run."""

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from baton.checkpoint.io import write_text_atomic
-from baton.errors import RestartLimitError
+from baton.errors import RestartRefusedError
 
 DEFAULT_LIMIT = 3  # automatic restarts allowed per experiment within the window
 DEFAULT_WINDOW = timedelta(hours=24)
@@ -80,7 +80,7 @@ class RestartLog:
         """Every restart recorded, oldest first.
 
         Raises:
-            RestartLimitError: The log cannot be read; restarting blind could loop for ever.
+            RestartRefusedError: The log cannot be read; restarting blind could loop for ever.
         """
         try:
             records = json.loads(self.path.read_text(encoding="utf-8"))["restarts"]
@@ -91,7 +91,7 @@ class RestartLog:
         except FileNotFoundError:
             return []
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise RestartLimitError(
+            raise RestartRefusedError(
                 f"the restart log {self.path} is unreadable ({err}); check it, delete it to "
                 "allow automatic restarts again, and start the run by hand"
             ) from err
@@ -107,7 +107,7 @@ class RestartLog:
             How many restarts of this experiment lie within the window, this one included.
 
         Raises:
-            RestartLimitError: ``bound.limit`` restarts already happened within the window.
+            RestartRefusedError: ``bound.limit`` restarts already happened within the window.
         """
         now = now or datetime.now(UTC)
         continues = continues[:200]  # a run's parameter: bounded before it is stored
@@ -116,12 +116,12 @@ class RestartLog:
             return len(recent)
         if len(recent) >= bound.limit:
             if not recent:
-                raise RestartLimitError(
+                raise RestartRefusedError(
                     f"not restarting {continues!r}: automatic restarts are off "
                     "(BATON_RESTART_LIMIT=0); start the run by hand"
                 )
             times = f"{len(recent)} time{'s' if len(recent) > 1 else ''}"
-            raise RestartLimitError(
+            raise RestartRefusedError(
                 f"not restarting {continues!r}: the experiment was restarted automatically "
                 f"{times} in {bound.window / timedelta(hours=1):g} h (after "
                 f"{', '.join(r.continues for r in recent)}), the limit (BATON_RESTART_LIMIT="

@@ -13,13 +13,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
 from baton.checkpoint.store import CheckpointStore
+from baton.errors import RestartRefusedError
 from baton.interrupt import deferred_termination
 from baton.restarts import RestartBound, RestartLog
 from tasks import (
@@ -73,13 +76,27 @@ def restart_name(crashed: str) -> str:
     return f"{base}-restart-{int(count or 0) + 1}"
 
 
+def _server_run(run_id: str) -> FlowRun | None:
+    """The flow run ``run_id`` as the server has it; None when it cannot be read."""
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(UUID(str(run_id)))
+    except Exception:  # not an id, not found, server unreachable: the caller decides
+        return None
+
+
 def _run_name() -> str:
     """Prefect's own run name, or the restart's name when the restart automation started it."""
-    crashed = flow_run.get_parameters().get("restart_of")
-    return restart_name(str(crashed)) if crashed else flow_run.get_name()
+    restart_of = flow_run.get_parameters().get("restart_of")
+    if not restart_of:
+        return flow_run.get_name()
+    crashed = _server_run(restart_of)
+    return restart_name(crashed.name if crashed else str(restart_of))
 
 
-def _cancel_ends_cancelled(fn: Callable[..., RunState]) -> Callable[..., RunState | State]:
+def _cancel_ends_cancelled(
+    fn: Callable[..., RunState | State],
+) -> Callable[..., RunState | State]:
     """End the run Cancelled, not Crashed, when its SIGTERM was a cancel (UI, API, CLI).
 
     Prefect tells a cancel from other terminations through a handshake that its own SIGTERM
@@ -94,13 +111,18 @@ def _cancel_ends_cancelled(fn: Callable[..., RunState]) -> Callable[..., RunStat
         try:
             return fn(*args, **kwargs)
         except TerminationSignal:
-            with get_client(sync_client=True) as client:
-                state = client.read_flow_run(flow_run.get_id()).state
-            if state is not None and state.is_cancelling():
+            if _being_cancelled():
                 return Cancelled(message="Cancelled after an emergency checkpoint.")
             raise
 
     return run
+
+
+def _being_cancelled() -> bool:
+    """Whether this flow run is Cancelling on the server (False when that cannot be read)."""
+    run_id = flow_run.get_id()
+    this = _server_run(run_id) if run_id else None
+    return this is not None and this.state is not None and this.state.is_cancelling()
 
 
 def _due(epoch: int, interval: int, state: RunState) -> bool:
@@ -122,7 +144,7 @@ def train_pipeline(
     resume: str | None = None,
     work_dir: str | None = None,
     restart_of: str | None = None,
-) -> RunState:
+) -> RunState | State:
     """Train a pipeline to its horizon, continuing from the experiment's newest checkpoint.
 
     Args:
@@ -131,9 +153,21 @@ def train_pipeline(
         experiment_name: Overrides the config's experiment_name (the folder checkpoints go to).
         resume: 'auto' (newest valid checkpoint), 'never', or a checkpoint path; default: the config's.
         work_dir: Overrides the config's work_dir.
-        restart_of: Set by the restart automation: the crashed run this one continues. Leave empty.
+        restart_of: Set by the restart automation: the id of the crashed run this continues. Leave empty.
     """
     started = time.time()
+    if restart_of:
+        crashed = _server_run(restart_of)
+        if crashed is None:
+            raise RestartRefusedError(
+                f"restart_of={restart_of[:80]!r} is not the id of a flow run on this server; "
+                "leave it empty (the restart automation sets it)"
+            )
+        if crashed.state is None or not crashed.state.is_crashed():
+            # A cancel whose process outlived Prefect's grace period is killed, reported
+            # Crashed, then Cancelled: the person asked for it to stop.
+            what = crashed.state.name if crashed.state else "without a state"
+            return Cancelled(message=f"Not restarting {crashed.name!r}: it is {what} now.")
     settings = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
     cfg = validate_config(config, overrides, {k: v for k, v in settings.items() if v is not None})
     store = CheckpointStore(f"{cfg['work_dir']}/{cfg['experiment_name']}")
@@ -142,8 +176,8 @@ def train_pipeline(
     with store.lock(), _run_log_file(cfg), deferred_termination() as stop:
         if restart_of:
             bound = RestartBound.from_env()
-            count = RestartLog(store.root).claim(str(flow_run.get_id()), restart_of, bound)
-            print(f"automatic restart {count}/{bound.limit} of crashed run {restart_of!r}")
+            count = RestartLog(store.root).claim(str(flow_run.get_id()), crashed.name, bound)
+            print(f"automatic restart {count}/{bound.limit} of crashed run {crashed.name!r}")
         state = prepare(cfg, find_resume_point(cfg))
         if state.finished:
             print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")

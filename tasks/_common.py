@@ -11,7 +11,7 @@ from baton.errors import (
     CheckpointMismatchError,
     ConfigError,
     ExperimentLockedError,
-    RestartLimitError,
+    RestartRefusedError,
     UnsafeCheckpointError,
 )
 
@@ -20,7 +20,7 @@ PERMANENT_ERRORS = (
     ConfigError,
     CheckpointMismatchError,
     ExperimentLockedError,
-    RestartLimitError,
+    RestartRefusedError,
     UnsafeCheckpointError,
 )
 

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from baton.errors import RestartLimitError
+from baton.errors import RestartRefusedError
 from baton.restarts import RestartBound, RestartLog
 
 NOON = datetime(2026, 1, 1, 12, tzinfo=UTC)
@@ -16,7 +16,7 @@ def test_restarts_are_counted_until_the_bound(tmp_path):
     bound = RestartBound(limit=2, window=timedelta(hours=24))
     assert log.claim("run-1", "fox", bound, now=NOON) == 1
     assert log.claim("run-2", "fox-restart-1", bound, now=NOON + timedelta(minutes=2)) == 2
-    with pytest.raises(RestartLimitError, match=r"restarted automatically 2 times in 24 h .*fox"):
+    with pytest.raises(RestartRefusedError, match=r"restarted automatically 2 times in 24 h .*fox"):
         log.claim("run-3", "fox-restart-2", bound, now=NOON + timedelta(minutes=4))
     assert [r.run for r in log.restarts()] == ["run-1", "run-2"]  # a refusal records nothing
 
@@ -38,7 +38,7 @@ def test_restarts_older_than_the_window_no_longer_count(tmp_path):
 
 def test_limit_zero_refuses_every_restart(tmp_path):
     with pytest.raises(
-        RestartLimitError, match=r"automatic restarts are off \(BATON_RESTART_LIMIT=0\)"
+        RestartRefusedError, match=r"automatic restarts are off \(BATON_RESTART_LIMIT=0\)"
     ):
         RestartLog(tmp_path).claim("run-1", "fox", RestartBound(limit=0), now=NOON)
 
@@ -48,7 +48,7 @@ def test_an_unreadable_log_refuses_the_restart_and_says_how_to_recover(tmp_path,
     log = RestartLog(tmp_path)
     log.path.parent.mkdir(parents=True)
     log.path.write_text(content)
-    with pytest.raises(RestartLimitError, match="unreadable .* delete it"):
+    with pytest.raises(RestartRefusedError, match="unreadable .* delete it"):
         log.claim("run-1", "fox", RestartBound(), now=NOON)
 
 

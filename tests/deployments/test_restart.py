@@ -165,7 +165,7 @@ def test_a_killed_run_and_worker_are_restarted_and_end_bitwise_equal(server, tmp
     crashed = server.run(first)
     assert crashed["state"]["type"] == "CRASHED"
     assert restarted["state"]["type"] == "COMPLETED", restarted["state"]["message"]
-    assert restarted["parameters"] == {**ui_parameters(cfg), "restart_of": name}
+    assert restarted["parameters"] == {**ui_parameters(cfg), "restart_of": first}
     print(
         f"\nkill -> marked Crashed {crashed['state']['timestamp']}: "
         f"{_seconds(crashed['start_time'], crashed['state']['timestamp']):.0f} s after start; "
@@ -191,6 +191,14 @@ def test_a_cancelled_run_is_left_alone_and_a_crash_loop_stops_at_the_bound(serve
     looping_cfg = small_config(
         tmp_path / "wd", name="looping", model={**slow, "type": "tests.faults.KillingMLP"}
     )
+    # Prefect's own race: a cancel whose process outlives the grace period is SIGKILLed,
+    # reported Crashed by the worker, then Cancelled. The test plays the worker here.
+    raced = server.create_run("train-pipeline/train-from-ui", ui_parameters(cancelled_cfg))
+    for state in ("RUNNING", "CANCELLING", "CRASHED", "CANCELLED"):
+        response = server.http.post(
+            f"/flow_runs/{raced}/set_state", json={"state": {"type": state}, "force": True}
+        )
+        assert response.json()["status"] == "ACCEPT", response.text
     worker = server.worker()
     try:
         cancelled = server.create_run("train-pipeline/train-from-ui", ui_parameters(cancelled_cfg))
@@ -225,6 +233,10 @@ def test_a_cancelled_run_is_left_alone_and_a_crash_loop_stops_at_the_bound(serve
     )
     claimed = [name] + [f"{name}-restart-{n}" for n in range(1, RESTART_LIMIT)]
     assert [r["continues"] for r in restarts["restarts"]] == claimed
+    raced_name = server.run(raced)["name"]
+    restart = _wait_for_run(server, f"{raced_name}-restart-1", TERMINAL, timeout=30)
+    assert restart["state"]["type"] == "CANCELLED", _history(server, restart["id"])
+    assert restart["state"]["message"] == f"Not restarting {raced_name!r}: it is Cancelled now."
     # The cancel happened before the first crash: had it been restarted, that run exists by now.
     cancelled_name = server.run(cancelled)["name"]
     assert set(_runs_named(server, cancelled_name)) == {cancelled_name}, _history(server, cancelled)
