@@ -42,6 +42,20 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
+class _RetryBusyDatabase(httpx.HTTPTransport):
+    """Send a request again when the server answers 503: its SQLite database was busy and
+    the transaction rolled back (Prefect's own client retries these the same way)."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for delay in (0.5, 1, 2, 4, 8):
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                return response
+            response.close()
+            time.sleep(delay)
+        return super().handle_request(request)
+
+
 class Server:
     def __init__(self, home: Path, ui: bool = False):
         port = _free_port()
@@ -65,7 +79,7 @@ class Server:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.http = httpx.Client(base_url=self.url, timeout=30)
+        self.http = httpx.Client(base_url=self.url, timeout=30, transport=_RetryBusyDatabase())
         deadline = time.time() + 120
         while time.time() < deadline and self.process.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
