@@ -60,3 +60,8 @@ class ManifestVersionError(CheckpointError):
 class TrainingDivergedError(BatonError):
     """Training produced a non-finite metric (NaN or infinity); nothing was committed from
     the diverged state, and the checkpoints committed before it are intact."""
+
+
+class RestartRefusedError(BatonError):
+    """An automatic restart was refused: the restart bound is spent, or `restart_of` does
+    not name a crashed flow run."""

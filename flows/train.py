@@ -6,17 +6,25 @@ silently reset its other fields. Here each parameter stands alone.
 """
 
 import contextlib
+import functools
 import logging
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
-from prefect import flow
+from prefect import flow, get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 
 from baton.checkpoint.store import CheckpointStore
+from baton.errors import RestartRefusedError
 from baton.interrupt import deferred_termination
+from baton.restarts import RestartBound, RestartLog
 from tasks import (
     EpochReporter,
     RunState,
@@ -60,18 +68,84 @@ def _run_log_file(cfg: dict) -> Iterator[None]:
         handler.close()
 
 
+def restart_name(crashed: str) -> str:
+    """The name of an automatic restart of the run called ``crashed``: a chain of restarts
+    keeps the first run's name and counts up (``brave-fox-restart-1``, ``-restart-2``), so
+    the UI lists them together. Names are only shown, never used as paths."""
+    crashed = re.sub(r"[^\w.-]+", "-", crashed)[:80]
+    base, _, count = re.fullmatch(r"(.*?)(-restart-(\d+))?", crashed).groups()
+    return f"{base}-restart-{int(count or 0) + 1}"
+
+
+def _server_run(run_id: str) -> FlowRun | None:
+    """The flow run ``run_id`` as the server has it; None when it cannot be read."""
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(UUID(str(run_id)))
+    except Exception:  # not an id, not found, server unreachable: the caller decides
+        return None
+
+
+def _run_name() -> str:
+    """Prefect's own run name, or the restart's name when the restart automation started it."""
+    restart_of = flow_run.get_parameters().get("restart_of")
+    if not restart_of:
+        return flow_run.get_name()
+    crashed = _server_run(restart_of)
+    return restart_name(crashed.name if crashed else str(restart_of))
+
+
+def _cancel_ends_cancelled(
+    fn: Callable[..., RunState | State],
+) -> Callable[..., RunState | State]:
+    """End the run Cancelled, not Crashed, when its SIGTERM was a cancel (UI, API, CLI).
+
+    Prefect tells a cancel from other terminations through a handshake that its own SIGTERM
+    handler must answer; while baton defers the signal to the end of an iteration, its
+    handler is installed instead, so Prefect would report the cancel as a crash, and the
+    restart automation would start the run again. The run's state on the server
+    (Cancelling) says what Prefect's handshake would have said.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> RunState | State:
+        try:
+            return fn(*args, **kwargs)
+        except TerminationSignal:
+            if _being_cancelled():
+                return Cancelled(message="Cancelled after an emergency checkpoint.")
+            raise
+
+    return run
+
+
+def _being_cancelled() -> bool:
+    """Whether this flow run is Cancelling on the server (False when that cannot be read)."""
+    run_id = flow_run.get_id()
+    this = _server_run(run_id) if run_id else None
+    return this is not None and this.state is not None and this.state.is_cancelling()
+
+
 def _due(epoch: int, interval: int, state: RunState) -> bool:
     return epoch % interval == 0 or state.finished
 
 
-@flow(name="train-pipeline", retries=1, retry_delay_seconds=0, log_prints=True)
+@flow(
+    name="train-pipeline",
+    flow_run_name=_run_name,
+    retries=1,
+    retry_delay_seconds=0,
+    log_prints=True,
+)
+@_cancel_ends_cancelled
 def train_pipeline(
     config: str | dict[str, Any] = "configs/digits_mlp.yaml",
     overrides: list[str] | None = None,
     experiment_name: str | None = None,
     resume: str | None = None,
     work_dir: str | None = None,
-) -> RunState:
+    restart_of: str | None = None,
+) -> RunState | State:
     """Train a pipeline to its horizon, continuing from the experiment's newest checkpoint.
 
     Args:
@@ -80,24 +154,59 @@ def train_pipeline(
         experiment_name: Overrides the config's experiment_name (the folder checkpoints go to).
         resume: 'auto' (newest valid checkpoint), 'never', or a checkpoint path; default: the config's.
         work_dir: Overrides the config's work_dir.
+        restart_of: Set by the restart automation: the id of the crashed run this continues. Leave empty.
     """
     started = time.time()
     settings = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
     with permanent_errors_end_the_run():
+        crashed = None
+        if restart_of:
+            crashed = _server_run(restart_of)
+            if crashed is None:
+                raise RestartRefusedError(
+                    f"restart_of={restart_of[:80]!r} is not the id of a flow run on this "
+                    "server; leave it empty (the restart automation sets it)"
+                )
+            if crashed.state is None or not crashed.state.is_crashed():
+                # A cancel whose process outlived Prefect's grace period is killed,
+                # reported Crashed, then Cancelled: the person asked for it to stop.
+                what = crashed.state.name if crashed.state else "without a state"
+                return Cancelled(message=f"Not restarting {crashed.name!r}: it is {what} now.")
         cfg = validate_config(
             config, overrides, {k: v for k, v in settings.items() if v is not None}
         )
-        state = _train(cfg, started)
+        state = _train(cfg, started, crashed)
     forget(config_of(cfg))
     return state
 
 
-def _train(cfg: dict[str, Any], started: float) -> RunState:
+def _origin(crashed: FlowRun) -> str:
+    """The run a chain of automatic restarts started from: its id marks the lineage the
+    crashed run was writing, so that the restart continues it (a run that started
+    fresh or branched would otherwise start yet another lineage)."""
+    run = crashed
+    for _ in range(32):  # restarts are bounded; a cycle of ids cannot loop forever
+        parent_id = (run.parameters or {}).get("restart_of")
+        parent = _server_run(parent_id) if parent_id else None
+        if parent is None:
+            break
+        run = parent
+    return str(run.id)
+
+
+def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunState:
+    """Hold the experiment, resume, train epoch by epoch, checkpoint, report."""
     store = CheckpointStore(f"{cfg['work_dir']}/{cfg['experiment_name']}")
     # A SIGTERM (cancel, preemption) between tasks waits for the current task; inside the
     # training task it waits for the current iteration, then an emergency checkpoint.
     with store.lock(), _run_log_file(cfg), deferred_termination() as stop:
-        state = prepare(cfg, find_resume_point(cfg))
+        run_id = None
+        if crashed is not None:
+            bound = RestartBound.from_env()
+            count = RestartLog(store.root).claim(str(flow_run.get_id()), crashed.name, bound)
+            print(f"automatic restart {count}/{bound.limit} of crashed run {crashed.name!r}")
+            run_id = _origin(crashed)
+        state = prepare(cfg, find_resume_point(cfg, run_id))
         if state.finished:
             print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
             summarize(cfg, state, started, note="Already complete: nothing left to train.")

@@ -14,6 +14,7 @@ from baton.errors import (
     CheckpointNotFoundError,
     ConfigError,
     ExperimentLockedError,
+    RestartRefusedError,
     TrainingDivergedError,
     UnsafeCheckpointError,
 )
@@ -26,6 +27,7 @@ PERMANENT_ERRORS = (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     ExperimentLockedError,
+    RestartRefusedError,
     TrainingDivergedError,
     UnsafeCheckpointError,
 )

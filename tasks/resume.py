@@ -17,12 +17,17 @@ from tasks.state import config_of
     task_run_name="resume-{config[experiment_name]}",
     cache_policy=NO_CACHE,
 )
-def find_resume_point(config: dict[str, Any]) -> CheckpointRef | None:
-    """The newest valid checkpoint (``resume: auto``), none (``never``), or the one named."""
+def find_resume_point(config: dict[str, Any], run_id: str | None = None) -> CheckpointRef | None:
+    """The newest valid checkpoint (``resume: auto``), none (``never``), or the one named.
+
+    Args:
+        run_id: The run whose lineage this run continues; default: this flow run. An
+            automatic restart passes the run its chain of restarts started from.
+    """
     cfg = config_of(config)
-    # The flow run's id marks the lineage a fresh start or a branch begins, so that a
-    # retry of the same flow run continues it instead of starting another.
-    ref = pl.find_resume_point(cfg, run_id=flow_run.get_id())
+    # The run's id marks the lineage a fresh start or a branch begins, so that a retry
+    # (or an automatic restart) of the same run continues it instead of starting another.
+    ref = pl.find_resume_point(cfg, run_id=run_id or flow_run.get_id())
     if ref is None:
         run_logger().info("no checkpoint to resume for %s: starting fresh", cfg.experiment_name)
     else:

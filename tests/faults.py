@@ -5,6 +5,8 @@ tests/conftest.py). A failure budget lives in a file,
 so it is shared by retries, flow retries and new processes.
 """
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -65,3 +67,13 @@ def forwards_so_far(progress: Path) -> int:
         return int(progress.read_text() or 0)
     except (FileNotFoundError, ValueError):
         return 0
+
+
+class KillingMLP(MLP):
+    """An MLP whose first training forward in a process SIGKILLs that process, as the OOM
+    killer would: every run of it crashes, a crash loop."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
