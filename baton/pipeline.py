@@ -28,6 +28,9 @@ from baton.strategy import SingleDeviceStrategy
 
 logger = logging.getLogger(__name__)
 
+# ``meta`` key of the running train metrics in a checkpoint taken inside an epoch.
+RUNNING_METRICS_KEY = "train_running"
+
 
 @dataclass
 class Pipeline:
@@ -41,6 +44,9 @@ class Pipeline:
     max_epochs: int
     max_iters: int
     history: list[dict] = field(default_factory=list)
+    # The current epoch's running train metrics; saved with checkpoints taken inside an
+    # epoch, so that an epoch resumed half way reports all of its iterations.
+    meter: loop.EpochMeter = field(default_factory=loop.EpochMeter)
 
     @property
     def epoch_length(self) -> int:
@@ -168,8 +174,12 @@ def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
     """Restore the pipeline from a checkpoint (architecture checked first)."""
     strategy = pipeline.strategy
     checkpoint = strategy.resume(ref.uri, callback=_check_architecture(pipeline.config, ref.uri))
-    history = (checkpoint.get("meta") or {}).get("history")
-    pipeline.history = list(history or [])
+    meta = checkpoint.get("meta") or {}
+    pipeline.history = list(meta.get("history") or [])
+    pipeline.meter = loop.EpochMeter()
+    running = meta.get(RUNNING_METRICS_KEY)
+    if strategy.step_in_epoch and running:
+        pipeline.meter.load_state_dict(running)
     # The data order follows the seed in effect, which a resume may have changed.
     pipeline.train_loader.seed = strategy.seed
     if pipeline.val_loader is not None:
@@ -199,6 +209,8 @@ def train_one_epoch(
     """
     strategy = pipeline.strategy
     interval = pipeline.config.checkpoint.interval_iters
+    if strategy.step_in_epoch == 0:
+        pipeline.meter = loop.EpochMeter()
 
     def hook(running: dict) -> None:
         if (
@@ -220,6 +232,7 @@ def train_one_epoch(
         loss_fn=pipeline.loss_fn,
         max_iters=pipeline.max_iters if stop_at is None else min(stop_at, pipeline.max_iters),
         on_iteration=hook,
+        meter=pipeline.meter,
     )
     return {f"train/{k}": v for k, v in metrics.items()}
 
@@ -269,19 +282,18 @@ def save(
             if strategy.step_in_epoch
             else CheckpointName.for_epoch(strategy.epoch)
         )
+    meta = {
+        "metrics": metrics,
+        "architecture_hash": cfg.architecture_hash,
+        "config": cfg.model_dump(mode="json"),
+        "experiment_name": cfg.experiment_name,
+        "history": pipeline.history,
+    }
+    if strategy.step_in_epoch:
+        meta[RUNNING_METRICS_KEY] = pipeline.meter.state_dict()
     save_fn = strategy.save_checkpoint_async if background else strategy.save_checkpoint
     return save_fn(
-        str(name),
-        save_optimizer=cfg.checkpoint.save_optimizer,
-        extra_ckpt={
-            "meta": {
-                "metrics": metrics,
-                "architecture_hash": cfg.architecture_hash,
-                "config": cfg.model_dump(mode="json"),
-                "experiment_name": cfg.experiment_name,
-                "history": pipeline.history,
-            }
-        },
+        str(name), save_optimizer=cfg.checkpoint.save_optimizer, extra_ckpt={"meta": meta}
     )
 
 
