@@ -563,13 +563,24 @@ class SingleDeviceStrategy:
         return checkpoint, self._resolve_target(filename)
 
     def wait_for_checkpoints(self) -> CheckpointRef | None:
-        """Wait for a background save; return its reference (``None`` if there was none).
+        """Wait for a background save; return its reference.
 
-        Raises:
-            Exception: The background write or commit failed (nothing was committed).
+        ``None`` if there was none, or if it failed. A failed background save (its writer
+        killed, the disk full) is logged as an error and committed nothing, but it loses
+        nothing else: the state it was writing is still the live one, and the next save
+        writes it (metrics history included). Failing the caller instead would make it
+        rebuild the live state from an older checkpoint and forget what came between.
         """
         pending, self._pending_save = getattr(self, "_pending_save", None), None
-        return pending.result() if pending is not None else None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except (CheckpointError, OSError) as err:
+            self.logger.error(
+                "%s; nothing was committed, the next checkpoint will hold this state", err
+            )
+            return None
 
     def _committer(self) -> ThreadPoolExecutor:
         if getattr(self, "_commit_thread", None) is None:
