@@ -40,3 +40,8 @@ class ConfigError(BatonError):
     def __init__(self, message: str, problems: list | None = None):
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+class ResumeConfigError(ConfigError, CheckpointMismatchError):
+    """A resume would change keys that change the run (see ``baton.resume_policy``);
+    the message lists them and names the explicit fork."""

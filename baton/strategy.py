@@ -600,7 +600,13 @@ class SingleDeviceStrategy:
             seed=self.seed,
             rng=randomness.capture_rng_state(),
             config_hash=self.config_hash,
-            accumulation={"inner_count": wrapper.inner_count} if wrapper else None,
+            accumulation=(
+                # max_counts: the horizon the last, shorter window was cut to (a resume
+                # that moves the horizon needs it to tell whether it can be exact).
+                {"inner_count": wrapper.inner_count, "max_counts": wrapper._max_counts}
+                if wrapper
+                else None
+            ),
             extra_meta=extra.pop("meta", None),
         )
         checkpoint: dict = {"meta": meta, "state_dict": ckpt_format.to_cpu(self.model.state_dict())}
