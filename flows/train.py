@@ -70,6 +70,7 @@ def train_pipeline(
     experiment_name: str | None = None,
     resume: str | None = None,
     work_dir: str | None = None,
+    fork: bool | None = None,
 ) -> RunState:
     """Train a pipeline to its horizon, continuing from the experiment's newest checkpoint.
 
@@ -79,9 +80,16 @@ def train_pipeline(
         experiment_name: Overrides the config's experiment_name (the folder checkpoints go to).
         resume: 'auto' (newest valid checkpoint), 'never', or a checkpoint path; default: the config's.
         work_dir: Overrides the config's work_dir.
+        fork: True continues from the checkpoint even where the config changes the run
+            (data, optimizer, schedule, seed...), recorded as a fork; default: the config's.
     """
     started = time.time()
-    settings = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
+    settings = {
+        "experiment_name": experiment_name,
+        "resume": resume,
+        "work_dir": work_dir,
+        "fork": fork,
+    }
     cfg = validate_config(config, overrides, {k: v for k, v in settings.items() if v is not None})
     store = CheckpointStore(f"{cfg['work_dir']}/{cfg['experiment_name']}")
     # A SIGTERM (cancel, preemption) between tasks waits for the current task; inside the
