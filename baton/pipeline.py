@@ -6,18 +6,21 @@ prepared strategy, data loaders and a loss. The step functions (:func:`find_resu
 Prefect tasks call; :func:`run` chains them for a plain-Python run (tests, benchmarks).
 """
 
+import functools
 import importlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from torch import nn
 
-from baton import components, loop, resume_policy
+from baton import components, loop, randomness, resume_policy
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
@@ -27,6 +30,8 @@ from baton.errors import CheckpointMismatchError, CheckpointNotFoundError, Resum
 from baton.strategy import ACCUMULATED_GRADS_KEY, SingleDeviceStrategy
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # ``meta`` key of the running train metrics in a checkpoint taken inside an epoch.
 RUNNING_METRICS_KEY = "train_running"
@@ -51,6 +56,8 @@ class Pipeline:
     meter: loop.EpochMeter = field(default_factory=loop.EpochMeter)
     # The forks in this run's ancestry (see resume); every checkpoint records them.
     forks: list[dict] = field(default_factory=list)
+    # The global random generators' states as this run sees them, between its steps.
+    rng: randomness.TrainingGenerators = field(default_factory=randomness.TrainingGenerators)
 
     @property
     def epoch_length(self) -> int:
@@ -74,8 +81,33 @@ def _loader(cfg, dataset, seed: int) -> ResumableLoader:
     )
 
 
+def _with_training_generators(step: Callable[..., T]) -> Callable[..., T]:
+    """Run a pipeline step with the pipeline's own random generators (see
+    :class:`~baton.randomness.TrainingGenerators`): datasets and models may draw from
+    the global ones, and nothing outside the run's steps shifts what they draw."""
+
+    @functools.wraps(step)
+    def run_step(pipeline: "Pipeline", *args, **kwargs) -> T:
+        with pipeline.rng.active():
+            return step(pipeline, *args, **kwargs)
+
+    return run_step
+
+
 def build_pipeline(cfg: PipelineConfig) -> Pipeline:
-    """Build strategy, model, optimizer, schedulers, loaders and loss from a config."""
+    """Build strategy, model, optimizer, schedulers, loaders and loss from a config.
+
+    Seeding, and the random draws of building datasets and models, happen with the
+    pipeline's own generators: the process's global random states are left as they were.
+    """
+    generators = randomness.TrainingGenerators()
+    with generators.active():
+        pipeline = _build(cfg)
+    pipeline.rng = generators
+    return pipeline
+
+
+def _build(cfg: PipelineConfig) -> Pipeline:
     policy = cfg.checkpoint
     strategy = SingleDeviceStrategy(
         work_dir=cfg.work_dir,
@@ -174,6 +206,7 @@ def _check_architecture(cfg: PipelineConfig, source: str):
     return callback
 
 
+@_with_training_generators
 def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
     """Restore the pipeline from a checkpoint, checking first that it continues this run.
 
@@ -405,6 +438,7 @@ def _fast_forward_schedulers(pipeline: Pipeline) -> None:
             scheduler.step()
 
 
+@_with_training_generators
 def load_weights(pipeline: Pipeline) -> None:
     """Load ``load_from`` weights (a fresh start from pretrained weights)."""
     spec = pipeline.config.load_from
@@ -416,6 +450,7 @@ def load_weights(pipeline: Pipeline) -> None:
         )
 
 
+@_with_training_generators
 def train_one_epoch(
     pipeline: Pipeline, *, on_iteration=None, stop_at: int | None = None
 ) -> dict[str, float]:
@@ -464,6 +499,7 @@ def should_validate(pipeline: Pipeline) -> bool:
     return epoch % pipeline.config.train.val_interval == 0 or pipeline.finished
 
 
+@_with_training_generators
 def validate(pipeline: Pipeline) -> dict[str, float]:
     """Validation metrics (``val/*``)."""
     if pipeline.val_loader is None:
@@ -477,6 +513,7 @@ def should_save(pipeline: Pipeline) -> bool:
     return pipeline.strategy.epoch % pipeline.config.checkpoint.interval == 0 or pipeline.finished
 
 
+@_with_training_generators
 def save(
     pipeline: Pipeline,
     metrics: dict[str, float],

@@ -1,14 +1,19 @@
 """Exactness beyond the weights: running metrics, background writers, horizons, RNGs."""
 
 import os
+import random
 import signal
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from baton import pipeline as pl
 
+from . import noisy
+from .helpers import assert_bitwise_equal
 from .test_pipeline import cfg_for
 
 
@@ -71,3 +76,94 @@ def test_a_killed_background_writer_leaves_no_temporary_and_no_gap_in_the_histor
     history = torch.load(ref.uri, weights_only=True)["meta"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[1]["train/loss"] == metrics["train/loss"]
+
+
+class _Pinger:
+    """A thread that draws from ``random`` as Prefect's websocket client does for its pings
+    (``random.getrandbits(32)``), once at every training forward: the forward waits for it."""
+
+    def __init__(self) -> None:
+        self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            self._go.acquire()
+            if self._stop:
+                return
+            random.getrandbits(32)
+            self._done.release()
+
+    def ping(self) -> None:
+        self._go.release()
+        self._done.acquire()
+
+    def close(self) -> None:
+        self._stop = True
+        self._go.release()
+        self._thread.join()
+
+
+def _global_draws() -> None:
+    """What other code of the process does between two steps of a run."""
+    random.random()
+    np.random.rand(3)
+    torch.rand(3)
+
+
+def _noisy_config(tmp_path, *overrides):
+    return cfg_for(
+        tmp_path,
+        "checkpoint.interval_iters=3",
+        *overrides,
+        model={"type": "tests.baton.noisy.PingedMLP", "in_features": 8, "num_classes": 3},
+        train_data={"dataset": {"type": "tests.baton.noisy.AugmentedSynthetic"}, "batch_size": 32},
+    )
+
+
+def _weights(p) -> dict:
+    return {k: v.clone() for k, v in p.strategy.model.state_dict().items()}
+
+
+def test_other_threads_and_code_between_steps_do_not_change_a_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATON_ALLOWED_MODULES", "tests")
+    quiet = pl.build_pipeline(_noisy_config(tmp_path / "quiet"))
+    for _ in range(2):
+        pl.train_one_epoch(quiet)
+
+    pinger = _Pinger()
+    monkeypatch.setattr(noisy, "ON_FORWARD", pinger.ping)
+    try:
+        busy = pl.build_pipeline(_noisy_config(tmp_path / "busy"))
+        for _ in range(2):
+            _global_draws()
+            pl.train_one_epoch(busy)
+
+        # Killed inside epoch 2 (after the iteration checkpoint at 12), then run again.
+        first = pl.build_pipeline(_noisy_config(tmp_path / "killed"))
+        pl.train_one_epoch(first)
+        _global_draws()
+        pl.train_one_epoch(first, stop_at=13)
+        del first
+        _global_draws()
+        rerun = pl.build_pipeline(_noisy_config(tmp_path / "killed"))
+        latest = rerun.strategy.checkpoints.latest()
+        assert latest.iter == 12
+        pl.resume(rerun, latest)
+        _global_draws()
+        pl.train_one_epoch(rerun)
+    finally:
+        pinger.close()
+    assert_bitwise_equal(_weights(quiet), _weights(busy))
+    assert_bitwise_equal(_weights(quiet), _weights(rerun))
+
+
+def test_a_run_leaves_the_process_generators_as_they_were(tmp_path):
+    random.seed(1)
+    expected = random.random()
+    random.seed(1)
+    p = pl.build_pipeline(cfg_for(tmp_path))
+    pl.train_one_epoch(p)
+    assert random.random() == expected
