@@ -763,12 +763,15 @@ class SingleDeviceStrategy:
                 if name in params:
                     params[name].grad = grad.to(params[name].device)
         if wrapper is not None and wrapper._accumulative_counts > 1:
-            counts = (meta.get("accumulation") or {}).get("inner_count", self.iter)
+            accumulation = meta.get("accumulation") or {}
+            counts = accumulation.get("inner_count", self.iter)
+            # A window the saved run's horizon closed early was stepped: nothing was lost.
+            closed_by_horizon = counts == accumulation.get("max_counts")
             wrapper.initialize_count_status(
                 self.model,
                 counts,
                 self._max_iters(wrapper._accumulative_counts),
-                grads_restored=bool(grads),
+                grads_restored=bool(grads) or closed_by_horizon,
             )
         self.logger.info("resumed from %s at epoch %d, iter %d", filename, self.epoch, self.iter)
         return checkpoint
