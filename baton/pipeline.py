@@ -26,8 +26,8 @@ from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import PipelineConfig
 from baton.data import ResumableLoader
-from baton.errors import CheckpointMismatchError, CheckpointNotFoundError, ResumeConfigError
-from baton.strategy import ACCUMULATED_GRADS_KEY, SingleDeviceStrategy
+from baton.errors import CheckpointMismatchError, CheckpointNotFoundError
+from baton.strategy import SingleDeviceStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
             does not fork), or in the model or starting weights (never resumable).
     """
     strategy = pipeline.strategy
-    check = _ResumeCheck(pipeline, ref)
+    check = resume_policy.ResumeCheck(pipeline, ref)
     check_architecture = _check_architecture(pipeline.config, ref.uri)
 
     def callback(raw: dict) -> None:
@@ -237,7 +237,7 @@ def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
     if strategy.step_in_epoch and running:
         pipeline.meter.load_state_dict(running)
     if check.fork is not None:
-        _fast_forward_schedulers(pipeline)
+        resume_policy.fast_forward_schedulers(strategy, pipeline.epoch_length)
         pipeline.forks.append(check.fork)
         logger.warning(
             "forked %s from %s at epoch %d: %s",
@@ -250,192 +250,6 @@ def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
     pipeline.train_loader.seed = strategy.seed
     if pipeline.val_loader is not None:
         pipeline.val_loader.seed = strategy.seed
-
-
-class _ResumeCheck:
-    """The callback that sees a checkpoint before it is loaded: compares its config with
-    the pipeline's, refuses what cannot continue, and turns a fork's checkpoint into the
-    state the new config has at the checkpoint's position."""
-
-    def __init__(self, pipeline: Pipeline, ref: CheckpointRef) -> None:
-        self.pipeline = pipeline
-        self.ref = ref
-        self.name = Path(io.local_path(ref.uri) if io.is_local(ref.uri) else ref.uri).name
-        self.fork: dict | None = None
-        self.fork_changes: list[resume_policy.ConfigChange] = []
-
-    def __call__(self, checkpoint: dict) -> None:
-        cfg = self.pipeline.config
-        meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), dict) else {}
-        saved = meta.get("config")
-        if not isinstance(saved, dict):
-            logger.warning(
-                "%s records no config (not written by a baton pipeline): resuming it without "
-                "checking that it describes the same run",
-                self.name,
-            )
-            return
-        changes = resume_policy.compare(saved, cfg.model_dump(mode="json"))
-        fixed = [c for c in changes if c.kind is resume_policy.START]
-        if fixed:
-            raise ResumeConfigError(
-                f"{self.name} was trained with a different model or starting weights "
-                f"({'; '.join(map(str, fixed))}): a resume or a fork continues its weights, "
-                "so these cannot change. Set them back, or start a new experiment (another "
-                "experiment_name, or resume: never) with load_from naming the weights to "
-                "start from"
-            )
-        refused = [c for c in changes if c.kind is resume_policy.RUN]
-        horizon = self._horizon_problem(meta, saved, changes)
-        if not refused and horizon is None:
-            return
-        if not cfg.fork:
-            if horizon is not None and not refused:
-                raise ResumeConfigError(f"{self.name}: {horizon}")
-            raise ResumeConfigError(
-                f"{self.name} was written with another config, and these keys change the "
-                f"run: {'; '.join(map(str, refused))}. To continue this run, set them back; "
-                f"to continue from {self.name} with the new values on purpose, fork it "
-                "(baton run --fork, the flow's fork parameter, or fork: true), which is "
-                "recorded in every checkpoint the fork writes"
-            )
-        # The fork records what changes the run, and the horizon when it was the reason.
-        recorded = refused + [c for c in changes if horizon and c.key.startswith("train.max_")]
-        self._fork(checkpoint, meta, changes, recorded)
-
-    def _horizon_problem(
-        self, meta: dict, saved: dict, changes: list[resume_policy.ConfigChange]
-    ) -> str | None:
-        wrapper = self.pipeline.strategy.optim_wrapper
-        if any(c.key == "optim_wrapper.accumulative_counts" for c in changes):
-            return None  # a change of the run already: refused or forked as such
-        old_max = (meta.get("accumulation") or {}).get("max_counts")
-        if old_max is None:
-            train = saved.get("train") or {}
-            epoch_length = _saved_epoch_length(meta) or self.pipeline.epoch_length
-            old_max = train.get("max_iters") or (train.get("max_epochs") or 0) * epoch_length
-        return resume_policy.horizon_problem(
-            counts=wrapper._accumulative_counts,
-            at_iter=int(meta.get("iter", 0)),
-            old_max=int(old_max),
-            new_max=self.pipeline.max_iters,
-        )
-
-    def _fork(
-        self,
-        checkpoint: dict,
-        meta: dict,
-        changes: list[resume_policy.ConfigChange],
-        recorded: list[resume_policy.ConfigChange],
-    ) -> None:
-        """Rewrite the loaded checkpoint into the fork's starting state (before loading)."""
-        pipeline = self.pipeline
-        strategy = pipeline.strategy
-        wrapper = strategy.optim_wrapper
-        changed = {c.key for c in changes}
-        epoch, step = int(meta.get("epoch", 0)), int(meta.get("step_in_epoch", 0))
-        source_iter = int(meta.get("iter", 0))
-        old_length = _saved_epoch_length(meta)
-        relaid = old_length is not None and old_length != pipeline.epoch_length
-        regrouped = "optim_wrapper.accumulative_counts" in changed
-        if step and any(resume_policy.needs_epoch_boundary(k) for k in changed):
-            raise ResumeConfigError(
-                f"{self.name} was taken inside epoch {epoch + 1}, and the fork changes the "
-                "order of that epoch's batches (the data or the seed): fork from the "
-                "checkpoint at the end of an epoch (resume: <its epoch_NNNN.pth>)"
-            )
-        if (relaid or regrouped) and checkpoint.get(ACCUMULATED_GRADS_KEY):
-            raise ResumeConfigError(
-                f"{self.name} was taken inside an accumulation window, and the fork changes "
-                "how windows are cut: fork from a checkpoint at the end of an epoch whose "
-                "last window is complete"
-            )
-        if relaid:
-            # The epoch count is what carries over: the fork trains the epochs after it.
-            meta["iter"] = epoch * pipeline.epoch_length
-        self._refuse_overtaking(int(meta["iter"]) if relaid else source_iter)
-        meta.setdefault("accumulation", {})["inner_count"] = int(meta.get("iter", 0))
-        seed = pipeline.config.randomness.seed
-        if seed is not None:
-            meta["seed"] = seed  # the new seed orders the data from here on
-        # Optimizer moments carry over when the optimizer is the same kind; its
-        # hyper-parameters are the new config's, as freshly built.
-        fresh = wrapper.state_dict()
-        same_kind = not changed & {"optim_wrapper.type", "optim_wrapper.optimizer"}
-        saved_state = checkpoint.get("optimizer")
-        if same_kind and isinstance(saved_state, dict) and "param_groups" in saved_state:
-            groups = saved_state["param_groups"]
-            if len(groups) == len(fresh["param_groups"]):
-                saved_state["param_groups"] = [
-                    {**new, "params": old["params"]}
-                    for old, new in zip(groups, fresh["param_groups"], strict=True)
-                ]
-            else:
-                same_kind = False
-        if not same_kind:
-            checkpoint["optimizer"] = fresh
-        # Schedulers restart from the new config and are stepped to this position.
-        schedulers = getattr(strategy, "param_schedulers", None)
-        if schedulers is not None:
-            checkpoint["param_schedulers"] = [s.state_dict() for s in schedulers]
-        self.fork_changes = recorded
-        self.fork = {
-            "from": self.name,
-            "sha256": self.ref.sha256,
-            "epoch": epoch,
-            "iter": source_iter,
-            "changes": [c.as_record() for c in recorded],
-            "optimizer_state": "kept" if same_kind else "fresh",
-        }
-
-    def _refuse_overtaking(self, fork_iter: int) -> None:
-        """A fork inside the checkpoint's own experiment must be the newest line in it:
-        its checkpoints would otherwise overwrite later ones of the same names, or be
-        ordered before the checkpoint they fork from."""
-        store = self.pipeline.strategy.checkpoints
-        source = store.find(self.ref.uri)
-        if source is None:
-            return
-        later = [r for r in store.list() if r.iter > source.iter]
-        if later or fork_iter < source.iter:
-            reason = (
-                f"it has later checkpoints ({Path(later[-1].uri).name} is the newest), which "
-                "the fork would overwrite"
-                if later
-                else "the fork's shorter epochs would order its checkpoints before it"
-            )
-            raise ResumeConfigError(
-                f"cannot fork {self.name} inside its experiment: {reason}. Fork into a new "
-                f"experiment instead (another experiment_name, resume: {self.ref.uri}, "
-                "fork: true)"
-            )
-
-
-def _saved_epoch_length(meta: dict) -> int | None:
-    """The epoch length of the run that wrote a checkpoint (``None`` before epoch 1 ends)."""
-    epoch = int(meta.get("epoch", 0))
-    if epoch <= 0 or "iter" not in meta:
-        return None
-    return (int(meta["iter"]) - int(meta.get("step_in_epoch", 0))) // epoch
-
-
-def _fast_forward_schedulers(pipeline: Pipeline) -> None:
-    """Step fresh schedulers to the pipeline's position, in the order the loop steps them
-    (every iteration, then at each epoch's end), so a fork's schedule is the new config's
-    at that point."""
-    strategy = pipeline.strategy
-    schedulers = getattr(strategy, "param_schedulers", [])
-    per_iter = [s for s in schedulers if not s.by_epoch]
-    per_epoch = [s for s in schedulers if s.by_epoch]
-    for _ in range(strategy.epoch):
-        for _ in range(pipeline.epoch_length):
-            for scheduler in per_iter:
-                scheduler.step()
-        for scheduler in per_epoch:
-            scheduler.step()
-    for _ in range(strategy.step_in_epoch):
-        for scheduler in per_iter:
-            scheduler.step()
 
 
 @_with_training_generators

@@ -18,6 +18,9 @@ listed in :data:`KEY_CLASSES` (a test checks that every key of the schema is the
   and ``load_from`` only applies to a fresh start, so these are refused even for a
   fork: start a new experiment instead.
 
+:class:`ResumeCheck` applies this when a pipeline resumes: it sees the checkpoint before
+anything is loaded, refuses, or turns the checkpoint into a fork's starting state.
+
 Keys are compared as leaves of the resolved configs (``optim_wrapper.optimizer.lr``,
 ``param_scheduler.0.milestones``; a component whose ``type`` changed is one change); a
 leaf takes the class of the nearest key of the table above it. docs/resume.md explains
@@ -25,15 +28,27 @@ the classes to users.
 """
 
 import enum
+import logging
 import types
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ValidationError
 
+from baton.checkpoint import io
+from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig
+from baton.errors import ResumeConfigError
+from baton.strategy import ACCUMULATED_GRADS_KEY
+
+if TYPE_CHECKING:  # the pipeline calls into this module, never the other way round
+    from baton.pipeline import Pipeline
+    from baton.strategy import SingleDeviceStrategy
+
+logger = logging.getLogger(__name__)
 
 
 class KeyClass(enum.Enum):
@@ -258,3 +273,186 @@ def horizon_problem(*, counts: int, at_iter: int, old_max: int, new_max: int) ->
         f"at {old_max}, or continue anyway on purpose with a fork; choose horizons that "
         f"are multiples of {counts} to extend runs exactly"
     )
+
+
+class ResumeCheck:
+    """The callback that sees a checkpoint before it is loaded: compares its config with
+    the pipeline's, refuses what cannot continue, and turns a fork's checkpoint into the
+    state the new config has at the checkpoint's position."""
+
+    def __init__(self, pipeline: "Pipeline", ref: CheckpointRef) -> None:
+        self.pipeline = pipeline
+        self.ref = ref
+        self.name = Path(io.local_path(ref.uri) if io.is_local(ref.uri) else ref.uri).name
+        self.fork: dict | None = None
+        self.fork_changes: list[ConfigChange] = []
+
+    def __call__(self, checkpoint: dict) -> None:
+        cfg = self.pipeline.config
+        meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), dict) else {}
+        saved = meta.get("config")
+        if not isinstance(saved, dict):
+            logger.warning(
+                "%s records no config (not written by a baton pipeline): resuming it without "
+                "checking that it describes the same run",
+                self.name,
+            )
+            return
+        changes = compare(saved, cfg.model_dump(mode="json"))
+        fixed = [c for c in changes if c.kind is START]
+        if fixed:
+            raise ResumeConfigError(
+                f"{self.name} was trained with a different model or starting weights "
+                f"({'; '.join(map(str, fixed))}): a resume or a fork continues its weights, "
+                "so these cannot change. Set them back, or start a new experiment (another "
+                "experiment_name, or resume: never) with load_from naming the weights to "
+                "start from"
+            )
+        refused = [c for c in changes if c.kind is RUN]
+        horizon = self._horizon_problem(meta, saved, changes)
+        if not refused and horizon is None:
+            return
+        if not cfg.fork:
+            if horizon is not None and not refused:
+                raise ResumeConfigError(f"{self.name}: {horizon}")
+            raise ResumeConfigError(
+                f"{self.name} was written with another config, and these keys change the "
+                f"run: {'; '.join(map(str, refused))}. To continue this run, set them back; "
+                f"to continue from {self.name} with the new values on purpose, fork it "
+                "(baton run --fork, the flow's fork parameter, or fork: true), which is "
+                "recorded in every checkpoint the fork writes"
+            )
+        # The fork records what changes the run, and the horizon when it was the reason.
+        recorded = refused + [c for c in changes if horizon and c.key.startswith("train.max_")]
+        self._fork(checkpoint, meta, changes, recorded)
+
+    def _horizon_problem(self, meta: dict, saved: dict, changes: list[ConfigChange]) -> str | None:
+        wrapper = self.pipeline.strategy.optim_wrapper
+        if any(c.key == "optim_wrapper.accumulative_counts" for c in changes):
+            return None  # a change of the run already: refused or forked as such
+        old_max = (meta.get("accumulation") or {}).get("max_counts")
+        if old_max is None:
+            train = saved.get("train") or {}
+            epoch_length = _saved_epoch_length(meta) or self.pipeline.epoch_length
+            old_max = train.get("max_iters") or (train.get("max_epochs") or 0) * epoch_length
+        return horizon_problem(
+            counts=wrapper._accumulative_counts,
+            at_iter=int(meta.get("iter", 0)),
+            old_max=int(old_max),
+            new_max=self.pipeline.max_iters,
+        )
+
+    def _fork(
+        self,
+        checkpoint: dict,
+        meta: dict,
+        changes: list[ConfigChange],
+        recorded: list[ConfigChange],
+    ) -> None:
+        """Rewrite the loaded checkpoint into the fork's starting state (before loading)."""
+        pipeline = self.pipeline
+        strategy = pipeline.strategy
+        wrapper = strategy.optim_wrapper
+        changed = {c.key for c in changes}
+        epoch, step = int(meta.get("epoch", 0)), int(meta.get("step_in_epoch", 0))
+        source_iter = int(meta.get("iter", 0))
+        old_length = _saved_epoch_length(meta)
+        relaid = old_length is not None and old_length != pipeline.epoch_length
+        regrouped = "optim_wrapper.accumulative_counts" in changed
+        if step and any(needs_epoch_boundary(k) for k in changed):
+            raise ResumeConfigError(
+                f"{self.name} was taken inside epoch {epoch + 1}, and the fork changes the "
+                "order of that epoch's batches (the data or the seed): fork from the "
+                "checkpoint at the end of an epoch (resume: <its epoch_NNNN.pth>)"
+            )
+        if (relaid or regrouped) and checkpoint.get(ACCUMULATED_GRADS_KEY):
+            raise ResumeConfigError(
+                f"{self.name} was taken inside an accumulation window, and the fork changes "
+                "how windows are cut: fork from a checkpoint at the end of an epoch whose "
+                "last window is complete"
+            )
+        if relaid:
+            # The epoch count is what carries over: the fork trains the epochs after it.
+            meta["iter"] = epoch * pipeline.epoch_length
+        self._refuse_overtaking(int(meta["iter"]) if relaid else source_iter)
+        meta.setdefault("accumulation", {})["inner_count"] = int(meta.get("iter", 0))
+        seed = pipeline.config.randomness.seed
+        if seed is not None:
+            meta["seed"] = seed  # the new seed orders the data from here on
+        # Optimizer moments carry over when the optimizer is the same kind; its
+        # hyper-parameters are the new config's, as freshly built.
+        fresh = wrapper.state_dict()
+        same_kind = not changed & {"optim_wrapper.type", "optim_wrapper.optimizer"}
+        saved_state = checkpoint.get("optimizer")
+        if same_kind and isinstance(saved_state, dict) and "param_groups" in saved_state:
+            groups = saved_state["param_groups"]
+            if len(groups) == len(fresh["param_groups"]):
+                saved_state["param_groups"] = [
+                    {**new, "params": old["params"]}
+                    for old, new in zip(groups, fresh["param_groups"], strict=True)
+                ]
+            else:
+                same_kind = False
+        if not same_kind:
+            checkpoint["optimizer"] = fresh
+        # Schedulers restart from the new config and are stepped to this position.
+        schedulers = getattr(strategy, "param_schedulers", None)
+        if schedulers is not None:
+            checkpoint["param_schedulers"] = [s.state_dict() for s in schedulers]
+        self.fork_changes = recorded
+        self.fork = {
+            "from": self.name,
+            "sha256": self.ref.sha256,
+            "epoch": epoch,
+            "iter": source_iter,
+            "changes": [c.as_record() for c in recorded],
+            "optimizer_state": "kept" if same_kind else "fresh",
+        }
+
+    def _refuse_overtaking(self, fork_iter: int) -> None:
+        """A fork inside the checkpoint's own experiment must be the newest line in it:
+        its checkpoints would otherwise overwrite later ones of the same names, or be
+        ordered before the checkpoint they fork from."""
+        store = self.pipeline.strategy.checkpoints
+        source = store.find(self.ref.uri)
+        if source is None:
+            return
+        later = [r for r in store.list() if r.iter > source.iter]
+        if later or fork_iter < source.iter:
+            reason = (
+                f"it has later checkpoints ({Path(later[-1].uri).name} is the newest), which "
+                "the fork would overwrite"
+                if later
+                else "the fork's shorter epochs would order its checkpoints before it"
+            )
+            raise ResumeConfigError(
+                f"cannot fork {self.name} inside its experiment: {reason}. Fork into a new "
+                f"experiment instead (another experiment_name, resume: {self.ref.uri}, "
+                "fork: true)"
+            )
+
+
+def _saved_epoch_length(meta: dict) -> int | None:
+    """The epoch length of the run that wrote a checkpoint (``None`` before epoch 1 ends)."""
+    epoch = int(meta.get("epoch", 0))
+    if epoch <= 0 or "iter" not in meta:
+        return None
+    return (int(meta["iter"]) - int(meta.get("step_in_epoch", 0))) // epoch
+
+
+def fast_forward_schedulers(strategy: "SingleDeviceStrategy", epoch_length: int) -> None:
+    """Step fresh schedulers to the strategy's position, in the order the loop steps them
+    (every iteration, then at each epoch's end), so a fork's schedule is the new config's
+    at that point."""
+    schedulers = getattr(strategy, "param_schedulers", [])
+    per_iter = [s for s in schedulers if not s.by_epoch]
+    per_epoch = [s for s in schedulers if s.by_epoch]
+    for _ in range(strategy.epoch):
+        for _ in range(epoch_length):
+            for scheduler in per_iter:
+                scheduler.step()
+        for scheduler in per_epoch:
+            scheduler.step()
+    for _ in range(strategy.step_in_epoch):
+        for scheduler in per_iter:
+            scheduler.step()
