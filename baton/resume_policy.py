@@ -269,9 +269,9 @@ def horizon_problem(*, counts: int, at_iter: int, old_max: int, new_max: int) ->
         f"from iteration {at_iter}: with accumulative_counts {counts}, the iterations after "
         f"{min(old_full, new_full)} fell in an accumulation window that one of the horizons "
         f"cuts short (its gradients scaled for the shorter window, the optimizer stepping at "
-        f"the horizon), so they differ from a run trained to {new_max} from the start. Keep the horizon "
-        f"at {old_max}, or continue anyway on purpose with a fork; choose horizons that "
-        f"are multiples of {counts} to extend runs exactly"
+        f"the horizon), so they differ from a run trained to {new_max} from the start. "
+        f"Keep the horizon at {old_max}, or continue anyway on purpose with a fork; choose "
+        f"horizons that are multiples of {counts} to extend runs exactly"
     )
 
 
