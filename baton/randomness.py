@@ -133,11 +133,13 @@ _routing_installed = False
 _owner: int | None = None  # the thread whose draws go to the shared generators
 _active: "TrainingGenerators | None" = None
 _own = threading.local()
+# Held while a thread other than the owner draws from the shared generator, and while a
+# training thread claims or releases it: deciding where a draw goes and drawing are one
+# step, so no draw can land on the shared generator after a run has claimed it.
+_claim = threading.Lock()
 
 
-def _generator_of_this_thread() -> random.Random:
-    if _owner is None or threading.get_ident() == _owner:
-        return _SHARED_RANDOM
+def _own_generator() -> random.Random:
     generator = getattr(_own, "random", None)
     if generator is None:
         generator = _own.random = random.Random()  # seeded from the OS's entropy
@@ -145,7 +147,8 @@ def _generator_of_this_thread() -> random.Random:
 
 
 def _install_routing() -> None:
-    """Route ``random``'s module functions through :func:`_generator_of_this_thread`.
+    """Route ``random``'s module functions: the owner thread's draws (and everybody's when
+    no run holds the generators) go to the shared generator, others' to their own.
 
     Done once per process. Call sites that look the function up on the module at each
     call (``random.getrandbits(32)``, as Prefect's websocket client does) are routed;
@@ -164,7 +167,13 @@ def _install_routing() -> None:
 def _routed(name: str, method):
     @functools.wraps(method)
     def call(*args, **kwargs):
-        return getattr(_generator_of_this_thread(), name)(*args, **kwargs)
+        me = threading.get_ident()
+        if _owner == me:  # only this thread changes the owner away from itself
+            return method(*args, **kwargs)
+        with _claim:
+            if _owner is None:
+                return method(*args, **kwargs)
+        return getattr(_own_generator(), name)(*args, **kwargs)
 
     return call
 
@@ -205,14 +214,20 @@ class TrainingGenerators:
                 "training thread at a time: run pipeline steps from one thread"
             )
         _install_routing()
-        outside = capture_rng_state()
         previous = _active, _owner
-        if self.state is not None:
-            restore_rng_state(self.state)
-        _active, _owner = self, me
+        # Claim the shared generators before touching them: from here on, other threads
+        # draw from their own, so none can draw between the swap and the first step.
+        with _claim:
+            _active, _owner = self, me
         try:
-            yield
+            outside = capture_rng_state()
+            if self.state is not None:
+                restore_rng_state(self.state)
+            try:
+                yield
+            finally:
+                self.state = capture_rng_state()
+                restore_rng_state(outside)
         finally:
-            self.state = capture_rng_state()
-            _active, _owner = previous
-            restore_rng_state(outside)
+            with _claim:
+                _active, _owner = previous
