@@ -21,6 +21,7 @@ from baton.errors import (
     CheckpointWriteError,
     ConfigError,
     ExperimentLockedError,
+    ResumeConfigError,
     UnsafeCheckpointError,
 )
 from baton.optim import AmpOptimWrapper, OptimWrapper
@@ -40,6 +41,7 @@ __all__ = [
     "ConfigError",
     "ExperimentLockedError",
     "OptimWrapper",
+    "ResumeConfigError",
     "RetentionPolicy",
     "SingleDeviceStrategy",
     "UnsafeCheckpointError",

@@ -7,12 +7,11 @@ dotted-key overrides, and validates everything before any work starts: the struc
 signature, nothing built). All problems are reported at once in one
 :class:`~baton.errors.ConfigError`, each with its dotted key path and YAML line.
 
-What wins when a config and a checkpoint disagree (one place, here):
-
-* architecture (the ``model`` section): neither; resuming is refused with a clear error;
-* seed: the checkpoint, with a warning (see ``SingleDeviceStrategy.resume``);
-* horizon (``train.max_epochs``/``max_iters``) and everything else: the config, so a
-  finished run can be extended by raising ``max_epochs``.
+What happens when a resumed checkpoint's config and this one disagree is decided key by
+key in :mod:`baton.resume_policy` (docs/resume.md): keys that are free to change (the
+horizon, validation, logging, checkpointing) follow the config, so a finished run is
+extended by raising ``max_epochs``; keys that change the run must match, or the run
+forks on purpose (``fork: true``); the model never changes on resume.
 """
 
 import difflib
@@ -200,6 +199,11 @@ class PipelineConfig(_Strict):
         min_length=1,
         description="'auto' (newest valid), 'never', or a checkpoint in the experiment "
         "folder or an operator's checkpoint root",
+    )
+    fork: bool = Field(
+        False,
+        description="resume even if keys that change the run differ from the checkpoint's: "
+        "continue from it with the new values, recorded as a fork (docs/resume.md)",
     )
     load_from: LoadFrom | None = None
     compile: bool | CompileConfig = False

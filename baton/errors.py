@@ -65,3 +65,8 @@ class TrainingDivergedError(BatonError):
 class RestartRefusedError(BatonError):
     """An automatic restart was refused: the restart bound is spent, or `restart_of` does
     not name a crashed flow run."""
+
+
+class ResumeConfigError(ConfigError, CheckpointMismatchError):
+    """A resume would change keys that change the run (see ``baton.resume_policy``);
+    the message lists them and names the explicit fork."""

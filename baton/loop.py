@@ -30,7 +30,7 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
-class _Meter:
+class EpochMeter:
     """Sample-weighted running means of a batch's loss and accuracy.
 
     On an accelerator the sums stay on the device as tensors (float64 for the loss where
@@ -65,6 +65,28 @@ class _Meter:
             self.classified += targets.numel()
         self._result = None
 
+    def state_dict(self) -> dict:
+        """The running sums as plain numbers, for a checkpoint taken inside an epoch.
+
+        A resume inside an epoch loads them, so the epoch's metrics cover every
+        iteration of the epoch, not only those after the resume. Reading them waits
+        for the device once (a checkpoint waits for it anyway).
+        """
+        return {
+            "samples": self.samples,
+            "loss_sum": float(self.loss_sum),
+            "correct": int(self.correct),
+            "classified": self.classified,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue from sums saved by :meth:`state_dict`."""
+        self.samples = int(state["samples"])
+        self.loss_sum = float(state["loss_sum"])
+        self.correct = int(state["correct"])
+        self.classified = int(state["classified"])
+        self._result = None
+
     def result(self) -> dict[str, float]:
         if self._result is None:
             metrics = {"loss": float(self.loss_sum) / max(self.samples, 1)}
@@ -79,7 +101,7 @@ class RunningMetrics(Mapping):
     hooks. Values are computed when read (reading waits for the device), so a hook that
     looks at them only every N iterations costs nothing in between."""
 
-    def __init__(self, meter: _Meter) -> None:
+    def __init__(self, meter: EpochMeter) -> None:
         self._meter = meter
 
     def __getitem__(self, key: str) -> float:
@@ -99,6 +121,7 @@ def train_epoch(
     loss_fn: nn.Module | Callable | None = None,
     max_iters: int | None = None,
     on_iteration: IterationHook | None = None,
+    meter: EpochMeter | None = None,
 ) -> dict[str, float]:
     """Train the rest of the current epoch (``strategy.epoch``) from ``strategy.step_in_epoch``.
 
@@ -109,9 +132,12 @@ def train_epoch(
         max_iters: Stop when the strategy reaches this many iterations.
         on_iteration: Called after every iteration with the running metrics (for
             iteration checkpoints and progress).
+        meter: The epoch's running sums so far, to continue an epoch that an earlier
+            call (or a resumed checkpoint) began; updated in place. ``None``: a fresh one.
 
     Returns:
-        ``{'loss': mean loss, 'accuracy': ...}`` over the iterations this call ran.
+        ``{'loss': mean loss, 'accuracy': ...}`` over the iterations ``meter`` has seen
+        (without ``meter``: the iterations this call ran).
     """
     model, wrapper = strategy.model, strategy.optim_wrapper
     schedulers = getattr(strategy, "param_schedulers", [])
@@ -120,7 +146,7 @@ def train_epoch(
     uses_train_step = hasattr(model, "train_step")
     if loss_fn is None and not uses_train_step:
         raise ValueError("a model without train_step needs a loss_fn")
-    meter = _Meter()
+    meter = EpochMeter() if meter is None else meter
     running = RunningMetrics(meter)
     model.train()
     for batch in loader.iter_epoch(strategy.epoch, start=strategy.step_in_epoch):
@@ -167,7 +193,7 @@ def validate(
     model = strategy.model
     was_training = model.training
     model.eval()
-    meter = _Meter()
+    meter = EpochMeter()
     sums: dict[str, float] = {}
     try:
         for batch in loader.iter_epoch(0):

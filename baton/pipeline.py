@@ -6,18 +6,21 @@ prepared strategy, data loaders and a loss. The step functions (:func:`find_resu
 Prefect tasks call; :func:`run` chains them for a plain-Python run (tests, benchmarks).
 """
 
+import functools
 import importlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from torch import nn
 
-from baton import build, loop
+from baton import build, loop, randomness, resume_policy
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
@@ -35,6 +38,13 @@ from baton.trust import Trust
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+# ``meta`` key of the running train metrics in a checkpoint taken inside an epoch.
+RUNNING_METRICS_KEY = "train_running"
+# ``meta`` key of the forks in a checkpoint's ancestry, oldest first.
+FORKS_KEY = "forks"
+
 
 @dataclass
 class Pipeline:
@@ -51,6 +61,13 @@ class Pipeline:
     # The epoch whose validation last stepped the plateau schedulers: once per epoch,
     # however often that epoch is validated (a retried task, an evaluation).
     scored_epoch: int | None = None
+    # The current epoch's running train metrics; saved with checkpoints taken inside an
+    # epoch, so that an epoch resumed half way reports all of its iterations.
+    meter: loop.EpochMeter = field(default_factory=loop.EpochMeter)
+    # The forks in this run's ancestry (see resume); every checkpoint records them.
+    forks: list[dict] = field(default_factory=list)
+    # The global random generators' states as this run sees them, between its steps.
+    rng: randomness.TrainingGenerators = field(default_factory=randomness.TrainingGenerators)
 
     @property
     def epoch_length(self) -> int:
@@ -74,8 +91,33 @@ def _loader(cfg, dataset, seed: int) -> ResumableLoader:
     )
 
 
+def _with_training_generators(step: Callable[..., T]) -> Callable[..., T]:
+    """Run a pipeline step with the pipeline's own random generators (see
+    :class:`~baton.randomness.TrainingGenerators`): datasets and models may draw from
+    the global ones, and nothing outside the run's steps shifts what they draw."""
+
+    @functools.wraps(step)
+    def run_step(pipeline: "Pipeline", *args, **kwargs) -> T:
+        with pipeline.rng.active():
+            return step(pipeline, *args, **kwargs)
+
+    return run_step
+
+
 def build_pipeline(cfg: PipelineConfig) -> Pipeline:
-    """Build strategy, model, optimizer, schedulers, loaders and loss from a config."""
+    """Build strategy, model, optimizer, schedulers, loaders and loss from a config.
+
+    Seeding, and the random draws of building datasets and models, happen with the
+    pipeline's own generators: the process's global random states are left as they were.
+    """
+    generators = randomness.TrainingGenerators()
+    with generators.active():
+        pipeline = _build(cfg)
+    pipeline.rng = generators
+    return pipeline
+
+
+def _build(cfg: PipelineConfig) -> Pipeline:
     policy = cfg.checkpoint
     strategy = SingleDeviceStrategy(
         work_dir=cfg.work_dir,
@@ -225,22 +267,57 @@ def _check_architecture(cfg: PipelineConfig, source: str):
     return callback
 
 
+@_with_training_generators
 def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
-    """Restore the pipeline from a checkpoint (architecture checked first)."""
+    """Restore the pipeline from a checkpoint, checking first that it continues this run.
+
+    Before anything is loaded, the checkpoint's config is compared with this one key by
+    key (:mod:`baton.resume_policy`): keys that are free to change apply; a change of a
+    key that changes the run is refused, unless the config forks (``fork: true``), in
+    which case the run continues from the checkpoint as the new config would have it at
+    that point, and the fork is recorded in every checkpoint it writes.
+
+    Raises:
+        ResumeConfigError: The configs differ in keys that change the run (and the config
+            does not fork), or in the model or starting weights (never resumable).
+    """
     strategy = pipeline.strategy
-    checkpoint = strategy.resume(ref.uri, callback=_check_architecture(pipeline.config, ref.uri))
+    check = resume_policy.ResumeCheck(pipeline, ref)
+    check_architecture = _check_architecture(pipeline.config, ref.uri)
+
+    def callback(raw: dict) -> None:
+        check(raw)
+        check_architecture(raw)
+
+    checkpoint = strategy.resume(ref.uri, callback=callback)
     meta = checkpoint.get("meta") or {}
     pipeline.history = list(meta.get("history") or [])
     # Saved after that epoch's validation (its metrics say so): the plateau schedulers'
     # state already holds it.
     if strategy.step_in_epoch == 0 and any(k.startswith("val/") for k in meta.get("metrics") or {}):
         pipeline.scored_epoch = strategy.epoch
+    pipeline.forks = list(meta.get(FORKS_KEY) or [])
+    pipeline.meter = loop.EpochMeter()
+    running = meta.get(RUNNING_METRICS_KEY)
+    if strategy.step_in_epoch and running:
+        pipeline.meter.load_state_dict(running)
+    if check.fork is not None:
+        resume_policy.fast_forward_schedulers(strategy, pipeline.epoch_length)
+        pipeline.forks.append(check.fork)
+        logger.warning(
+            "forked %s from %s at epoch %d: %s",
+            pipeline.config.experiment_name,
+            check.fork["from"],
+            strategy.epoch,
+            "; ".join(map(str, check.fork_changes)),
+        )
     # The data order follows the seed in effect, which a resume may have changed.
     pipeline.train_loader.seed = strategy.seed
     if pipeline.val_loader is not None:
         pipeline.val_loader.seed = strategy.seed
 
 
+@_with_training_generators
 def load_weights(pipeline: Pipeline) -> None:
     """Load ``load_from`` weights (a fresh start from pretrained weights)."""
     spec = pipeline.config.load_from
@@ -252,6 +329,7 @@ def load_weights(pipeline: Pipeline) -> None:
         )
 
 
+@_with_training_generators
 def train_one_epoch(
     pipeline: Pipeline, *, on_iteration=None, stop_at: int | None = None
 ) -> dict[str, float]:
@@ -264,6 +342,8 @@ def train_one_epoch(
     """
     strategy = pipeline.strategy
     interval = pipeline.config.checkpoint.interval_iters
+    if strategy.step_in_epoch == 0:
+        pipeline.meter = loop.EpochMeter()
 
     def hook(running: dict) -> None:
         if (
@@ -285,6 +365,7 @@ def train_one_epoch(
         loss_fn=pipeline.loss_fn,
         max_iters=pipeline.max_iters if stop_at is None else min(stop_at, pipeline.max_iters),
         on_iteration=hook,
+        meter=pipeline.meter,
     )
     return {f"train/{k}": v for k, v in metrics.items()}
 
@@ -297,6 +378,7 @@ def should_validate(pipeline: Pipeline) -> bool:
     return epoch % pipeline.config.train.val_interval == 0 or pipeline.finished
 
 
+@_with_training_generators
 def validate(pipeline: Pipeline) -> dict[str, float]:
     """Validation metrics (``val/*``); they also step the plateau schedulers.
 
@@ -357,7 +439,7 @@ def should_save(pipeline: Pipeline) -> bool:
 def _refuse_diverged(pipeline: Pipeline, metrics: dict[str, float]) -> None:
     """Stop before a diverged state is saved: it would become the latest checkpoint, and
     every later run would resume from it."""
-    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    bad = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isfinite(v)}
     if not bad:
         return
     strategy = pipeline.strategy
@@ -389,6 +471,7 @@ def _check_best_metric(cfg: PipelineConfig, metrics: dict[str, float]) -> None:
         )
 
 
+@_with_training_generators
 def save(
     pipeline: Pipeline,
     metrics: dict[str, float],
@@ -407,7 +490,11 @@ def save(
     _check_best_metric(cfg, metrics)
     record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
     if name is None:
-        pipeline.history = [h for h in pipeline.history if h["iter"] != strategy.iter] + [record]
+        # Keyed by both: a fork to another epoch length reaches an iteration count again.
+        position = (strategy.epoch, strategy.iter)
+        pipeline.history = [h for h in pipeline.history if (h["epoch"], h["iter"]) != position] + [
+            record
+        ]
     if name is None:
         # Mid-epoch positions (a max_iters horizon, an emergency save) are named by iteration.
         name = (
@@ -415,19 +502,20 @@ def save(
             if strategy.step_in_epoch
             else CheckpointName.for_epoch(strategy.epoch)
         )
+    meta = {
+        "metrics": metrics,
+        "architecture_hash": cfg.architecture_hash,
+        "config": cfg.model_dump(mode="json"),
+        "experiment_name": cfg.experiment_name,
+        "history": pipeline.history,
+    }
+    if strategy.step_in_epoch:
+        meta[RUNNING_METRICS_KEY] = pipeline.meter.state_dict()
+    if pipeline.forks:
+        meta[FORKS_KEY] = pipeline.forks
     save_fn = strategy.save_checkpoint_async if background else strategy.save_checkpoint
     return save_fn(
-        str(name),
-        save_optimizer=cfg.checkpoint.save_optimizer,
-        extra_ckpt={
-            "meta": {
-                "metrics": metrics,
-                "architecture_hash": cfg.architecture_hash,
-                "config": cfg.model_dump(mode="json"),
-                "experiment_name": cfg.experiment_name,
-                "history": pipeline.history,
-            }
-        },
+        str(name), save_optimizer=cfg.checkpoint.save_optimizer, extra_ckpt={"meta": meta}
     )
 
 

@@ -1,12 +1,29 @@
-"""Seeding, and capture and restore of every RNG state a training step can touch.
+"""Seeding, capture and restore of every RNG state a training step can touch, and the
+training code's own generators.
 
 States are stored as plain Python values and tensors only, so that a checkpoint holding
 them loads with ``torch.load(weights_only=True)`` (ours and mmengine's loaders alike).
+
+A pipeline's datasets and models may draw from the global generators (``random``,
+``numpy.random``, torch's default generators). Those are shared by the whole process:
+Prefect's threads draw from ``random`` while a run trains (its websocket client picks
+ping payloads with ``random.getrandbits``), and code between two steps may draw too. So
+that such draws never change a run, a pipeline keeps its states in
+:class:`TrainingGenerators`: inside :meth:`TrainingGenerators.active` they are the
+global states, and draws from ``random``'s module functions by other threads go to
+generators of those threads' own; outside it, the process's states are put back.
+numpy's and torch's global generators are not routed per thread (nothing in Prefect
+draws from them): a thread of your own that draws from them while a run trains should
+use its own generator (``numpy.random.default_rng``, ``torch.Generator``).
 """
 
+import contextlib
+import functools
 import os
 import random
 import sys
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -108,3 +125,109 @@ def _to_lists(value):
     if isinstance(value, tuple):
         return [_to_lists(v) for v in value]
     return value
+
+
+# The instance behind ``random``'s module functions (``random.random`` is its bound method).
+_SHARED_RANDOM: random.Random = random.random.__self__  # type: ignore[attr-defined]
+_routing_installed = False
+_owner: int | None = None  # the thread whose draws go to the shared generators
+_active: "TrainingGenerators | None" = None
+_own = threading.local()
+# Held while a thread other than the owner draws from the shared generator, and while a
+# training thread claims or releases it: deciding where a draw goes and drawing are one
+# step, so no draw can land on the shared generator after a run has claimed it.
+_claim = threading.Lock()
+
+
+def _own_generator() -> random.Random:
+    generator = getattr(_own, "random", None)
+    if generator is None:
+        generator = _own.random = random.Random()  # seeded from the OS's entropy
+    return generator
+
+
+def _install_routing() -> None:
+    """Route ``random``'s module functions: the owner thread's draws (and everybody's when
+    no run holds the generators) go to the shared generator, others' to their own.
+
+    Done once per process. Call sites that look the function up on the module at each
+    call (``random.getrandbits(32)``, as Prefect's websocket client does) are routed;
+    names bound before (``from random import random``) keep the shared generator.
+    """
+    global _routing_installed
+    if _routing_installed:
+        return
+    for name in dir(random):
+        method = getattr(random, name)
+        if getattr(method, "__self__", None) is _SHARED_RANDOM and callable(method):
+            setattr(random, name, _routed(name, method))
+    _routing_installed = True
+
+
+def _routed(name: str, method):
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        me = threading.get_ident()
+        if _owner == me:  # only this thread changes the owner away from itself
+            return method(*args, **kwargs)
+        with _claim:
+            if _owner is None:
+                return method(*args, **kwargs)
+        return getattr(_own_generator(), name)(*args, **kwargs)
+
+    return call
+
+
+class TrainingGenerators:
+    """The global generators' states as a training run sees them, kept apart from the
+    process's between the run's steps.
+
+    Every step of a pipeline (build, resume, train, validate, save) runs inside
+    :meth:`active`; what happens outside (Prefect's engine, other work in the process)
+    then never shifts the run's random streams, and what the run draws never shifts
+    theirs.
+    """
+
+    def __init__(self) -> None:
+        self.state: dict | None = None  # None: not captured yet (before the first step)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Make these the global generators' states for the block (re-entrant).
+
+        On entry the process's states are put aside and these restored; other threads'
+        draws from ``random`` go to their own generators. On exit these are captured and
+        the process's states restored.
+
+        Raises:
+            RuntimeError: Another thread is inside a training step: the global
+                generators serve one training thread at a time.
+        """
+        global _owner, _active
+        me = threading.get_ident()
+        if _active is self and _owner == me:
+            yield  # a step inside a step (an iteration checkpoint inside an epoch)
+            return
+        if _owner is not None and _owner != me:
+            raise RuntimeError(
+                "another thread is inside a training step; the global generators serve one "
+                "training thread at a time: run pipeline steps from one thread"
+            )
+        _install_routing()
+        previous = _active, _owner
+        # Claim the shared generators before touching them: from here on, other threads
+        # draw from their own, so none can draw between the swap and the first step.
+        with _claim:
+            _active, _owner = self, me
+        try:
+            outside = capture_rng_state()
+            if self.state is not None:
+                restore_rng_state(self.state)
+            try:
+                yield
+            finally:
+                self.state = capture_rng_state()
+                restore_rng_state(outside)
+        finally:
+            with _claim:
+                _active, _owner = previous

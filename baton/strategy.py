@@ -568,13 +568,24 @@ class SingleDeviceStrategy:
         return checkpoint, self._resolve_target(filename)
 
     def wait_for_checkpoints(self) -> CheckpointRef | None:
-        """Wait for a background save; return its reference (``None`` if there was none).
+        """Wait for a background save; return its reference.
 
-        Raises:
-            Exception: The background write or commit failed (nothing was committed).
+        ``None`` if there was none, or if it failed. A failed background save (its writer
+        killed, the disk full) is logged as an error and committed nothing, but it loses
+        nothing else: the state it was writing is still the live one, and the next save
+        writes it (metrics history included). Failing the caller instead would make it
+        rebuild the live state from an older checkpoint and forget what came between.
         """
         pending, self._pending_save = getattr(self, "_pending_save", None), None
-        return pending.result() if pending is not None else None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except (CheckpointError, OSError) as err:
+            self.logger.error(
+                "%s; nothing was committed, the next checkpoint will hold this state", err
+            )
+            return None
 
     def _committer(self) -> ThreadPoolExecutor:
         if getattr(self, "_commit_thread", None) is None:
@@ -594,7 +605,13 @@ class SingleDeviceStrategy:
             seed=self.seed,
             rng=randomness.capture_rng_state(),
             config_hash=self.config_hash,
-            accumulation={"inner_count": wrapper.inner_count} if wrapper else None,
+            accumulation=(
+                # max_counts: the horizon the last, shorter window was cut to (a resume
+                # that moves the horizon needs it to tell whether it can be exact).
+                {"inner_count": wrapper.inner_count, "max_counts": wrapper._max_counts}
+                if wrapper
+                else None
+            ),
             extra_meta=extra.pop("meta", None),
         )
         checkpoint: dict = {"meta": meta, "state_dict": ckpt_format.to_cpu(self.model.state_dict())}
@@ -753,12 +770,15 @@ class SingleDeviceStrategy:
                 if name in params:
                     params[name].grad = grad.to(params[name].device)
         if wrapper is not None and wrapper._accumulative_counts > 1:
-            counts = (meta.get("accumulation") or {}).get("inner_count", self.iter)
+            accumulation = meta.get("accumulation") or {}
+            counts = accumulation.get("inner_count", self.iter)
+            # A window the saved run's horizon closed early was stepped: nothing was lost.
+            closed_by_horizon = counts == accumulation.get("max_counts")
             wrapper.initialize_count_status(
                 self.model,
                 counts,
                 self._max_iters(wrapper._accumulative_counts),
-                grads_restored=bool(grads),
+                grads_restored=bool(grads) or closed_by_horizon,
             )
         self.logger.info("resumed from %s at epoch %d, iter %d", filename, self.epoch, self.iter)
         return checkpoint

@@ -20,7 +20,7 @@ def _settings(args) -> dict:
     from baton.config import parse_overrides
 
     settings = parse_overrides(args.set or [])
-    for key in ("experiment_name", "resume", "work_dir"):
+    for key in ("experiment_name", "resume", "work_dir", "fork"):
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
@@ -138,6 +138,7 @@ def cmd_run(args) -> int:
             experiment_name=args.experiment_name,
             resume=args.resume,
             work_dir=args.work_dir,
+            fork=args.fork,
             return_state=True,
         )
         if not state.is_completed():
@@ -363,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(run)
     run.add_argument("--experiment-name")
     run.add_argument("--resume", help="auto, never, or a checkpoint path")
+    run.add_argument(
+        "--fork",
+        action="store_true",
+        default=None,
+        help="continue from the checkpoint even where the config changes the run; "
+        "recorded as a fork (docs/resume.md)",
+    )
     run.add_argument("--work-dir")
     trust_args(run)
     run.set_defaults(func=cmd_run)

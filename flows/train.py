@@ -145,6 +145,7 @@ def train_pipeline(
     resume: str | None = None,
     work_dir: str | None = None,
     restart_of: str | None = None,
+    fork: bool | None = None,
 ) -> RunState | State:
     """Train a pipeline to its horizon, continuing from the experiment's newest checkpoint.
 
@@ -155,9 +156,16 @@ def train_pipeline(
         resume: 'auto' (newest valid checkpoint), 'never', or a checkpoint path; default: the config's.
         work_dir: Overrides the config's work_dir.
         restart_of: Set by the restart automation: the id of the crashed run this continues. Leave empty.
+        fork: True continues from the checkpoint even where the config changes the run
+            (data, optimizer, schedule, seed...), recorded as a fork; default: the config's.
     """
     started = time.time()
-    settings = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
+    settings = {
+        "experiment_name": experiment_name,
+        "resume": resume,
+        "work_dir": work_dir,
+        "fork": fork,
+    }
     with permanent_errors_end_the_run():
         crashed = None
         if restart_of:

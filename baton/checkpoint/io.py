@@ -16,6 +16,7 @@ import contextvars
 import ctypes
 import ctypes.util
 import errno
+import glob
 import hashlib
 import io
 import json
@@ -213,11 +214,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def _remove_temporaries_of(target: Path) -> None:
+    """Delete the temporary files of writes to ``target`` (its writer is known dead)."""
+    if target.parent.is_dir():
+        for leftover in target.parent.glob(f"{glob.escape(_temporary_prefix(target))}*.tmp"):
+            leftover.unlink(missing_ok=True)
+            logger.info("removed %s, left by a writer that did not finish", leftover.name)
+
+
 @contextlib.contextmanager
 def _atomic_local_file(target: Path) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``target``; on success fsync and rename it over."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent
+    )
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, _FILE_MODE)
@@ -312,11 +327,20 @@ def _save_in_child(obj: dict, uri: str) -> Future:
             report = json.loads(b"".join(chunks) or b"{}")
         except ValueError:
             report = {}
-        if os.waitstatus_to_exitcode(status) == 0 and "sha256" in report:
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0 and "sha256" in report:
             future.set_result((report["size"], report["sha256"]))
+            return
+        # A writer that was killed (the OOM killer, a signal) ran no cleanup of its own:
+        # its temporary file would stay until the experiment is next locked.
+        _remove_temporaries_of(local_path(uri))
+        if report.get("error"):
+            reason = report["error"]
+        elif code < 0:
+            reason = f"the writer process was killed by signal {-code}"
         else:
-            reason = report.get("error") or f"writer process ended with status {status}"
-            future.set_exception(CheckpointError(f"background save of {uri} failed: {reason}"))
+            reason = f"the writer process exited with status {code}"
+        future.set_exception(CheckpointError(f"background save of {uri} failed: {reason}"))
 
     threading.Thread(target=wait, name="baton-save-waiter", daemon=True).start()
     return future
