@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from baton import data, models, optim, schedulers
+from baton import data, models, optim, schedulers, transforms
 
 DEFAULT_ALLOWED_PREFIXES = ("torch", "baton", "tasks", "flows")
 
@@ -42,6 +42,7 @@ def _short_names() -> dict[str, Any]:
     names["AmpOptimWrapper"] = optim.AmpOptimWrapper
     names.update(models.MODELS)
     names.update(data.DATASETS)
+    names.update(transforms.TRANSFORMS)
     return names
 
 
@@ -86,8 +87,16 @@ def resolve_type(name: Any, *, extra_prefixes: Iterable[str] = ()) -> Any:
         raise ValueError(f"type {name!r}: module {module_name!r} has no {attr!r}") from err
 
 
+def _is_component_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(item, Mapping) and "type" in item for item in value)
+    )
+
+
 def build(cfg: Mapping, *, extra_prefixes: Iterable[str] = (), **defaults: Any) -> Any:
-    """Build a component dict; nested dicts with a ``type`` are built first.
+    """Build a component dict; nested dicts with a ``type`` (and lists of them) are built first.
 
     The dict is not modified. ``defaults`` fill arguments the dict does not set.
     """
@@ -96,6 +105,8 @@ def build(cfg: Mapping, *, extra_prefixes: Iterable[str] = (), **defaults: Any) 
     for key, value in args.items():
         if isinstance(value, Mapping) and "type" in value:
             args[key] = build(value, extra_prefixes=extra_prefixes)
+        elif _is_component_list(value):
+            args[key] = [build(item, extra_prefixes=extra_prefixes) for item in value]
     for key, value in defaults.items():
         args.setdefault(key, value)
     return factory(**args)

@@ -40,3 +40,8 @@ class ConfigError(BatonError):
     def __init__(self, message: str, problems: list | None = None):
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+class DataError(BatonError):
+    """A dataset cannot be read: an empty or missing folder, an unreadable file, or train
+    and validation splits whose classes differ. The message names the file or folder."""

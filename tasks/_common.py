@@ -10,6 +10,7 @@ from prefect.exceptions import MissingContextError
 from baton.errors import (
     CheckpointMismatchError,
     ConfigError,
+    DataError,
     ExperimentLockedError,
     UnsafeCheckpointError,
 )
@@ -18,6 +19,7 @@ from baton.errors import (
 PERMANENT_ERRORS = (
     ConfigError,
     CheckpointMismatchError,
+    DataError,
     ExperimentLockedError,
     UnsafeCheckpointError,
 )
