@@ -216,3 +216,35 @@ def test_the_digits_images_example_trains(digits, tmp_path):
     pipeline, ref = pl.run(cfg)
     assert ref is not None and ref.iter == 6
     assert pipeline.history[-1]["val/accuracy"] > 0.2
+
+
+def test_pin_memory_follows_the_device_unless_set(folder, tmp_path):
+    data = {
+        "experiment_name": "pins",
+        "work_dir": str(tmp_path),
+        "model": {"type": "MLP", "in_features": 144, "num_classes": 3},
+        "train_data": {
+            "dataset": {"type": "ImageFolder", "root": str(folder), "mode": "L"},
+            "batch_size": 4,
+            "num_workers": 1,
+            "prefetch_factor": 3,
+        },
+        "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1}},
+        "train": {"max_epochs": 1},
+    }
+    auto = pl.build_pipeline(load_config(data))
+    assert auto.train_loader.pin_memory == (auto.strategy.device.type == "cuda")
+    assert auto.train_loader.prefetch_factor == 3 and auto.train_loader.persistent_workers
+    pinned = pl.build_pipeline(load_config(data, {"train_data.pin_memory": True}))
+    assert pinned.train_loader.pin_memory
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_arrive_pinned_for_a_cuda_run(folder):
+    loader = ResumableLoader(ImageFolder(str(folder)), 4, num_workers=2, pin_memory=True)
+    try:
+        images, labels = next(iter(loader.iter_epoch(1)))
+    finally:
+        loader.close()
+    assert images.is_pinned() and labels.is_pinned()
