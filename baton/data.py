@@ -24,6 +24,7 @@ import functools
 import gzip
 import importlib.util
 import random
+import signal
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -219,6 +220,14 @@ def _set_rng_states(states: tuple) -> None:
     torch.set_rng_state(torch_state)
 
 
+def _worker_init(worker_id: int) -> None:
+    # A SIGTERM sent to the whole process group (a cancel, a pod stopped) must not kill
+    # the workers under the main process: it finishes its iteration and writes an
+    # emergency checkpoint first, and a worker's death would interrupt that with torch's
+    # "worker killed by signal" error. Workers exit with the main process either way.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _collate(samples: list) -> Any:
     for sample in samples:
         if isinstance(sample, _Failure):
@@ -335,6 +344,7 @@ class ResumableLoader:
                 batch_sampler=self._batches,
                 num_workers=self.num_workers,
                 collate_fn=_collate,
+                worker_init_fn=_worker_init,
                 pin_memory=self.pin_memory,
                 persistent_workers=workers and self.persistent_workers,
                 prefetch_factor=self.prefetch_factor,

@@ -3,6 +3,7 @@ re-run epoch are bitwise those of the first, whatever the number of workers; bad
 fails early with a message that names the file or folder."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -94,6 +95,17 @@ def test_workers_start_once_and_serve_every_epoch_until_closed():
         assert pids[0] == pids[1] == pids[2]
         loader.close()
         assert set(torch.cat(list(loader.iter_epoch(4))).tolist()).isdisjoint(pids[0])
+    finally:
+        loader.close()
+
+
+def test_workers_leave_sigterm_to_the_main_process():
+    loader = ResumableLoader(WorkerPid(), 2, num_workers=2)
+    try:
+        pids = set(torch.cat(list(loader.iter_epoch(1))).tolist())
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        assert set(torch.cat(list(loader.iter_epoch(2))).tolist()) == pids
     finally:
         loader.close()
 
