@@ -7,15 +7,19 @@ this one process. The plain loader is ``torch.utils.data.DataLoader(shuffle=True
 persistent_workers=True)``; baton's seeds every sample's RNGs from (seed, epoch, index)
 and keeps its workers too. Repeats alternate which runs first.
 
-    .venv/bin/python benchmarks/bench_data.py [--workers 2] [--epochs 4] [--repeats 3]
+    .venv/bin/python benchmarks/bench_data.py [--workers 2] [--epochs 3] [--repeats 3]
 
 Prints samples per second of each (over the epochs after the first, when workers are
-up), their ratio (target >= 0.95), and the cost of starting workers per epoch: the wait
-for an epoch's first batch when a new DataLoader is built every epoch (what baton did
-before) against persistent workers (what it does now).
+up), their ratio (target >= 0.95), the same ratio in CPU time per sample of all
+processes (which other load on the machine disturbs less than wall time), and the cost of starting workers per epoch: the wait
+for an epoch's first batch (of one image, no augmentation, so that the wait is the
+workers' start) when a new DataLoader is built every epoch (what baton did before)
+against baton's persistent workers (what it does now).
 """
 
 import argparse
+import gc
+import resource
 import statistics
 import tempfile
 import time
@@ -89,6 +93,13 @@ def baton_loader(data, batch_size: int, workers: int, epochs: int):
         loader.close()
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the workers, once joined)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def rate(results) -> float:
     steady = results[1:] or results
     return sum(s for _, _, s in steady) / sum(t for _, t, _ in steady)
@@ -98,28 +109,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data = dataset(write_digits_images(Path(tmp) / "digits") / "train")
         run = (data, args.batch_size, args.workers, args.epochs)
-        ratios, plain_rates, baton_rates = [], [], []
+        ratios, plain_rates, baton_rates, cpu_ratios = [], [], [], []
         for repeat in range(args.repeats):
             order = ("plain", "baton") if repeat % 2 == 0 else ("baton", "plain")
-            got = {}
+            got, cpu = {}, {}
             for name in order:
+                start = cpu_seconds()
                 got[name] = plain(*run, persistent=True) if name == "plain" else baton_loader(*run)
+                gc.collect()  # the plain loader's workers are joined when it is freed
+                cpu[name] = (cpu_seconds() - start) / sum(s for _, _, s in got[name])
             plain_rates.append(rate(got["plain"]))
             baton_rates.append(rate(got["baton"]))
             ratios.append(baton_rates[-1] / plain_rates[-1])
+            cpu_ratios.append(cpu["plain"] / cpu["baton"])
             print(
                 f"repeat {repeat + 1}: plain {plain_rates[-1]:.0f} samples/s, "
-                f"baton {baton_rates[-1]:.0f} samples/s, ratio {ratios[-1]:.3f}"
+                f"baton {baton_rates[-1]:.0f} samples/s, ratio {ratios[-1]:.3f}; CPU per "
+                f"sample plain {1000 * cpu['plain']:.3f} ms, baton {1000 * cpu['baton']:.3f} ms"
             )
-        fresh = plain(*run, persistent=False)
-        kept = baton_loader(*run)
+        bare = components.build({"type": "ImageFolder", "root": str(data.root), "mode": "L"})
+        fresh = plain(bare, 1, args.workers, args.epochs, persistent=False)
+        kept = baton_loader(bare, 1, args.workers, args.epochs)
     print(
         f"\n{len(data)} samples, batch {args.batch_size}, {args.workers} workers, "
         f"{args.epochs} epochs, {args.repeats} repeats"
@@ -127,12 +144,16 @@ def main() -> None:
     print(f"plain DataLoader: {statistics.median(plain_rates):.0f} samples/s (median)")
     print(f"baton loader:     {statistics.median(baton_rates):.0f} samples/s (median)")
     print(f"ratio baton/plain (median of paired ratios): {statistics.median(ratios):.3f}")
+    print(
+        "CPU-time ratio plain/baton per sample, all processes (median; robust to a busy "
+        f"machine): {statistics.median(cpu_ratios):.3f}"
+    )
     before = [first for first, _, _ in fresh[1:]]
     after = [first for first, _, _ in kept[1:]]
     print(
-        "wait for an epoch's first batch, epochs 2+: new workers every epoch "
-        f"{1000 * statistics.median(before):.0f} ms, persistent workers "
-        f"{1000 * statistics.median(after):.0f} ms (first epoch: {1000 * kept[0][0]:.0f} ms)"
+        "worker start per epoch (wait for the first batch of one image, epochs 2+): new "
+        f"workers every epoch {1000 * statistics.median(before):.1f} ms, persistent workers "
+        f"{1000 * statistics.median(after):.1f} ms (their first epoch: {1000 * kept[0][0]:.1f} ms)"
     )
 
 
