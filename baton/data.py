@@ -7,7 +7,7 @@ worker processes and random augmentation:
   :meth:`ResumableLoader.iter_epoch` starts at any batch of the epoch by slicing that
   order (nothing is read or replayed to get there);
 * every sample is read with python's, numpy's and torch's RNGs seeded from
-  ``(seed, e, index)``, so a random augmentation draws the same numbers whichever worker
+  ``(seed, e, index)`` (:func:`sample_seeds`), so a random augmentation draws the same numbers whichever worker
   reads the sample, however many workers there are, whatever was prefetched, and
   wherever the run was resumed. In the main process (``num_workers: 0``) the RNG states
   of training are put back after each batch, so reading data never shifts dropout;
@@ -140,21 +140,22 @@ DATASETS: dict[str, type[Dataset]] = {
 }
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> np.ndarray:
-    """The RNG seed of sample ``index`` in ``epoch``: two 32-bit words of numpy's
-    ``SeedSequence((seed, epoch, index))``, a well-mixed hash of the three."""
-    return np.random.SeedSequence((seed, epoch, index)).generate_state(2, np.uint32)
+def sample_seeds(seed: int, epoch: int, count: int) -> list[int]:
+    """The RNG seed of every sample of ``epoch``, by dataset index: 63-bit integers drawn
+    from numpy's PCG64 seeded with ``SeedSequence((seed, epoch))``. Sample ``i``'s seed is
+    a function of (seed, epoch, i) only, computed for the whole epoch at once."""
+    rng = np.random.default_rng((seed, epoch))
+    return rng.integers(0, 2**63, size=count, dtype=np.int64).tolist()
 
 
-def seed_sample_rngs(words: np.ndarray) -> None:
-    """Seed python's, numpy's and torch's CPU RNG for one sample from its seed words.
+def seed_sample_rngs(value: int) -> None:
+    """Seed python's, numpy's and torch's CPU RNG for one sample.
 
     Only torch's CPU generator is seeded (``torch.manual_seed`` would also reseed CUDA,
     which in the main process is training's RNG).
     """
-    value = int(words[0]) << 32 | int(words[1])
     random.seed(value)
-    np.random.seed(words)
+    np.random.seed(value & 0xFFFFFFFF)  # numpy's global RNG takes 32-bit seeds
     torch.default_generator.manual_seed(value)
 
 
@@ -176,8 +177,8 @@ class _Failure:
 
 
 class _SeededSamples(Dataset):
-    """The dataset as workers see it: keys are ``(index, seed, epoch)``, and each sample
-    is read with every RNG seeded from its key (see :func:`sample_seed`)."""
+    """The dataset as workers see it: keys are ``(index, sample seed)``, and each sample
+    is read with every RNG seeded from its key (see :func:`sample_seeds`)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -185,10 +186,10 @@ class _SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+    def __getitem__(self, key: tuple[int, int]) -> Any:
         return self.__getitems__([key])[0]
 
-    def __getitems__(self, keys: Sequence[tuple[int, int, int]]) -> list:
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list:
         in_main_process = get_worker_info() is None
         saved = _rng_states() if in_main_process else None
         try:
@@ -197,8 +198,8 @@ class _SeededSamples(Dataset):
             if saved is not None:
                 _set_rng_states(saved)
 
-    def _read(self, index: int, seed: int, epoch: int) -> Any:
-        seed_sample_rngs(sample_seed(seed, epoch, index))
+    def _read(self, index: int, seed: int) -> Any:
+        seed_sample_rngs(seed)
         try:
             return self.dataset[index]
         except DataError as err:
@@ -238,16 +239,16 @@ def _collate(samples: list) -> Any:
 class _EpochBatches:
     """The batch sampler of the one DataLoader a ``ResumableLoader`` keeps: it yields
     the keys of the epoch and start last set. A DataLoader fixes its sampler when it is
-    built, and its persistent workers keep their copy of the dataset, so the epoch and
-    the seed travel inside the keys."""
+    built, and its persistent workers keep their copy of the dataset, so each sample's
+    seed travels inside its key."""
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int, int]]] = []
+        self.batches: list[list[tuple[int, int]]] = []
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         return iter(self.batches)
 
 
@@ -330,7 +331,8 @@ class ResumableLoader:
             for index in batches:
                 yield tuple(t[index] for t in tensors)
             return
-        self._batches.batches = [[(i, self.seed, epoch) for i in b.tolist()] for b in batches]
+        seeds = sample_seeds(self.seed, epoch, len(self.dataset))
+        self._batches.batches = [[(i, seeds[i]) for i in b.tolist()] for b in batches]
         for batch in self._dataloader():
             if isinstance(batch, _Failure):
                 raise batch.error()
