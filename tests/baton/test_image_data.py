@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from baton import components
 from baton import pipeline as pl
 from baton.config import load_config
-from baton.data import ResumableLoader
+from baton.data import ResumableLoader, check_same_classes
 from baton.datasets import ImageFolder
 from baton.errors import DataError
 from baton.example_data import write_digits_images
@@ -260,3 +260,35 @@ def test_batches_arrive_pinned_for_a_cuda_run(folder):
     finally:
         loader.close()
     assert images.is_pinned() and labels.is_pinned()
+
+
+def torchvision_or_skip():
+    try:
+        import torchvision
+        from torchvision.transforms import v2
+    except Exception as err:  # its CUDA wheels fail to load with a CPU torch: RuntimeError
+        pytest.skip(f"torchvision is not usable here: {err}")
+    return torchvision, v2
+
+
+def test_torchvision_folders_and_v2_transforms_are_exact_across_workers(folder):
+    torchvision, v2 = torchvision_or_skip()
+    transform = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomResizedCrop((10, 10), scale=(0.5, 1.0)),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
+    dataset = torchvision.datasets.ImageFolder(str(folder), transform=transform)
+    runs = {}
+    for workers in (0, 2):
+        loader = ResumableLoader(dataset, 5, seed=3, num_workers=workers)
+        try:
+            runs[workers] = list(loader.iter_epoch(1)), list(loader.iter_epoch(1, start=2))
+        finally:
+            loader.close()
+    assert_same_batches(runs[0][0], runs[2][0])
+    assert_same_batches(runs[0][0][2:], runs[2][1])
+    check_same_classes(dataset, ImageFolder(str(folder)))  # the same labels as baton's
