@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 # GPU users: TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>" make ...
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/digits_mlp.yaml
+# The image folder configs/digits_images.yaml reads (PNG files made from scikit-learn's digits).
+DIGITS_IMAGES := data/digits_images
 
-.PHONY: venv run test lint format clean
+.PHONY: venv run test lint format clean digits-images
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -18,8 +20,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
-run: venv
+# A config that reads the digits image folder gets it written first (once).
+run: venv $(if $(findstring digits_images,$(CONFIG)),$(DIGITS_IMAGES))
 	$(VENV)/bin/baton run $(CONFIG)
+
+digits-images: $(DIGITS_IMAGES)
+
+$(DIGITS_IMAGES): | venv
+	$(PY) -m baton.example_data digits-images $@
 
 test: venv
 	$(PY) -m ruff check .
@@ -35,4 +43,4 @@ format: venv
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) work_dirs .pytest_cache
+	rm -rf $(VENV) work_dirs .pytest_cache $(DIGITS_IMAGES)

@@ -39,8 +39,8 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from baton import data, models, schedulers
-from baton.errors import ConfigError
-from baton.kinds import Slot
+from baton.errors import ConfigError, UntrustedInputError
+from baton.kinds import DataPath, Slot, TransformBase
 from baton.trust import Trust, where_to_set
 
 # A problem found in a component: the key path below the component, and the message.
@@ -130,7 +130,9 @@ def _scheduler_names() -> dict[str, Any]:
 
 
 def _transform_names() -> dict[str, Any]:
-    return dict(getattr(data, "TRANSFORMS", {}))
+    # kornia takes ~0.2 s to import: paid when a transform is first named, not by
+    # `import baton` (every flow-run process imports the engine).
+    return dict(importlib.import_module("baton.transforms").TRANSFORMS)
 
 
 KINDS: dict[str, Kind] = {
@@ -152,13 +154,35 @@ KINDS: dict[str, Kind] = {
             "one of baton's parameter schedulers",
             _scheduler_names,
         ),
-        Kind("transform", (nn.Module,), "an nn.Module subclass", _transform_names),
+        Kind(
+            "transform",
+            (nn.Module, TransformBase),
+            "an nn.Module subclass or one of baton's transforms",
+            _transform_names,
+        ),
         Kind("loader", (), "a function registered as a loader", dict),
     )
 }
 
-# Slots of classes baton does not own (their signatures carry no Slot markers).
-EXTERNAL_SLOTS: dict[str, dict[str, Slot]] = {}
+# Slots of classes baton does not own (their signatures carry no markers). torchvision
+# is not a dependency; an operator who installs it allows e.g.
+# BATON_ALLOWED_MODULES=torchvision.datasets.folder,torchvision.transforms.v2.
+_FOLDER_SLOTS: dict[str, Slot | DataPath] = {
+    "root": DataPath(),
+    "transform": Slot("transform"),
+    "target_transform": Slot("transform"),
+    "loader": Slot("loader"),
+    "is_valid_file": Slot("loader"),
+}
+_MANY_TRANSFORMS: dict[str, Slot | DataPath] = {"transforms": Slot("transform", many=True)}
+EXTERNAL_SLOTS: dict[str, dict[str, Slot | DataPath]] = {
+    "torchvision.datasets.folder.ImageFolder": _FOLDER_SLOTS,
+    "torchvision.datasets.folder.DatasetFolder": _FOLDER_SLOTS,
+    **{
+        f"torchvision.transforms.v2._container.{name}": _MANY_TRANSFORMS
+        for name in ("Compose", "RandomApply", "RandomChoice", "RandomOrder")
+    },
+}
 
 # Arguments the builder passes itself, per kind; a config may not set them.
 SUPPLIED = {"optimizer": frozenset({"params"}), "scheduler": frozenset({"optimizer"})}
@@ -249,6 +273,7 @@ class _Param:
     adapter: TypeAdapter | None
     required: bool
     slot: Slot | None
+    data_path: bool = False
 
 
 _LAX = ConfigDict(arbitrary_types_allowed=True)
@@ -268,9 +293,9 @@ def _adapter(annotation: Any) -> TypeAdapter | None:
             return None
 
 
-def _slot_of(annotation: Any) -> Slot | None:
+def _marker(annotation: Any, kind: type) -> Any:
     if typing.get_origin(annotation) is Annotated:
-        return next((m for m in annotation.__metadata__ if isinstance(m, Slot)), None)
+        return next((m for m in annotation.__metadata__ if isinstance(m, kind)), None)
     return None
 
 
@@ -315,12 +340,15 @@ def _signature(factory: Any) -> tuple[dict[str, _Param], bool]:
             if param.kind is param.VAR_POSITIONAL:
                 continue
             annotation = hints.get(name, param.annotation)
-            slot = external.get(name) or _slot_of(annotation)
+            marker = external.get(name)
+            slot = marker if isinstance(marker, Slot) else _marker(annotation, Slot)
+            data_path = isinstance(marker, DataPath) or _marker(annotation, DataPath) is not None
             found[name] = _Param(
                 name,
                 None if slot else _adapter(annotation),
                 param.default is param.empty and param.kind is not param.POSITIONAL_ONLY,
                 slot,
+                data_path,
             )
     return found, takes_any
 
@@ -396,6 +424,11 @@ def check(
             problems.append(
                 (key, f"{cfg['type']}'s {name!r} is not a slot for a component; give a plain value")
             )
+        elif param is not None and param.data_path:
+            try:
+                trust.check_data_path(str(value), f"{cfg['type']}'s {name}")
+            except UntrustedInputError as err:
+                problems.append((key, str(err)))
         elif param is not None and param.adapter is not None:
             try:
                 param.adapter.validate_python(value)
@@ -458,6 +491,8 @@ def _construct(cfg: Mapping, kind: str, trust: Trust, supplied: Mapping[str, Any
                 value = [_construct(item, param.slot.kind, trust, {}) for item in value]
             else:
                 value = _construct(value, param.slot.kind, trust, {})
+        elif param is not None and param.data_path:
+            value = str(trust.check_data_path(str(value), f"{cfg['type']}'s {name}"))
         elif param is not None and param.adapter is not None:
             # Build with the checked values (a YAML list becomes the tuple a signature
             # asks for), so what was validated is what is passed.

@@ -82,8 +82,15 @@ class DataConfig(_Strict):
     dataset: Component = Field(description="dataset component, e.g. {type: DigitsDataset}")
     batch_size: int = Field(ge=1, le=1 << 16)
     shuffle: bool = True
-    num_workers: int = Field(0, ge=0, le=64)
+    num_workers: int = Field(0, ge=0, le=64, description="worker processes reading samples")
     drop_last: bool = False
+    pin_memory: bool | None = Field(
+        None, description="page-locked batches; None: on when training on CUDA"
+    )
+    persistent_workers: bool = Field(True, description="keep workers from epoch to epoch")
+    prefetch_factor: int | None = Field(
+        None, ge=1, le=64, description="batches each worker reads ahead (None: torch's 2)"
+    )
 
 
 class ClipGrad(_Strict):

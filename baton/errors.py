@@ -70,3 +70,8 @@ class RestartRefusedError(BatonError):
 class ResumeConfigError(ConfigError, CheckpointMismatchError):
     """A resume would change keys that change the run (see ``baton.resume_policy``);
     the message lists them and names the explicit fork."""
+
+
+class DataError(BatonError):
+    """A dataset cannot be read: an empty or missing folder, an unreadable file, or train
+    and validation splits whose classes differ. The message names the file or folder."""

@@ -18,3 +18,17 @@ class Slot:
 
     kind: str
     many: bool = False
+
+
+@dataclass(frozen=True)
+class DataPath:
+    """An argument naming a file or folder a dataset reads (``Annotated[str, DataPath()]``).
+
+    It must lie inside the project or an operator's data root (``BATON_DATA_ROOTS``): a
+    config from the UI cannot point a dataset at the worker's other files.
+    """
+
+
+class TransformBase:
+    """Base of baton's transforms that are not ``nn.Module`` s (``Compose``), so that the
+    registry's ``transform`` kind can accept them by what they are."""

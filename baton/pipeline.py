@@ -25,7 +25,7 @@ from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import PipelineConfig
-from baton.data import ResumableLoader
+from baton.data import ResumableLoader, check_same_classes
 from baton.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -80,14 +80,20 @@ class Pipeline:
         return self.strategy.iter >= self.max_iters
 
 
-def _loader(cfg, dataset, seed: int) -> ResumableLoader:
+def _loader(cfg, dataset, strategy: SingleDeviceStrategy) -> ResumableLoader:
+    pin_memory = cfg.pin_memory
+    if pin_memory is None:  # page-locked memory speeds up copies to a GPU only
+        pin_memory = strategy.device.type == "cuda"
     return ResumableLoader(
         dataset,
         cfg.batch_size,
         shuffle=cfg.shuffle,
-        seed=seed,
+        seed=strategy.seed,
         drop_last=cfg.drop_last,
         num_workers=cfg.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=cfg.persistent_workers,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
     )
 
 
@@ -134,12 +140,13 @@ def _build(cfg: PipelineConfig) -> Pipeline:
     strategy.config_hash = cfg.config_hash
     trust = Trust.from_environment()
     train_loader = _loader(
-        cfg.train_data, build.build(cfg.train_data.dataset, "dataset", trust=trust), strategy.seed
+        cfg.train_data, build.build(cfg.train_data.dataset, "dataset", trust=trust), strategy
     )
     val_loader = None
     if cfg.val_data is not None:
         dataset = build.build(cfg.val_data.dataset, "dataset", trust=trust)
-        val_loader = _loader(cfg.val_data, dataset, strategy.seed)
+        check_same_classes(train_loader.dataset, dataset)
+        val_loader = _loader(cfg.val_data, dataset, strategy)
     epoch_length = len(train_loader)
     if cfg.train.max_iters is not None:
         max_iters = cfg.train.max_iters

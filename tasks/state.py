@@ -7,6 +7,9 @@ previous task left, if it is clean and at the position the ``RunState`` says. Ot
 (a fresh process, or a retry after a task failed half way through an epoch) it rebuilds
 the pipeline from the state's checkpoint and replays the iterations since then, which is
 exact because data order and RNG states are part of the checkpoint.
+
+The live pipeline's data loaders keep their worker processes between tasks, so the
+workers start once per flow run; a rebuild or :func:`forget` stops them.
 """
 
 import contextlib
@@ -114,6 +117,10 @@ def live_pipeline(
             live = _LIVE.get(_key(cfg))
             if live is not None and _matches(live, cfg, state):
                 return live.pipeline, True
+    with _LOCK:
+        stale = _LIVE.pop(_key(cfg), None)
+    if stale is not None:
+        _stop_workers(stale.pipeline)  # a failed epoch's workers may be dead or mid-batch
     pipeline = pl.build_pipeline(cfg)
     if checkpoint is not None:
         pl.resume(pipeline, checkpoint)
@@ -145,6 +152,15 @@ def using(cfg: PipelineConfig, pipeline: pl.Pipeline) -> Iterator[None]:
 
 
 def forget(cfg: PipelineConfig) -> None:
-    """Drop the live pipeline of an experiment (at the end of a flow run)."""
+    """Drop the live pipeline of an experiment and stop its loader workers (at the end of
+    a flow run)."""
     with _LOCK:
-        _LIVE.pop(_key(cfg), None)
+        live = _LIVE.pop(_key(cfg), None)
+    if live is not None:
+        _stop_workers(live.pipeline)
+
+
+def _stop_workers(pipeline: pl.Pipeline) -> None:
+    for loader in (pipeline.train_loader, pipeline.val_loader):
+        if loader is not None:
+            loader.close()

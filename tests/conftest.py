@@ -12,6 +12,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # dirs under the temporary folder). Child processes inherit these.
 os.environ.setdefault("BATON_ALLOWED_MODULES", "tests")
 os.environ.setdefault("BATON_WORK_DIR_ROOTS", os.path.realpath(tempfile.gettempdir()))
+os.environ.setdefault("BATON_DATA_ROOTS", os.path.realpath(tempfile.gettempdir()))
 
 
 @pytest.fixture

@@ -1,0 +1,178 @@
+"""Image files on disk as a dataset.
+
+:class:`ImageFolder` reads the layout torchvision's ``ImageFolder`` reads
+(``root/<class>/<image>``) with Pillow, so it needs neither torchvision nor a GPU build
+of it. It checks the folder when it is built, so that an empty folder, a class without
+images or a file that is not an image stops a run before training, naming the folder or
+file, instead of a worker failing in the middle of epoch 7.
+"""
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from baton.errors import DataError
+from baton.kinds import DataPath, Slot
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+# Problems listed in one error before the rest are counted.
+_MAX_LISTED = 10
+
+
+class ImageFolder(Dataset):
+    """Images in one folder per class (``root/cat/001.png``), labelled by folder.
+
+    Each sample is ``(image, label)``: the image a ``C x H x W`` float32 tensor in
+    [0, 1] (the input kornia's augmentations and torchvision's v2 transforms take), the
+    label the class's index in ``classes``. Attributes ``classes``, ``class_to_idx``,
+    ``samples`` and ``targets`` are those of torchvision's ``ImageFolder``.
+
+    Args:
+        root: Folder with one sub-folder per class.
+        transform: Applied to each image (e.g. a ``Compose`` of augmentations).
+        target_transform: Applied to each label.
+        mode: Pillow mode each image is converted to (``'RGB'``, ``'L'`` for grayscale);
+            ``None`` keeps each file's own.
+        extensions: File name endings that count as images (case does not matter).
+        classes: The class folders to use, in label order. Default: every sub-folder,
+            sorted. Listing them makes a split that lacks one an error.
+        check_files: Open every file once now (Pillow's ``verify``: header and, for PNG,
+            checksums) so a bad file fails before training. Costs a read of the folder;
+            turn off for folders too large to read twice.
+
+    Raises:
+        DataError: ``root`` is not a folder, has no class folders, a class folder has
+            no images, or (with ``check_files``) a file is not a readable image.
+    """
+
+    def __init__(
+        self,
+        root: Annotated[str, DataPath()],
+        transform: Annotated[Callable | None, Slot("transform")] = None,
+        target_transform: Annotated[Callable | None, Slot("transform")] = None,
+        *,
+        mode: str | None = "RGB",
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        classes: Sequence[str] | None = None,
+        check_files: bool = True,
+    ):
+        self.root = str(root)
+        self.transform = transform
+        self.target_transform = target_transform
+        self.mode = mode
+        self.extensions = tuple(e.lower() for e in extensions)
+        self.classes = list(classes) if classes is not None else _class_folders(self.root)
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        self.samples = _scan(self.root, self.classes, self.extensions)
+        self.targets = [target for _, target in self.samples]
+        if check_files:
+            _check_images([path for path, _ in self.samples])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        path, target = self.samples[index]
+        image = read_image(path, self.mode)
+        if self.transform is not None:
+            image = self.transform(image)
+            if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[0] == 1:
+                raise DataError(
+                    f"ImageFolder at {self.root!r}: the transform returned a batch "
+                    f"{tuple(image.shape)} for one image; put kornia augmentations inside "
+                    "{type: Compose, transforms: [...]} or give them keepdim: true"
+                )
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+
+def read_image(path: str, mode: str | None = "RGB") -> torch.Tensor:
+    """A file as a ``C x H x W`` float32 tensor in [0, 1], decoded by Pillow.
+
+    Raises:
+        DataError: The file cannot be read or decoded, naming it.
+    """
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert(mode) if mode else image)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: not a readable image ({err}); replace or remove it") from err
+    if pixels.dtype != np.uint8:
+        raise DataError(
+            f"{path}: {pixels.dtype} pixels are not supported; convert it to 8 bits, or set "
+            "mode: RGB or L"
+        )
+    tensor = torch.from_numpy(pixels.copy())
+    tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+    return tensor.float().div_(255)
+
+
+def _class_folders(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist or is not a folder")
+    with os.scandir(root) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"image folder {root!r} has no class folders; put each class's images in a "
+            f"sub-folder, e.g. {os.path.join(root, 'cat', '001.png')}"
+        )
+    return classes
+
+
+def _scan(root: str, classes: list[str], extensions: tuple[str, ...]) -> list[tuple[str, int]]:
+    samples: list[tuple[str, int]] = []
+    missing, empty = [], []
+    for index, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            missing.append(folder)
+            continue
+        found = []
+        # Symbolic links to folders are not followed (a link must not pull in the whole
+        # disk) and only regular files count: a FIFO named x.png would block the reader.
+        for parent, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for file in sorted(files):
+                path = os.path.join(parent, file)
+                if file.lower().endswith(extensions) and os.path.isfile(path):
+                    found.append((path, index))
+        if not found:
+            empty.append(folder)
+        samples += found
+    if missing:
+        raise DataError(
+            f"class folders missing: {', '.join(missing[:_MAX_LISTED])}; create them or "
+            "remove the classes from 'classes:'"
+        )
+    if empty:
+        raise DataError(
+            f"no images ({', '.join(extensions)}) in {', '.join(empty[:_MAX_LISTED])}"
+            f"{_more(empty)}; add images or remove the folder"
+        )
+    return samples
+
+
+def _check_images(paths: list[str]) -> None:
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # Pillow raises many types for damaged files
+            bad.append(f"{path} ({err})")
+    if bad:
+        raise DataError(
+            f"{len(bad)} file(s) are not readable images: {'; '.join(bad[:_MAX_LISTED])}"
+            f"{_more(bad)}; replace or remove them"
+        )
+
+
+def _more(items: list) -> str:
+    return f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""

@@ -1,0 +1,129 @@
+"""Real kills on an image folder with random augmentation read by loader workers: SIGKILL
+mid-epoch (0, 2 and 3 workers) and mid-checkpoint-write, and a worker that dies. Each run
+ends bitwise equal to an uninterrupted one."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from baton import CheckpointStore
+from baton import pipeline as pl
+from baton.config import validate
+
+from ..baton.image_folders import augmentation, make_image_folder
+from ..faults import forwards_so_far
+from .conftest import small_config
+from .helpers import assert_same_training_result, final_checkpoint
+from .test_kill_and_resume import ROOT, finish, start, stop_group, wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning"),
+]
+EPOCH_LENGTH = 8  # 3 classes x 16 images / 6
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect_home")),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore",
+        PYTHONPATH=str(ROOT),
+    )
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images") / "train", per_class=16)
+
+
+def image_config(tmp_path, name, images, model, workers, dataset=None, **overrides):
+    folder = {"type": "ImageFolder", "root": str(images), "mode": "L"}
+    data = {
+        "train_data": {
+            "dataset": {**folder, "transform": augmentation(size=12), **(dataset or {})},
+            "batch_size": 6,
+            "num_workers": workers,
+        },
+        "val_data": {"dataset": folder, "batch_size": 16, "shuffle": False},
+        "train.max_epochs": 3,
+        **overrides,
+    }
+    return small_config(tmp_path / name, model=model, **data)
+
+
+def slow_model(delay=0.03, hidden=(16,), progress=None):
+    return {
+        "type": "tests.faults.SlowMLP",
+        "in_features": 144,  # 1 x 12 x 12
+        "num_classes": 3,
+        "hidden": list(hidden),
+        "dropout": 0.2,
+        "delay": delay,
+        "progress": progress,
+    }
+
+
+def reference(cfg: dict, tmp_path: Path) -> dict:
+    plain = {**cfg, "experiment_name": "reference", "work_dir": str(tmp_path / "reference")}
+    pl.run(validate(plain))
+    return final_checkpoint(plain)
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_sigkill_mid_epoch_resumes_bitwise(tmp_path, prefect_env, images, workers):
+    progress = tmp_path / "forwards"
+    model = slow_model(progress=str(progress))
+    cfg = image_config(
+        tmp_path, "killed", images, model, workers, **{"checkpoint.interval_iters": 3}
+    )
+    process = start(cfg, prefect_env, tmp_path)
+    try:
+        # forward 14 runs after the iteration-12 checkpoint (mid-epoch 2) is committed
+        assert wait_for(lambda: forwards_so_far(progress) >= EPOCH_LENGTH + 6, process)
+    finally:
+        stop_group(process)
+    latest = CheckpointStore(Path(cfg["work_dir"]) / cfg["experiment_name"]).latest()
+    assert latest is not None and latest.iter < 3 * EPOCH_LENGTH
+    output = finish(cfg, prefect_env, tmp_path)
+    assert f"iter {latest.iter}" in output
+    assert_same_training_result(reference(cfg, tmp_path), final_checkpoint(cfg))
+
+
+def test_sigkill_mid_checkpoint_write_with_workers(tmp_path, prefect_env, images):
+    model = slow_model(delay=0.0, hidden=(2048, 2048))  # ~36 MB of weights and momentum
+    cfg = image_config(tmp_path, "killed-write", images, model, 2, **{"train.max_epochs": 2})
+    folder = Path(cfg["work_dir"]) / cfg["experiment_name"] / "checkpoints"
+
+    def writing():
+        return folder.exists() and any(p.name.endswith(".tmp") for p in folder.iterdir())
+
+    process = start(cfg, prefect_env, tmp_path)
+    try:
+        assert wait_for(writing, process, interval=0.001), "never caught a checkpoint being written"
+    finally:
+        stop_group(process)
+    store = CheckpointStore(folder.parent)
+    for ref in store.list():
+        store.verify(ref)
+    finish(cfg, prefect_env, tmp_path)
+    assert_same_training_result(reference(cfg, tmp_path), final_checkpoint(cfg))
+
+
+def test_a_dead_worker_is_retried_and_the_run_stays_exact(tmp_path, prefect_env, images):
+    budget = tmp_path / "reads"
+    dying = {"type": "tests.baton.image_folders.DyingImageFolder", "die_at": 5}
+    dying["budget"] = str(budget)  # read twice (epochs 1 and 2): dies in epoch 2
+    cfg = image_config(tmp_path, "dying", images, slow_model(delay=0.0), 2, dataset=dying)
+    output = finish(cfg, prefect_env, tmp_path)
+    assert "exited unexpectedly" in output or "killed by signal" in output, output[-3000:]
+    assert "rebuilt the pipeline" in output
+    assert int(budget.read_text()) >= 3, "the worker never read past its death"
+    budget.write_text("100")  # the reference run's workers live
+    assert_same_training_result(reference(cfg, tmp_path), final_checkpoint(cfg))
