@@ -116,7 +116,10 @@ class RunRecord:
                 and resource.get("prefect.orchestration") == "client"
             ):
                 return
-            task_run_id = uuid.UUID(resource.id.rsplit(".", 1)[1])
+            try:
+                task_run_id = uuid.UUID(resource.id.rsplit(".", 1)[1])
+            except ValueError:  # not a task run the recorder could store either
+                return
             newest = self.task_run_states.get(task_run_id)
             if newest is None or event.occurred >= newest[0]:
                 self.task_run_states[task_run_id] = (event.occurred, event.id)
@@ -377,7 +380,10 @@ def _recording(record: RunRecord) -> Iterator[None]:
         def put(self, item: tuple[str, Any]) -> None:
             _, event = item
             record.add_event(event)
-            EventsWorker.instance(PrefectEventsClient).send(event)
+            try:
+                EventsWorker.instance(PrefectEventsClient).send(event)
+            except RuntimeError:  # stopped (drained) since it was looked up: a new one
+                EventsWorker.instance(PrefectEventsClient).send(event)
 
     def sink(log: dict[str, Any]) -> None:
         record.add_log(log)
