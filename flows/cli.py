@@ -92,8 +92,9 @@ def cmd_validate(args) -> int:
 def _prefect_session(load: Callable[[], Any]) -> Iterator[Any]:
     """Boot Prefect's embedded server (unless an API URL is configured) while ``load``
     runs (config validation and imports: torch, the engine, the flow), then point Prefect
-    at it; yields what ``load`` returned. The server stops when the process exits (after
-    Prefect ships its last logs), and at once if ``load`` fails (a bad config)."""
+    at it; yields what ``load`` returned. The server stops when the session ends, once it
+    has recorded everything the run sent it (or after a bounded wait that is reported),
+    and at once if ``load`` fails (a bad config)."""
     _prefect_env()
     from flows.server import EmbeddedServer, configured_api_url, prefect_api
 

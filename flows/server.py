@@ -7,27 +7,57 @@ server's modules too (~2 s) only to launch it. Here the same server (the same co
 settings and ephemeral mode Prefect uses) is launched first and boots on another core
 while the run loads; the run then talks to it as to any API URL.
 
-The server is stopped (SIGTERM, so it records the last events) when the process exits,
-after Prefect has shipped the last logs and events, and it gets SIGTERM from the kernel
-if the run is killed, so it never outlives its run.
+The server is stopped only once it has recorded the run. A client's task-run events
+travel over a websocket into the server's in-memory queues, and two services write
+them to the database later: the task-run recorder (which makes the task runs the UI
+shows) and the event persister (in batches, every few seconds). A server stopped as
+soon as the client has sent everything loses what those queues still hold: a run in
+the UI without its last epochs, and "Error flushing N events" at shutdown. So
+``prefect_api`` notes every event and log line this process sends (`RunRecord`),
+drains Prefect's client workers when the run ends, and reads the server's API until
+every one of them is in the database, or until a bounded wait ends, which it reports.
+
+The server also stops when this process exits, and it gets SIGTERM from the kernel if
+the run is killed, so it never outlives its run.
 """
 
 import atexit
 import contextlib
 import ctypes
+import dataclasses
+import datetime
+import errno
 import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 STARTUP_TIMEOUT_S = 120.0
+# How long a finished run waits for the server to record it. Normally well under a
+# second; a few seconds when both cores are busy.
+RECORD_TIMEOUT_S = 60.0
+# A wait longer than this is announced, so that a slow end of a run is not a silent one.
+_RECORD_NOTICE_S = 3.0
+# uvicorn exits with this code when it cannot start, a port taken since it was picked
+# among the reasons; Prefect's own launcher then starts again on another port.
+_UVICORN_STARTUP_FAILURE = 3
+_PORT_ATTEMPTS = 5
+# The event persister writes its queue every 5 s by default: each run would end with
+# up to 5 s of waiting for its last events.
+_SERVER_SETTINGS = {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.25"}
+# Per request: the API pages at 200 rows, and ids go into one SQL `IN (...)`.
+_PAGE = 200
 _PR_SET_PDEATHSIG = 1
 
 
@@ -37,23 +67,179 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _port_taken(port: int) -> bool:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as err:
+            return err.errno == errno.EADDRINUSE
+        return False
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class EmbeddedServer:
-    """One Prefect server process on 127.0.0.1, owned by this process."""
+def _chunks(items: list, size: int = _PAGE) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
-    def __init__(self) -> None:
+
+@dataclasses.dataclass(eq=False)  # hashed by identity: Prefect keys its workers on it
+class RunRecord:
+    """Everything this process sent to the server, as the evidence that it was recorded.
+
+    Attributes:
+        events: Each event's id and the time it occurred (the event persister's rows).
+        task_run_states: For each task run, the id of its newest state event: the
+            task-run recorder stores each state under its event's id, and keeps the
+            newest as the task run's state.
+        log_lines: Log lines per flow run (or per task run, for logs outside a flow).
+    """
+
+    events: dict[uuid.UUID, datetime.datetime] = dataclasses.field(default_factory=dict)
+    task_run_states: dict[uuid.UUID, tuple[datetime.datetime, uuid.UUID]] = dataclasses.field(
+        default_factory=dict
+    )
+    log_lines: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def add_event(self, event: Any) -> None:
+        """Note an event (a ``prefect.events.Event``) about to go to the server."""
+        with self._lock:
+            self.events[event.id] = event.occurred
+            # The events the task-run recorder turns into task runs: its own filter.
+            resource = event.resource
+            if not (
+                event.event.startswith("prefect.task-run.")
+                and resource.get("prefect.orchestration") == "client"
+            ):
+                return
+            try:
+                task_run_id = uuid.UUID(resource.id.rsplit(".", 1)[1])
+            except ValueError:  # not a task run the recorder could store either
+                return
+            newest = self.task_run_states.get(task_run_id)
+            if newest is None or event.occurred >= newest[0]:
+                self.task_run_states[task_run_id] = (event.occurred, event.id)
+
+    def add_log(self, log: dict[str, Any]) -> None:
+        """Note a log line (a ``LogCreate`` as JSON) about to go to the server."""
+        if log.get("flow_run_id"):
+            key = ("flow_run_id", str(log["flow_run_id"]))
+        elif log.get("task_run_id"):
+            key = ("task_run_id", str(log["task_run_id"]))
+        else:  # a worker's own log: no run to find it by, and `baton run` has no worker
+            return
+        with self._lock:
+            self.log_lines[key] += 1
+
+    def copy(self) -> "RunRecord":
+        with self._lock:
+            return RunRecord(dict(self.events), dict(self.task_run_states), Counter(self.log_lines))
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.task_run_states or self.log_lines)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.events)} events, {len(self.task_run_states)} task-run states, "
+            f"{sum(self.log_lines.values())} log lines"
+        )
+
+
+def _missing_from(server_api: Any, record: RunRecord) -> RunRecord:
+    """What of ``record`` the server has not written to its database yet (one pass)."""
+    missing = RunRecord()
+    events = sorted(record.events)
+    if events:
+        # The event persister's table, counted by id over the events' time span.
+        since = min(record.events.values()) - datetime.timedelta(minutes=1)
+        until = max(record.events.values()) + datetime.timedelta(minutes=1)
+        for chunk in _chunks(events):
+            body = {
+                "filter": {
+                    "id": {"id": [str(i) for i in chunk]},
+                    "occurred": {"since": since.isoformat(), "until": until.isoformat()},
+                },
+                "limit": 1,
+            }
+            response = server_api.request("POST", "/events/filter", json=body)
+            if response.json()["total"] < len(chunk):
+                # Which ones, only now that something is missing: one page per chunk.
+                body["limit"] = _PAGE
+                found = server_api.request("POST", "/events/filter", json=body).json()
+                persisted = {uuid.UUID(e["id"]) for e in found["events"]}
+                missing.events.update({i: record.events[i] for i in chunk if i not in persisted})
+
+    if record.task_run_states:
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+        for chunk in _chunks(sorted(record.task_run_states)):
+            runs = server_api.read_task_runs(
+                task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=chunk)), limit=_PAGE
+            )
+            current = {run.id: run.state_id for run in runs}
+            for task_run_id in chunk:
+                occurred, state_id = record.task_run_states[task_run_id]
+                if current.get(task_run_id) == state_id:
+                    continue
+                # Not the task run's state (yet): look the state up itself, which also
+                # finds it where the recorder merged the run into an earlier one.
+                try:
+                    server_api.request("GET", "/task_run_states/{id}", path_params={"id": state_id})
+                except httpx.HTTPStatusError as err:
+                    if err.response.status_code != 404:
+                        raise
+                    missing.task_run_states[task_run_id] = (occurred, state_id)
+
+    if record.log_lines:
+        from prefect.client.schemas.filters import (
+            LogFilter,
+            LogFilterFlowRunId,
+            LogFilterTaskRunId,
+        )
+
+        for (field, run_id), count in record.log_lines.items():
+            ids = [uuid.UUID(run_id)]
+            log_filter = (
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids))
+                if field == "flow_run_id"
+                else LogFilter(task_run_id=LogFilterTaskRunId(any_=ids))
+            )
+            # The server writes logs before it answers their POST: a line that is not
+            # there now was refused. The count-th line exists iff all of them do.
+            if not server_api.read_logs(log_filter=log_filter, offset=count - 1, limit=1):
+                missing.log_lines[(field, run_id)] = count
+    return missing
+
+
+class EmbeddedServer:
+    """One Prefect server process on 127.0.0.1, owned by this process.
+
+    Args:
+        port: The port to try first (default: a free one). If another process takes it
+            before the server binds it, the server starts again on a free port.
+    """
+
+    def __init__(self, port: int | None = None) -> None:
         # Launched before this process imports Prefect (a second saved): the server reads
         # the same environment and profile as this process would.
         spec = importlib.util.find_spec("prefect")
         if spec is None or spec.origin is None:
             raise RuntimeError("Prefect is not installed")
-        self.port = _free_port()
-        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self._app_dir = str(Path(spec.origin).parent.parent)
+        self._launch(port or _free_port())
+        # The last resort (a run that never reached `prefect_api`'s end): Prefect's log
+        # and event workers drain when threads shut down, before atexit handlers.
+        atexit.register(self.stop)
+
+    def _launch(self, port: int) -> None:
+        self.port = port
+        self.api_url = f"http://127.0.0.1:{port}/api"
         env = {
+            **_SERVER_SETTINGS,
             **os.environ,
             # What Prefect's own temporary server runs with: no UI, ephemeral services.
             "PREFECT_UI_ENABLED": "0",
@@ -67,13 +253,13 @@ class EmbeddedServer:
                 "-m",
                 "uvicorn",
                 "--app-dir",
-                str(Path(spec.origin).parent.parent),
+                self._app_dir,
                 "--factory",
                 "prefect.server.api.server:create_app",
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(self.port),
+                str(port),
                 "--log-level",
                 "error",
                 "--lifespan",
@@ -83,17 +269,32 @@ class EmbeddedServer:
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        # Stopped at exit, as Prefect stops its own: after Prefect's log and event
-        # workers have shipped their last batches (they drain when threads shut down,
-        # which comes before atexit handlers).
-        atexit.register(self.stop)
 
     def wait_until_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        """Block until the API answers; raise with the exit code if the server died."""
+        """Block until the API answers; raise with the exit code if the server died.
+
+        A server that could not bind its port because another process took it since
+        it was picked starts again on a free port, as Prefect's own launcher does.
+        """
         deadline = time.monotonic() + timeout
+        attempts = 1
         with httpx.Client() as client:
             while time.monotonic() < deadline:
                 code = self.process.poll()
+                if (
+                    code == _UVICORN_STARTUP_FAILURE
+                    and attempts < _PORT_ATTEMPTS
+                    and _port_taken(self.port)
+                ):
+                    taken, attempts = self.port, attempts + 1
+                    self._launch(_free_port())
+                    print(
+                        f"baton: port {taken} was taken before Prefect's embedded server "
+                        f"bound it; starting it again on port {self.port}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
                 if code is not None:
                     raise RuntimeError(
                         f"Prefect's embedded server exited with code {code} before it "
@@ -105,6 +306,42 @@ class EmbeddedServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"Prefect's embedded server did not answer within {timeout:.0f} s")
+
+    def wait_for_record(self, record: RunRecord, timeout: float = RECORD_TIMEOUT_S) -> RunRecord:
+        """Send what Prefect's client still holds, then wait until the server's database
+        has everything in ``record``; return what it lacks when ``timeout`` ends (empty
+        when it has everything).
+
+        Call with Prefect pointed at this server (inside ``prefect_api``).
+        """
+        from prefect.client.orchestration import get_client
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        deadline = time.monotonic() + timeout
+        # Stopping the workers sends what they hold and closes the events websocket. The
+        # events worker that sends can be started again by the one that forwards to it
+        # while both stop, hence a second round; logs last, for what draining logged.
+        for worker in (EventsWorker, EventsWorker, APILogWorker):
+            worker.drain_all(timeout=max(deadline - time.monotonic(), 0.0), at_exit=False)
+        expected = record.copy()
+        announced = False
+        with get_client(sync_client=True) as server_api:
+            while True:
+                # A busy server's timeout or error: ask again until the deadline.
+                with contextlib.suppress(httpx.HTTPError):
+                    expected = _missing_from(server_api, expected)
+                if not expected or time.monotonic() >= deadline:
+                    return expected
+                if not announced and deadline - time.monotonic() < timeout - _RECORD_NOTICE_S:
+                    announced = True
+                    print(
+                        f"baton: waiting up to {timeout:.0f} s for Prefect's embedded server "
+                        f"to record the run ({expected.summary()} to go)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                time.sleep(0.1)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM and wait (the server writes its queued events first), then SIGKILL."""
@@ -127,8 +364,45 @@ def configured_api_url() -> str | None:
 
 
 @contextlib.contextmanager
+def _recording(record: RunRecord) -> Iterator[None]:
+    """Note in ``record`` every event and log line Prefect's client sends.
+
+    Through the hooks Prefect itself uses to forward a subprocess's events and logs
+    (its process-pool task runner): the events worker's client override, here the
+    forwarding client, whose queue notes each event and hands it to an events worker
+    that sends it; and the API log sink.
+    """
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.events.worker import EventsWorker, ProcessPoolForwardingEventsClient
+    from prefect.logging.handlers import APILogWorker, set_api_log_sink
+
+    class Ledger:  # the forwarding client's queue
+        def put(self, item: tuple[str, Any]) -> None:
+            _, event = item
+            record.add_event(event)
+            try:
+                EventsWorker.instance(PrefectEventsClient).send(event)
+            except RuntimeError:  # stopped (drained) since it was looked up: a new one
+                EventsWorker.instance(PrefectEventsClient).send(event)
+
+    def sink(log: dict[str, Any]) -> None:
+        record.add_log(log)
+        APILogWorker.instance().send(log)
+
+    EventsWorker.set_client_override(ProcessPoolForwardingEventsClient, event_queue=Ledger())
+    set_api_log_sink(sink)
+    try:
+        yield
+    finally:
+        set_api_log_sink(None)
+        EventsWorker.set_client_override(None)
+
+
+@contextlib.contextmanager
 def prefect_api(server: EmbeddedServer | None) -> Iterator[None]:
-    """Point this process's Prefect client at ``server`` (no-op without one).
+    """Point this process's Prefect client at ``server`` (no-op without one), and stop
+    the server once it has recorded everything sent to it (or after a bounded wait,
+    reported on stderr).
 
     A run on its own embedded server also sends no flow heartbeats: nothing watches them
     there, and the heartbeat thread adds up to a second to the end of every run.
@@ -142,8 +416,32 @@ def prefect_api(server: EmbeddedServer | None) -> Iterator[None]:
         temporary_settings,
     )
 
-    server.wait_until_ready()
-    with temporary_settings(
-        {PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-    ):
-        yield
+    try:
+        server.wait_until_ready()
+        record = RunRecord()
+        with (
+            temporary_settings(
+                {PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+            ),
+            _recording(record),
+        ):
+            try:
+                yield
+            finally:
+                _report(record, server.wait_for_record(record))
+    finally:
+        server.stop()
+
+
+def _report(record: RunRecord, missing: RunRecord) -> None:
+    if missing:
+        print(
+            f"baton: Prefect's embedded server had not recorded {missing.summary()} "
+            f"of {record.summary()} after {RECORD_TIMEOUT_S:.0f} s; stopped it anyway, "
+            "so the run's history in Prefect is incomplete (its checkpoints and metrics "
+            "are not). For complete histories on a busy machine, run against a "
+            "long-lived server: prefect server start, then "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api baton run ...",
+            file=sys.stderr,
+            flush=True,
+        )

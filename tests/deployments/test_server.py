@@ -268,3 +268,54 @@ def test_two_queued_runs_run_one_after_the_other(server, tmp_path):
         _stop(worker)
     spans = sorted((server.run(r)["start_time"], server.run(r)["end_time"]) for r in runs)
     assert spans[0][1] <= spans[1][0], f"runs overlapped: {spans}"
+
+
+DEPLOY = [PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml"]
+
+
+def _deploy_from_root(server, name: str, **env) -> subprocess.CompletedProcess:
+    """`prefect deploy` of one deployment from the project root, BATON_PROJECT_DIR as
+    given (unset if not given)."""
+    environment = {k: v for k, v in server.env.items() if k != "BATON_PROJECT_DIR"}
+    return subprocess.run(
+        [*DEPLOY, "-n", name],
+        env={**environment, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_deploying_without_a_project_dir_runs_in_the_deploy_folder(server, tmp_path):
+    deployed = _deploy_from_root(server, "train-from-ui")
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    assert "BATON_PROJECT_DIR is not set" in deployed.stdout + deployed.stderr
+    (step,) = server.deployment("train-pipeline/train-from-ui")["pull_steps"]
+    assert step == {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+    # A worker that knows nothing of the variable either runs it.
+    cfg = small_config(tmp_path / "wd", name="default-dir", **{"train.max_epochs": 1})
+    run_id = server.create_run("train-pipeline/train-from-ui", ui_parameters(cfg))
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", POOL, "--run-once"],
+        env={k: v for k, v in server.env.items() if k != "BATON_PROJECT_DIR"},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        worker.wait(timeout=300)
+    finally:
+        _stop(worker)
+    assert server.state(run_id) == "COMPLETED"
+
+
+@pytest.mark.parametrize("value", ["work/baton", ""])
+def test_deploying_with_a_relative_project_dir_is_refused(server, value):
+    before = server.deployment("evaluate-checkpoint/evaluate")
+    deployed = _deploy_from_root(server, "evaluate", BATON_PROJECT_DIR=value)
+    output = deployed.stdout + deployed.stderr
+    assert deployed.returncode != 0
+    assert f"BATON_PROJECT_DIR='{value}' is not an absolute path" in output, output
+    assert server.deployment("evaluate-checkpoint/evaluate")["updated"] == before["updated"]

@@ -2,11 +2,14 @@
 never outlives the run (normal exit, bad config, SIGKILL of the run)."""
 
 import os
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -73,6 +76,10 @@ def wait_gone(pids, timeout=30.0) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+# A run log line on the console: "12:00:00.000 | INFO    | Task run 'train-epoch-1' - text".
+RUN_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| \w+ +\| (?:Flow|Task) run '[^']+' - (.*)$")
+
+
 def test_run_is_recorded_and_the_server_stops_with_it(tmp_path, prefect_env):
     cfg = small_config(tmp_path / "wd", **{"train.max_epochs": 2})
     result = subprocess.run(
@@ -85,30 +92,63 @@ def test_run_is_recorded_and_the_server_stops_with_it(tmp_path, prefect_env):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    # The client shipped everything before the server stopped. (A traceback from the
-    # server's task-run recorder, cancelled mid-flush by the shutdown, can appear: that is
-    # Prefect's own shutdown, which retries the batch; its temporary server does the same.)
-    assert "Error logging to API" not in output
     assert "exp: epoch 2/2" in output
-    # The flow run's final state, the task runs, and the run's log lines (shipped last,
-    # at exit) are in the server's database.
+    # Nothing was left in the server's queues when it stopped, and nothing was refused.
+    assert "Error flushing" not in output, output
+    assert "Error logging to API" not in output, output
+    assert "had not recorded" not in output, output
     db = sqlite3.connect(Path(prefect_env["PREFECT_HOME"]) / "prefect.db")
     try:
         (flow_run_id, state), *_ = db.execute(
             "select id, state_type from flow_run order by created desc"
         ).fetchall()
         assert state == "COMPLETED"
-        task_runs = db.execute(
-            "select name, state_type from task_run where flow_run_id = ?", (flow_run_id,)
-        ).fetchall()
-        names = {name for name, _ in task_runs}
-        assert {"train-epoch-1", "train-epoch-2"} <= names
+        # Every task run, in its final state, from the task-run recorder.
+        task_runs = dict(
+            db.execute(
+                "select name, state_type from task_run where flow_run_id = ?", (flow_run_id,)
+            ).fetchall()
+        )
+        epochs = [f"{step}-epoch-{e}" for e in (1, 2) for step in ("train", "validate")]
+        checkpoints = [f"save-checkpoint-epoch-{e}" for e in (1, 2)]
+        assert {re.sub(r"-[0-9a-f]{3}$", "", n) for n in task_runs} == {
+            "validate-config",
+            "resume-exp",
+            "prepare-exp",
+            "summarize",
+            *epochs,
+            *checkpoints,
+        }, task_runs
+        assert set(task_runs.values()) == {"COMPLETED"}, task_runs
+        # Every state of every task run, both as a task-run state (the recorder) and as
+        # an event (the event persister): the recorder stores each state under the id of
+        # the event that reported it.
+        states = set(
+            db.execute(
+                "select s.id from task_run_state s join task_run t on s.task_run_id = t.id "
+                "where t.flow_run_id = ?",
+                (flow_run_id,),
+            ).fetchall()
+        )
+        events = set(
+            db.execute(
+                "select id from events where event like 'prefect.task-run.%' and related like ?",
+                (f"%prefect.flow-run.{flow_run_id}%",),
+            ).fetchall()
+        )
+        assert len(states) >= 3 * len(task_runs)  # Pending, Running, Completed at least
+        assert states == events
+        # Every run log line the console showed, the last ones included.
         logs = [
             m
             for (m,) in db.execute("select message from log where flow_run_id = ?", (flow_run_id,))
         ]
-        assert any("Finished in state Completed()" in m for m in logs)
-        assert any("epoch 2:" in m for m in logs)
+        shown = [m.group(1) for m in map(RUN_LOG_LINE.match, output.splitlines()) if m]
+        # Prefect prints the run's UI link on the console only (not to the API).
+        shown = [line for line in shown if not line.startswith("View at ")]
+        assert any("Finished in state Completed()" in m for m in shown)
+        assert [line for line in shown if not any(m.startswith(line) for m in logs)] == []
+        assert len(logs) >= len(shown)
     finally:
         db.close()
 
@@ -157,3 +197,30 @@ def test_killed_run_takes_its_server_with_it(tmp_path, prefect_env):
         os.kill(process.pid, signal.SIGKILL)  # the run only: no process group kill
         process.wait(timeout=30)
     assert not wait_gone(server, timeout=30), "the embedded server outlived its run"
+
+
+def test_a_taken_port_is_retried_and_an_unrecorded_run_is_reported(monkeypatch, tmp_path):
+    """The server binds another port when its pick was taken in between (uvicorn exits
+    3, as Prefect's launcher expects); and the wait for a run's record ends, naming
+    what the server lacks."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.server import EmbeddedServer, RunRecord
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect_home"))
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        server = EmbeddedServer(port=taken)
+        try:
+            server.wait_until_ready()
+            assert server.port != taken
+            never_sent = RunRecord()
+            never_sent.add_log({"flow_run_id": str(uuid.uuid4()), "message": "lost"})
+            with temporary_settings({PREFECT_API_URL: server.api_url}):
+                missing = server.wait_for_record(never_sent, timeout=0.5)
+            assert missing.summary() == "0 events, 0 task-run states, 1 log lines"
+        finally:
+            server.stop()
+    assert server.process.returncode is not None
