@@ -58,3 +58,17 @@ class TinyNet(nn.Module):
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet()
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A user's own package ``mymodels`` with a model ``Net(width)``: importable, and not
+    trusted until an operator allows it. Returns the folder that holds it."""
+    package = tmp_path / "mymodels"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import torch\nclass Net(torch.nn.Linear):\n"
+        "    def __init__(self, width: int):\n        super().__init__(8, width)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path

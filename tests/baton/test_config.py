@@ -390,14 +390,7 @@ def test_deep_nesting_is_refused():
         load_config(text)
 
 
-def test_allowed_modules_admit_a_users_package(tmp_path, monkeypatch):
-    package = tmp_path / "mymodels"
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        "import torch\nclass Net(torch.nn.Linear):\n"
-        "    def __init__(self, width: int):\n        super().__init__(8, width)\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_allowed_modules_admit_a_users_package(monkeypatch, user_package):
     data = base()
     data["model"] = {"type": "mymodels.Net", "width": 3}
     with pytest.raises(ConfigError, match="outside the allowed modules.*BATON_ALLOWED_MODULES"):

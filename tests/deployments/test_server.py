@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -156,15 +157,22 @@ class Server:
         _stop(self.process)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    instance = Server(tmp_path_factory.mktemp("prefect_home"))
+@contextlib.contextmanager
+def deployed_server(home: Path) -> Iterator[Server]:
+    """A server with the pool and every deployment of deployments/prefect.yaml."""
+    instance = Server(home)
     try:
         instance.cli("work-pool", "create", POOL, "--type", "process")
         instance.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all")
         yield instance
     finally:
         instance.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with deployed_server(tmp_path_factory.mktemp("prefect_home")) as instance:
+        yield instance
 
 
 def ui_parameters(cfg: dict) -> dict:

@@ -111,14 +111,7 @@ def test_a_config_parameter_reads_only_configs(tmp_path, monkeypatch):
         validate_config.fn(str(secret))
 
 
-def test_pyproject_trust_table(tmp_path, monkeypatch):
-    package = tmp_path / "mymodels"
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        "import torch\nclass Net(torch.nn.Linear):\n"
-        "    def __init__(self, width: int):\n        super().__init__(8, width)\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_pyproject_trust_table(tmp_path, monkeypatch, user_package):
     monkeypatch.setenv("BATON_PROJECT_DIR", str(tmp_path))
     cfg = small_config(tmp_path / "wd", name="mine")
     cfg["model"] = {"type": "mymodels.Net", "width": 3}

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from ..deployments.test_server import POOL, TERMINAL, Server, _stop, ui_parameters
+from ..deployments.test_server import TERMINAL, _stop, deployed_server, ui_parameters
 from ..flows.conftest import small_config
 from .payloads import listening, payloads
 
@@ -23,13 +23,8 @@ CHOSEN = (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    instance = Server(tmp_path_factory.mktemp("prefect_home"))
-    try:
-        instance.cli("work-pool", "create", POOL, "--type", "process")
-        instance.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all")
+    with deployed_server(tmp_path_factory.mktemp("prefect_home")) as instance:
         yield instance
-    finally:
-        instance.close()
 
 
 def test_hostile_parameters_fail_once_and_do_nothing(server, tmp_path):
