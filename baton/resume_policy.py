@@ -75,19 +75,26 @@ KEY_CLASSES: dict[str, KeyClass] = {
     # The checkpoint's weights fit only the model they were trained with.
     "model": START,
     "loss": RUN,
-    # What is trained on and how it is batched. The worker count is here too: it decides
-    # which worker's generator draws the random augmentation of which sample.
+    # What is trained on and how it is batched.
     "train_data.dataset": RUN,
     "train_data.batch_size": RUN,
     "train_data.shuffle": RUN,
-    "train_data.num_workers": RUN,
     "train_data.drop_last": RUN,
+    # How the loader reads: the randomness a sample sees is a function of (seed, epoch,
+    # index), not of the worker that reads it (baton/data.py), so these train the same.
+    "train_data.num_workers": FREE,
+    "train_data.pin_memory": FREE,
+    "train_data.persistent_workers": FREE,
+    "train_data.prefetch_factor": FREE,
     # Validation measures the model; it draws no random numbers and changes no weight.
     "val_data.dataset": FREE,
     "val_data.batch_size": FREE,
     "val_data.shuffle": FREE,
     "val_data.num_workers": FREE,
     "val_data.drop_last": FREE,
+    "val_data.pin_memory": FREE,
+    "val_data.persistent_workers": FREE,
+    "val_data.prefetch_factor": FREE,
     "optim_wrapper.type": RUN,
     "optim_wrapper.optimizer": RUN,
     "optim_wrapper.accumulative_counts": RUN,
