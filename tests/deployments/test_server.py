@@ -183,6 +183,7 @@ def ui_parameters(cfg: dict) -> dict:
         "experiment_name": None,
         "resume": None,
         "work_dir": None,
+        "fork": None,
         "restart_of": None,
     }
 
@@ -196,6 +197,7 @@ def test_deployments_are_registered_with_a_typed_form(server):
         "experiment_name",
         "resume",
         "work_dir",
+        "fork",
         "restart_of",
     }
     assert all(schema[name].get("description") for name in schema)
