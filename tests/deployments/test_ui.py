@@ -87,6 +87,8 @@ def test_run_from_the_ui_form(ui_server, tmp_path):
             run_id = response.json()["id"]
             assert response.json()["parameters"]["config"] == str(config_path)
 
+            # The config file lives outside configs/: the operator allows its folder.
+            ui_server.env["BATON_CONFIG_ROOTS"] = str(tmp_path)
             ui_server.serve_once()
             assert ui_server.state(run_id) == "COMPLETED"
             page.goto(f"{local}/v2/runs/flow-run/{run_id}")
