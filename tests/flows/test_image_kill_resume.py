@@ -122,8 +122,11 @@ def test_a_dead_worker_is_retried_and_the_run_stays_exact(tmp_path, prefect_env,
     dying["budget"] = str(budget)  # read twice (epochs 1 and 2): dies in epoch 2
     cfg = image_config(tmp_path, "dying", images, slow_model(delay=0.0), 2, dataset=dying)
     output = finish(cfg, prefect_env, tmp_path)
-    assert "exited unexpectedly" in output or "killed by signal" in output, output[-3000:]
-    assert "rebuilt the pipeline" in output
+    # How the death reaches the main process depends on timing: DataLoader's "worker
+    # exited unexpectedly", or a reset connection while a batch was in flight. Either way
+    # the training task failed once and was retried from a rebuilt pipeline.
+    assert "Task run 'train-epoch-2' - Task run failed with exception" in output, output[-3000:]
+    assert "Retry 1/" in output and "rebuilt the pipeline" in output, output[-3000:]
     assert int(budget.read_text()) >= 3, "the worker never read past its death"
     budget.write_text("100")  # the reference run's workers live
     assert_same_training_result(reference(cfg, tmp_path), final_checkpoint(cfg))
