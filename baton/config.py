@@ -37,7 +37,7 @@ from pydantic import (
 )
 
 from baton import build
-from baton.errors import ConfigError, UntrustedInputError
+from baton.errors import ConfigError, MissingInputError, UntrustedInputError
 from baton.schedulers import SCHEDULERS
 from baton.strategy import check_experiment_name
 from baton.trust import SETTINGS, Trust, check_regular_file, where_to_set
@@ -683,10 +683,8 @@ def check_checkpoint_location(
     a run will write."""
     try:
         return trust.check_checkpoint(uri, experiment_dir=experiment_dir, what=what)
-    except UntrustedInputError as err:
-        if "does not exist" in str(err):
-            return str(trust.resolve(uri))
-        raise
+    except MissingInputError:
+        return str(trust.resolve(uri))
 
 
 def _summary(source: str, problems: list[ConfigProblem]) -> str:

@@ -47,6 +47,10 @@ class UntrustedInputError(ConfigError):
     scheme, a path outside the experiment and the operator's roots, a device file."""
 
 
+class MissingInputError(UntrustedInputError):
+    """A path a run's input names is where it may be, but nothing is there (yet)."""
+
+
 class CheckpointOutsideError(CheckpointError):
     """A path the store was asked to read, verify, commit or delete is not a regular file
     directly inside the experiment's ``checkpoints/`` folder (an absolute or ``..`` path,

@@ -30,8 +30,8 @@ from baton.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     ConfigError,
+    MissingInputError,
     TrainingDivergedError,
-    UntrustedInputError,
 )
 from baton.strategy import SingleDeviceStrategy
 from baton.trust import Trust
@@ -246,10 +246,8 @@ def _checked_uri(cfg: PipelineConfig, uri: str, what: str) -> str:
         return Trust.from_environment().check_checkpoint(
             uri, experiment_dir=Path(cfg.work_dir) / cfg.experiment_name, what=what
         )
-    except UntrustedInputError as err:
-        if "does not exist" in str(err):
-            raise CheckpointNotFoundError(f"{what} {uri!r} does not exist") from err
-        raise
+    except MissingInputError as err:
+        raise CheckpointNotFoundError(f"{what} {uri!r} does not exist") from err
 
 
 def _same(a: CheckpointRef | None, b: CheckpointRef | None) -> bool:

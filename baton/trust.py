@@ -29,7 +29,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from baton.errors import UntrustedInputError
+from baton.errors import MissingInputError, UntrustedInputError
 
 # Module prefixes a dotted ``type`` may always use; the registry still checks the kind.
 DEFAULT_MODULES = ("torch", "baton")
@@ -251,7 +251,7 @@ def check_regular_file(path: Path, what: str, *, max_bytes: int | None = None) -
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise UntrustedInputError(f"{what} {str(path)!r} does not exist") from None
+        raise MissingInputError(f"{what} {str(path)!r} does not exist") from None
     except OSError as err:
         raise UntrustedInputError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from err
     if not stat.S_ISREG(info.st_mode):

@@ -140,8 +140,8 @@ def payloads(tmp: Path, listener: Listener) -> list[Payload]:
         ),
         Payload(
             "'~' work_dir",
-            ["work_dir=~/baton-attack"],
-            lambda: (Path.home() / "baton-attack").exists() or Path("~").exists(),
+            [f"work_dir=~/baton-attack-{tmp.name}"],
+            lambda: (Path.home() / f"baton-attack-{tmp.name}").exists() or Path("~").exists(),
             r"work_dir.*starts with '~'",
         ),
         Payload(
