@@ -35,8 +35,8 @@ def main() -> None:
 
     from prefect import flow
 
-    from flows.server import EmbeddedServer, prefect_api
-    from tasks import find_resume_point, prepare, train_epoch, validate_config
+    from baton.flows.server import EmbeddedServer, prefect_api
+    from baton.tasks import find_resume_point, prepare, train_epoch, validate_config
 
     n = args.samples
     cfg_dict = config(Path(tempfile.mkdtemp(prefix="baton-in-task-")), "e", n, 10 * args.rounds)

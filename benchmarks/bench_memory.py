@@ -35,7 +35,7 @@ plain_loop(Path(tempfile.mkdtemp()), samples, epochs, hidden=hidden)
 PREFECT_ONLY = """
 from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-import flows.train
+import baton.flows.train
 @flow
 def empty():
     return 1
@@ -45,7 +45,7 @@ with temporary_settings({{PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}}):
 
 FLOW = """
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-from flows.train import train_pipeline
+from baton.flows.train import train_pipeline
 with temporary_settings({{PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}}):
     train_pipeline(config=config(tempfile.mkdtemp(), "mem", samples, epochs, hidden=hidden))
 """

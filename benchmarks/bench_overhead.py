@@ -223,8 +223,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from flows.server import EmbeddedServer, prefect_api
-    from flows.train import train_pipeline
+    from baton.flows.server import EmbeddedServer, prefect_api
+    from baton.flows.train import train_pipeline
 
     root = Path(tempfile.mkdtemp(prefix="baton-overhead-"))
     # The server `baton run` uses: launched by the run, heartbeats off.

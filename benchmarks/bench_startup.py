@@ -8,7 +8,7 @@ iteration here). Phases come from the run's own log lines.
 
     .venv/bin/python benchmarks/bench_startup.py [--repeats 3] [--checkout DIR]
 
-``--checkout`` runs another checkout's ``flows.cli`` (e.g. an older commit in a git
+``--checkout`` runs another checkout's ``baton.flows.cli`` (e.g. an older commit in a git
 worktree) with this interpreter, to compare before and after.
 """
 
@@ -79,7 +79,7 @@ def run_baton(checkout: Path, home: Path, work_dir: Path) -> dict[str, float]:
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "baton.flows.cli",
             "run",
             str(ROOT / "configs" / "digits_mlp.yaml"),
             "--work-dir",

@@ -96,7 +96,7 @@ def _prefect_session(load: Callable[[], Any]) -> Iterator[Any]:
     has recorded everything the run sent it (or after a bounded wait that is reported),
     and at once if ``load`` fails (a bad config)."""
     _prefect_env()
-    from flows.server import EmbeddedServer, configured_api_url, prefect_api
+    from baton.flows.server import EmbeddedServer, configured_api_url, prefect_api
 
     # Launched before anything is imported; dropped again if the profile names a server.
     server = None if os.environ.get("PREFECT_API_URL") else EmbeddedServer()
@@ -124,14 +124,14 @@ def cmd_run(args) -> int:
 
         cfg = load_config(args.config, _settings(args))  # exit 2 before any run starts
         # What the run will import anyway, loaded while the server boots.
-        import flows.train  # noqa: F401
+        import baton.flows.train  # noqa: F401
 
         pipeline.preload()
         return cfg
 
     with _prefect_session(load) as cfg:
-        from flows.train import train_pipeline
-        from tasks.report import read_history
+        from baton.flows.train import train_pipeline
+        from baton.tasks.report import read_history
 
         state = train_pipeline(
             config=args.config,
@@ -288,12 +288,12 @@ def cmd_evaluate(args) -> int:
 
         cfg = load_config(args.config, parse_overrides(args.set or []))
         _check_evaluation(cfg, args.checkpoint)  # one line, before Prefect starts
-        import flows.evaluate  # noqa: F401
+        import baton.flows.evaluate  # noqa: F401
 
         pipeline.preload()
 
     with _prefect_session(load):
-        from flows.evaluate import evaluate_checkpoint
+        from baton.flows.evaluate import evaluate_checkpoint
 
         state = evaluate_checkpoint(
             checkpoint=args.checkpoint,
@@ -313,8 +313,8 @@ def cmd_evaluate(args) -> int:
 def _check_evaluation(cfg, checkpoint: str) -> None:
     """What can be told before any run: the config can evaluate, the file is a checkpoint."""
     from baton.errors import CheckpointError, ConfigError
+    from baton.flows.evaluate import NO_VAL_DATA
     from baton.trust import Trust
-    from flows.evaluate import NO_VAL_DATA
 
     if cfg.val_data is None:
         raise ConfigError(NO_VAL_DATA)

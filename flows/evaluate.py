@@ -7,8 +7,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from baton.errors import ConfigError
-from tasks import load_checkpoint, validate, validate_config
-from tasks._common import artifact_key, permanent_errors_end_the_run
+from baton.tasks import load_checkpoint, validate, validate_config
+from baton.tasks._common import artifact_key, permanent_errors_end_the_run
 
 NO_VAL_DATA = "the config has no val_data to evaluate on; add a val_data section to the config"
 

@@ -25,7 +25,7 @@ from baton.checkpoint.store import CheckpointStore
 from baton.errors import RestartRefusedError
 from baton.interrupt import deferred_termination
 from baton.restarts import RestartBound, RestartLog
-from tasks import (
+from baton.tasks import (
     EpochReporter,
     RunState,
     find_resume_point,
@@ -36,8 +36,8 @@ from tasks import (
     validate,
     validate_config,
 )
-from tasks._common import permanent_errors_end_the_run
-from tasks.state import config_of, forget
+from baton.tasks._common import permanent_errors_end_the_run
+from baton.tasks.state import config_of, forget
 
 
 class _RunFormatter(logging.Formatter):

@@ -9,9 +9,9 @@ from prefect.cache_policies import NO_CACHE
 from baton import pipeline as pl
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
+from baton.tasks._common import retry_unless_permanent, run_logger
+from baton.tasks.state import RunState, config_of, live_pipeline, using
 from baton.trust import Trust
-from tasks._common import retry_unless_permanent, run_logger
-from tasks.state import RunState, config_of, live_pipeline, using
 
 
 @task(

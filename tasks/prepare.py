@@ -6,8 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from baton.checkpoint.ref import CheckpointRef
-from tasks._common import retry_unless_permanent, run_logger
-from tasks.state import RunState, config_of, forget, live_pipeline
+from baton.tasks._common import retry_unless_permanent, run_logger
+from baton.tasks.state import RunState, config_of, forget, live_pipeline
 
 
 @task(

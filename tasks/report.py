@@ -23,8 +23,8 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from baton import pipeline as pl
 from baton.checkpoint import io
 from baton.checkpoint.store import CheckpointStore
-from tasks._common import artifact_key, in_run, run_logger
-from tasks.state import RunState, config_of
+from baton.tasks._common import artifact_key, in_run, run_logger
+from baton.tasks.state import RunState, config_of
 
 SPARK = "▁▂▃▄▅▆▇█"
 

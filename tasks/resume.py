@@ -8,8 +8,8 @@ from prefect.runtime import flow_run
 
 from baton import pipeline as pl
 from baton.checkpoint.ref import CheckpointRef
-from tasks._common import run_logger
-from tasks.state import config_of
+from baton.tasks._common import run_logger
+from baton.tasks.state import config_of
 
 
 @task(

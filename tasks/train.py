@@ -12,8 +12,8 @@ from prefect.cache_policies import NO_CACHE
 from baton import pipeline as pl
 from baton.checkpoint.ref import CheckpointName
 from baton.interrupt import TrainingInterrupted, deferred_termination
-from tasks._common import retry_unless_permanent, run_logger
-from tasks.state import RunState, config_of, live_pipeline, using
+from baton.tasks._common import retry_unless_permanent, run_logger
+from baton.tasks.state import RunState, config_of, live_pipeline, using
 
 PROGRESS_REDRAW_S = 0.2
 

@@ -6,8 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from baton import pipeline as pl
-from tasks._common import retry_unless_permanent, run_logger
-from tasks.state import RunState, config_of, live_pipeline, using
+from baton.tasks._common import retry_unless_permanent, run_logger
+from baton.tasks.state import RunState, config_of, live_pipeline, using
 
 
 @task(

@@ -88,7 +88,7 @@ def test_random_override_strings(items):
 )
 def test_the_flow_parameters(config, overrides, experiment_name, resume, work_dir):
     """What the UI form may send, through the flow's first task: a config or ConfigError."""
-    from tasks.config import validate_config
+    from baton.tasks.config import validate_config
 
     settings_ = {"experiment_name": experiment_name, "resume": resume, "work_dir": work_dir}
     settings_ = {k: v for k, v in settings_.items() if v is not None}

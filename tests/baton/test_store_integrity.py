@@ -14,7 +14,7 @@ from baton.checkpoint import store as store_module
 from baton.checkpoint.ref import CheckpointName
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.errors import ManifestVersionError
-from flows.cli import main
+from baton.flows.cli import main
 
 KEEP_2 = RetentionPolicy(keep_last=2)
 

@@ -12,7 +12,7 @@ from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import load_config
-from flows.cli import main
+from baton.flows.cli import main
 
 
 def small(tmp_path, *overrides, **top):

@@ -19,7 +19,7 @@ import yaml
 
 from baton import pipeline as pl
 from baton.config import validate
-from flows.train import restart_name, train_pipeline
+from baton.flows.train import restart_name, train_pipeline
 
 from ..faults import forwards_so_far
 from ..flows.conftest import small_config

@@ -10,7 +10,7 @@ import yaml
 
 from baton import pipeline as pl
 from baton.config import validate
-from flows.cli import main
+from baton.flows.cli import main
 
 from .conftest import small_config
 
@@ -36,7 +36,7 @@ def test_validate_bad_config_exits_2_and_lists_problems(tmp_path):
     cfg["model"]["type"] = "os.system"
     path = write(tmp_path, cfg)
     out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "validate", path],
+        [sys.executable, "-m", "baton.flows.cli", "validate", path],
         capture_output=True,
         text=True,
         cwd=ROOT,

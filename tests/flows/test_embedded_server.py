@@ -41,7 +41,7 @@ def write(tmp_path, cfg) -> str:
 def start_run(tmp_path, cfg, env, **popen) -> subprocess.Popen:
     """`baton run` of ``cfg`` in a new process."""
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", write(tmp_path, cfg)],
+        [sys.executable, "-m", "baton.flows.cli", "run", write(tmp_path, cfg)],
         cwd=ROOT,
         env=env,
         **popen,
@@ -83,7 +83,7 @@ RUN_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| \w+ +\| (?:Flow|Task) run 
 def test_run_is_recorded_and_the_server_stops_with_it(tmp_path, prefect_env):
     cfg = small_config(tmp_path / "wd", **{"train.max_epochs": 2})
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", write(tmp_path, cfg)],
+        [sys.executable, "-m", "baton.flows.cli", "run", write(tmp_path, cfg)],
         cwd=ROOT,
         env=prefect_env,
         capture_output=True,
@@ -205,7 +205,7 @@ def test_a_taken_port_is_retried_and_an_unrecorded_run_is_reported(monkeypatch, 
     what the server lacks."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import EmbeddedServer, RunRecord
+    from baton.flows.server import EmbeddedServer, RunRecord
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect_home"))
     with socket.socket() as squatter:

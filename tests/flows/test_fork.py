@@ -3,8 +3,8 @@
 import pytest
 
 from baton import ResumeConfigError
-from flows.cli import build_parser
-from flows.train import train_pipeline
+from baton.flows.cli import build_parser
+from baton.flows.train import train_pipeline
 
 from .conftest import small_config
 from .helpers import final_checkpoint

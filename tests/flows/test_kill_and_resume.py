@@ -58,7 +58,7 @@ def start(cfg, env, tmp_path) -> subprocess.Popen:
     path = tmp_path / f"{cfg['experiment_name']}-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(path)],
+        [sys.executable, "-m", "baton.flows.cli", "run", str(path)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -7,7 +7,7 @@ import pytest
 from baton import pipeline as pl
 from baton.checkpoint.store import CheckpointStore
 from baton.config import validate
-from flows.train import train_pipeline
+from baton.flows.train import train_pipeline
 
 from .conftest import small_config
 from .helpers import assert_same_training_result, final_checkpoint

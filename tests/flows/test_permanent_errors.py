@@ -10,8 +10,8 @@ import yaml
 from prefect.client.orchestration import get_client
 
 from baton.checkpoint.store import CheckpointStore
-from flows.cli import main
-from flows.train import train_pipeline
+from baton.flows.cli import main
+from baton.flows.train import train_pipeline
 
 from .conftest import small_config
 

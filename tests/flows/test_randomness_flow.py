@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from flows.train import train_pipeline
+from baton.flows.train import train_pipeline
 
 from .conftest import small_config
 from .helpers import assert_same_training_result, final_checkpoint

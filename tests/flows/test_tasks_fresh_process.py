@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 RUNNER = """
 import json, sys
-import tasks
+from baton import tasks
 from baton.checkpoint.ref import CheckpointRef
 name, payload = sys.argv[1], json.loads(sys.stdin.read())
 task = getattr(tasks, name)

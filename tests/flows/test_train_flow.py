@@ -7,7 +7,7 @@ from prefect.client.orchestration import get_client
 
 from baton import pipeline as pl
 from baton.config import validate
-from flows.train import train_pipeline
+from baton.flows.train import train_pipeline
 
 from .conftest import small_config
 from .helpers import assert_same_training_result, final_checkpoint

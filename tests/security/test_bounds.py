@@ -12,8 +12,8 @@ from baton import SingleDeviceStrategy
 from baton.checkpoint import io
 from baton.config import load_config
 from baton.errors import CheckpointError, ConfigError
-from flows.cli import main
-from tasks.config import validate_config
+from baton.flows.cli import main
+from baton.tasks.config import validate_config
 
 from ..flows.conftest import small_config
 from .payloads import alias_bomb, config_file

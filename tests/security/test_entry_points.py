@@ -13,7 +13,7 @@ import pytest
 from baton import SingleDeviceStrategy
 from baton.config import load_config
 from baton.errors import ConfigError
-from flows.cli import main
+from baton.flows.cli import main
 
 from .payloads import NAMES, config_file, listening, payloads
 
