@@ -37,9 +37,10 @@ from pydantic import (
 )
 
 from baton import build
+from baton.checkpoint.store import RetentionPolicy
 from baton.errors import ConfigError, MissingInputError, UntrustedInputError
+from baton.experiment import check_experiment_name
 from baton.schedulers import SCHEDULERS
-from baton.strategy import check_experiment_name
 from baton.trust import SETTINGS, Trust, check_regular_file, where_to_set
 
 # Limits on what a config file may be; configs also arrive from a web form.
@@ -153,7 +154,12 @@ class TrainConfig(_Strict):
 
 
 class CheckpointPolicy(_Strict):
-    """When checkpoints are written and which survive."""
+    """When checkpoints are written and which survive.
+
+    The survival fields are the experiment's retention policy (:meth:`retention`); a
+    pipeline keeps the last 3 by default, where the strategy alone keeps every file as
+    mmengine's does.
+    """
 
     interval: int = Field(1, ge=1, description="save every this many epochs")
     interval_iters: int | None = Field(None, ge=1, description="also save every N iterations")
@@ -165,6 +171,20 @@ class CheckpointPolicy(_Strict):
     async_save: bool = Field(
         False, description="write in the background; training waits for a snapshot only"
     )
+
+    @model_validator(mode="after")
+    def _retention_is_valid(self) -> "CheckpointPolicy":
+        self.retention()  # keep_best without best_metric is refused here, before any run
+        return self
+
+    def retention(self) -> RetentionPolicy:
+        """What rotation keeps of each lineage."""
+        return RetentionPolicy(
+            keep_last=self.keep_last,
+            keep_best=self.keep_best,
+            best_metric=self.best_metric,
+            best_mode=self.best_mode,
+        )
 
 
 class LoadFrom(_Strict):

@@ -178,7 +178,7 @@ def train_epoch(
 
 
 @torch.no_grad()
-def validate(
+def evaluate(
     strategy,
     loader: ResumableLoader,
     *,

@@ -1,38 +1,33 @@
 """A configured pipeline, built and driven one step at a time.
 
 :func:`build_pipeline` turns a validated :class:`~baton.config.PipelineConfig` into a
-prepared strategy, data loaders and a loss. The step functions (:func:`find_resume_point`,
-:func:`resume`, :func:`train_one_epoch`, :func:`validate`, :func:`save`) are what the
-Prefect tasks call; :func:`run` chains them for a plain-Python run (tests, benchmarks).
+prepared strategy, data loaders and a loss. The step functions (:func:`resume`,
+:func:`load_weights`, :func:`train_one_epoch`, :func:`evaluate`, :func:`save`) are what
+the Prefect tasks call; :func:`restore` rebuilds a pipeline at a position; :func:`run`
+chains the steps for a plain-Python run (tests, benchmarks). When to evaluate and save,
+and where a run continues from, is decided in :mod:`baton.control`.
 """
 
 import functools
 import importlib
-import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 from torch import nn
 
-from baton import build, loop, randomness, resume_policy
+from baton import build, control, loop, randomness, resume_policy
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
-from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import PipelineConfig
+from baton.control import find_resume_point
 from baton.data import ResumableLoader, check_same_classes
-from baton.errors import (
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
-    ConfigError,
-    MissingInputError,
-    TrainingDivergedError,
-)
+from baton.errors import CheckpointMismatchError, ConfigError, TrainingDivergedError
+from baton.experiment import Experiment
+from baton.interrupt import StopRequest, TrainingInterrupted
 from baton.strategy import SingleDeviceStrategy
 from baton.trust import Trust
 
@@ -68,6 +63,11 @@ class Pipeline:
     forks: list[dict] = field(default_factory=list)
     # The global random generators' states as this run sees them, between its steps.
     rng: randomness.TrainingGenerators = field(default_factory=randomness.TrainingGenerators)
+
+    @property
+    def experiment(self) -> Experiment:
+        """The experiment the pipeline trains (its folder, store and logs)."""
+        return self.strategy.experiment
 
     @property
     def epoch_length(self) -> int:
@@ -124,18 +124,10 @@ def build_pipeline(cfg: PipelineConfig) -> Pipeline:
 
 
 def _build(cfg: PipelineConfig) -> Pipeline:
-    policy = cfg.checkpoint
-    strategy = SingleDeviceStrategy(
-        work_dir=cfg.work_dir,
-        experiment_name=cfg.experiment_name,
+    strategy = SingleDeviceStrategy.in_experiment(
+        Experiment.of(cfg),
         env_kwargs={"randomness": cfg.randomness.model_dump()},
         auto_scale_lr=cfg.auto_scale_lr.model_dump() if cfg.auto_scale_lr else None,
-    )
-    strategy.retention = RetentionPolicy(
-        keep_last=policy.keep_last,
-        keep_best=policy.keep_best,
-        best_metric=policy.best_metric,
-        best_mode=policy.best_mode,
     )
     strategy.config_hash = cfg.config_hash
     trust = Trust.from_environment()
@@ -187,74 +179,6 @@ def preload() -> None:
     importlib.import_module("torch._dynamo")
 
 
-def find_resume_point(cfg: PipelineConfig, *, run_id: str | None = None) -> CheckpointRef | None:
-    """The checkpoint a run of ``cfg`` continues from, by its resume policy; it also
-    records which lineage the run's commits go to. Call it under the experiment's lock.
-
-    - ``'auto'``: the newest valid checkpoint of the newest lineage (``None`` if there is
-      none); the run continues that lineage.
-    - ``'never'``: ``None``. If the experiment already has checkpoints, a new lineage is
-      started: the older lineages keep every file, and auto-resume continues the new
-      lineage from then on.
-    - a path: that checkpoint, which must exist. Unless it is the newest one, the run
-      starts a new lineage from it (a branch).
-
-    A retry of the run that started the newest lineage (the same ``run_id``: a Prefect
-    flow run retried) continues that lineage instead of starting yet another.
-
-    Raises:
-        CheckpointNotFoundError: The named checkpoint does not exist.
-        CheckpointCorruptError: The named committed checkpoint no longer verifies.
-    """
-    store = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name)
-    head = store.head()
-    own_retry = run_id is not None and head is not None and head.run == run_id
-    if cfg.resume == "auto":
-        return store.latest()
-    if cfg.resume == "never":
-        if own_retry:
-            return store.latest()
-        if head is None and run_id is None:
-            return None  # an empty experiment: the first commit starts lineage 1
-        if head is not None and not head.checkpoints and not (head.parent or head.parent_outside):
-            return None  # the newest lineage is still empty and fresh: use it
-        store.start_lineage(reason="fresh", run=run_id, config_hash=cfg.config_hash)
-        return None
-    uri = _checked_uri(cfg, cfg.resume, "resume checkpoint")
-    committed = store.find(uri) or store.find(cfg.resume)
-    if committed is not None:
-        store.verify(committed)
-        if own_retry and _same(head.parent, committed):
-            return store.latest() or committed
-        if not _same(store.latest(), committed):
-            store.start_lineage(
-                parent=committed, reason="branch", run=run_id, config_hash=cfg.config_hash
-            )
-        return committed
-    size, digest = io.sha256_of(uri)
-    ref = CheckpointRef(uri=uri, epoch=0, iter=0, size=size, sha256=digest)
-    if own_retry and head.parent_outside == uri:
-        return store.latest() or ref
-    store.start_lineage(parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash)
-    return ref
-
-
-def _checked_uri(cfg: PipelineConfig, uri: str, what: str) -> str:
-    """A checkpoint a config names, refused unless it is a regular file in the
-    experiment folder or an operator's root, or a URI of an allowed scheme."""
-    try:
-        return Trust.from_environment().check_checkpoint(
-            uri, experiment_dir=Path(cfg.work_dir) / cfg.experiment_name, what=what
-        )
-    except MissingInputError as err:
-        raise CheckpointNotFoundError(f"{what} {uri!r} does not exist") from err
-
-
-def _same(a: CheckpointRef | None, b: CheckpointRef | None) -> bool:
-    """The same file with the same bytes (metrics may hold NaN, which equals nothing)."""
-    return a is not None and b is not None and (a.uri, a.sha256) == (b.uri, b.sha256)
-
-
 def _check_architecture(cfg: PipelineConfig, source: str):
     expected = cfg.architecture_hash
 
@@ -282,9 +206,15 @@ def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
     which case the run continues from the checkpoint as the new config would have it at
     that point, and the fork is recorded in every checkpoint it writes.
 
+    The file is read once, and the bytes loaded are checked against ``ref``'s size and
+    sha256. A checkpoint saved without optimizer state (``checkpoint.save_optimizer:
+    false``) resumes with a fresh optimizer, and says so: that run does not continue as
+    an uninterrupted one would.
+
     Raises:
         ResumeConfigError: The configs differ in keys that change the run (and the config
             does not fork), or in the model or starting weights (never resumable).
+        CheckpointCorruptError: The file is not the one ``ref`` names any more.
     """
     strategy = pipeline.strategy
     check = resume_policy.ResumeCheck(pipeline, ref)
@@ -294,7 +224,17 @@ def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
         check(raw)
         check_architecture(raw)
 
-    checkpoint = strategy.resume(ref.uri, callback=callback)
+    with io.expect_bytes(ref.uri, ref.size, ref.sha256):
+        checkpoint = strategy.load_checkpoint(ref.uri, map_location="default", callback=callback)
+    with_optimizer = "optimizer" in checkpoint
+    if not with_optimizer:
+        logger.warning(
+            "%s holds no optimizer state (saved with checkpoint.save_optimizer: false): the "
+            "optimizer starts fresh, so this run does not continue exactly as an "
+            "uninterrupted one would",
+            ref.uri,
+        )
+    strategy.restore(checkpoint, source=ref.uri, resume_optimizer=with_optimizer)
     meta = checkpoint.get("meta") or {}
     pipeline.history = list(meta.get("history") or [])
     # Saved after that epoch's validation (its metrics say so): the plateau schedulers'
@@ -328,7 +268,7 @@ def load_weights(pipeline: Pipeline) -> None:
     spec = pipeline.config.load_from
     if spec is not None:
         pipeline.strategy.load_checkpoint(
-            _checked_uri(pipeline.config, spec.uri, "load_from"),
+            control.checked_checkpoint(pipeline.experiment, spec.uri, "load_from"),
             strict=spec.strict,
             revise_keys=[tuple(pair) for pair in spec.revise_keys],
         )
@@ -375,17 +315,38 @@ def train_one_epoch(
     return {f"train/{k}": v for k, v in metrics.items()}
 
 
-def should_validate(pipeline: Pipeline) -> bool:
-    """Validate after this epoch? (every ``val_interval`` epochs and at the end)."""
-    if pipeline.val_loader is None:
-        return False
-    epoch = pipeline.strategy.epoch
-    return epoch % pipeline.config.train.val_interval == 0 or pipeline.finished
+def train_until_stopped(pipeline: Pipeline, stop: StopRequest, *, progress=None) -> dict:
+    """Train the current epoch (or its rest) as :func:`train_one_epoch` does, logging the
+    running metrics to ``metrics.jsonl`` every ``train.log_interval`` iterations.
+
+    After each iteration ``stop`` is checked: when termination was requested, an
+    iteration checkpoint is written and committed first, then
+    :class:`~baton.interrupt.TrainingInterrupted` goes on with it as ``checkpoint``.
+
+    Args:
+        progress: Called with the running metrics and the iterations done in the epoch.
+    """
+    strategy = pipeline.strategy
+    log_interval = pipeline.config.train.log_interval
+
+    def on_iteration(running: dict) -> None:
+        if strategy.iter % log_interval == 0:
+            record = {"iter": strategy.iter, **{f"train/{k}": v for k, v in running.items()}}
+            pipeline.experiment.metrics.append("iteration", record)
+        if progress is not None:
+            progress(running, strategy.step_in_epoch or pipeline.epoch_length)
+        stop.check()
+
+    try:
+        return train_one_epoch(pipeline, on_iteration=on_iteration)
+    except TrainingInterrupted as interrupted:
+        interrupted.checkpoint = save(pipeline, {}, name=CheckpointName.for_iter(strategy.iter))
+        raise
 
 
 @_with_training_generators
-def validate(pipeline: Pipeline) -> dict[str, float]:
-    """Validation metrics (``val/*``); they also step the plateau schedulers.
+def evaluate(pipeline: Pipeline) -> dict[str, float]:
+    """Metrics on the validation data (``val/*``); they also step the plateau schedulers.
 
     As mmengine's ``ParamSchedulerHook.after_val_epoch`` does, each ``ReduceOnPlateau*``
     scheduler is stepped with the metrics after the validation that follows a training
@@ -394,7 +355,7 @@ def validate(pipeline: Pipeline) -> dict[str, float]:
     """
     if pipeline.val_loader is None:
         return {}
-    metrics = loop.validate(pipeline.strategy, pipeline.val_loader, loss_fn=pipeline.loss_fn)
+    metrics = loop.evaluate(pipeline.strategy, pipeline.val_loader, loss_fn=pipeline.loss_fn)
     metrics = {f"val/{k}": v for k, v in metrics.items()}
     _step_plateau_schedulers(pipeline, metrics)
     return metrics
@@ -427,18 +388,14 @@ def replay(pipeline: Pipeline, stop_at: int, *, validated: bool = False) -> None
     strategy = pipeline.strategy
     while strategy.iter < stop_at:
         train_one_epoch(pipeline, stop_at=stop_at)
+        plan = control.plan_after_epoch(pipeline.config, strategy.epoch, pipeline.finished)
         if (
             _plateau_schedulers(pipeline)
             and strategy.step_in_epoch == 0
-            and should_validate(pipeline)
+            and plan.evaluate
             and (strategy.iter < stop_at or validated)
         ):
-            validate(pipeline)
-
-
-def should_save(pipeline: Pipeline) -> bool:
-    """Save after this epoch? (every ``checkpoint.interval`` epochs and at the end)."""
-    return pipeline.strategy.epoch % pipeline.config.checkpoint.interval == 0 or pipeline.finished
+            evaluate(pipeline)
 
 
 def _refuse_diverged(pipeline: Pipeline, metrics: dict[str, float]) -> None:
@@ -524,55 +481,75 @@ def save(
     )
 
 
-def metrics_path(experiment_dir: Path) -> Path:
-    """The experiment's ``metrics.jsonl``."""
-    return Path(experiment_dir) / "metrics.jsonl"
+def restore(
+    cfg: PipelineConfig,
+    checkpoint: CheckpointRef | None,
+    *,
+    to_iter: int | None = None,
+    evaluated: bool = False,
+) -> Pipeline:
+    """A new pipeline at a run's position: resumed from ``checkpoint`` (or started from
+    ``load_from``/scratch), then trained again up to iteration ``to_iter``, which is
+    exact because data order and RNG states are part of the checkpoint.
+
+    Args:
+        evaluated: The run had also evaluated at ``to_iter`` (see :func:`replay`).
+
+    Raises:
+        RuntimeError: The checkpoint is past ``to_iter``.
+    """
+    pipeline = build_pipeline(cfg)
+    if checkpoint is not None:
+        resume(pipeline, checkpoint)
+    else:
+        load_weights(pipeline)
+    if to_iter is not None:
+        if pipeline.strategy.iter > to_iter:
+            raise RuntimeError(
+                f"checkpoint {checkpoint.uri} is past the requested position "
+                f"(iteration {pipeline.strategy.iter} > {to_iter})"
+            )
+        replay(pipeline, to_iter, validated=evaluated)
+    return pipeline
 
 
-def append_metrics(experiment_dir: Path, kind: str, record: dict) -> None:
-    """Append one record (``kind`` is ``'epoch'`` or ``'iteration'``) to ``metrics.jsonl``."""
-    path = metrics_path(experiment_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"time": time.time(), "kind": kind, **record}, sort_keys=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
+class _InProcess:
+    """The run's steps on the live pipeline (the plain-Python run; see baton.control)."""
 
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.metrics: dict[str, float] = {}
+        self.ref: CheckpointRef | None = None
 
-def read_epoch_history(experiment_dir: Path) -> list[dict]:
-    """The last record of each epoch in ``metrics.jsonl`` (lines cut by a crash are skipped)."""
-    path = metrics_path(experiment_dir)
-    if not path.exists():
-        return []
-    by_epoch: dict[int, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("kind") == "epoch":
-            by_epoch[record["epoch"]] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    def position(self, pipeline: Pipeline) -> tuple[int, bool]:
+        return pipeline.strategy.epoch, pipeline.finished
+
+    def train(self, pipeline: Pipeline, epoch: int) -> Pipeline:
+        self.metrics = train_one_epoch(pipeline)
+        return pipeline
+
+    def evaluate(self, pipeline: Pipeline, epoch: int) -> Pipeline:
+        self.metrics.update(evaluate(pipeline))
+        return pipeline
+
+    def save(self, pipeline: Pipeline, epoch: int, background: bool) -> Pipeline:
+        saved = save(pipeline, self.metrics, background=background)
+        if not background:  # a background save is committed once written
+            self.ref = saved
+        return pipeline
+
+    def report(self, pipeline: Pipeline) -> None:
+        position = {"epoch": pipeline.strategy.epoch, "iter": pipeline.strategy.iter}
+        pipeline.experiment.metrics.append("epoch", {**position, **self.metrics})
+        logger.info("epoch %d: %s", pipeline.strategy.epoch, self.metrics)
 
 
 def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
     """Train a whole pipeline in this process, resuming as the config says."""
-    pipeline = build_pipeline(cfg)
-    with pipeline.strategy.checkpoints.lock():
-        ref = find_resume_point(cfg)
-        if ref is not None:
-            resume(pipeline, ref)
-        else:
-            load_weights(pipeline)
-        while not pipeline.finished:
-            metrics = train_one_epoch(pipeline)
-            if should_validate(pipeline):
-                metrics.update(validate(pipeline))
-            if should_save(pipeline):
-                if cfg.checkpoint.async_save and not pipeline.finished:
-                    save(pipeline, metrics, background=True)  # committed when written
-                else:
-                    ref = save(pipeline, metrics)
-            position = {"epoch": pipeline.strategy.epoch, "iter": pipeline.strategy.iter}
-            append_metrics(pipeline.strategy.experiment_dir, "epoch", {**position, **metrics})
-            logger.info("epoch %d: %s", pipeline.strategy.epoch, metrics)
-    return pipeline, ref
+    experiment = Experiment.of(cfg)
+    with experiment.lock():
+        ref = find_resume_point(cfg, experiment=experiment)
+        pipeline = restore(cfg, ref)
+        steps = _InProcess(pipeline)
+        control.train_to_horizon(cfg, pipeline, steps)
+    return pipeline, steps.ref or ref

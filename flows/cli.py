@@ -65,18 +65,6 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
-def _metrics_table(history: list[dict]) -> str:
-    if not history:
-        return "(no epochs recorded)"
-    keys = [k for k in history[-1] if k not in ("time", "kind", "epoch", "iter")]
-    header = ["epoch", *keys]
-    rows = [[str(r["epoch"])] + [f"{r.get(k, float('nan')):.4f}" for k in keys] for r in history]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
-
-
 def cmd_validate(args) -> int:
     from baton.config import load_config
 
@@ -130,8 +118,9 @@ def cmd_run(args) -> int:
         return cfg
 
     with _prefect_session(load) as cfg:
+        from baton.experiment import Experiment
         from baton.flows.train import train_pipeline
-        from baton.tasks.report import read_history
+        from baton.metrics import history_table
 
         state = train_pipeline(
             config=args.config,
@@ -147,7 +136,7 @@ def cmd_run(args) -> int:
             return 1
         result = state.result()
         print()
-        print(_metrics_table(read_history(cfg.model_dump(mode="json"))))
+        print(history_table(Experiment.of(cfg).metrics.epochs()))
         checkpoint = result.checkpoint.uri if result.checkpoint else "none"
         print(
             f"\n{cfg.experiment_name}: epoch {result.epoch}/{result.max_epochs}, "
@@ -313,15 +302,14 @@ def cmd_evaluate(args) -> int:
 def _check_evaluation(cfg, checkpoint: str) -> None:
     """What can be told before any run: the config can evaluate, the file is a checkpoint."""
     from baton.errors import CheckpointError, ConfigError
+    from baton.experiment import Experiment
     from baton.flows.evaluate import NO_VAL_DATA
     from baton.trust import Trust
 
     if cfg.val_data is None:
         raise ConfigError(NO_VAL_DATA)
     uri = Trust.from_environment().check_checkpoint(
-        checkpoint,
-        experiment_dir=Path(cfg.work_dir) / cfg.experiment_name,
-        what="checkpoint",
+        checkpoint, experiment_dir=Experiment.of(cfg).root, what="checkpoint"
     )
     if "://" not in uri:
         with open(uri, "rb") as handle:

@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from baton.errors import ConfigError
-from baton.tasks import load_checkpoint, validate, validate_config
+from baton.tasks import evaluate, load_checkpoint, validate_config
 from baton.tasks._common import artifact_key, permanent_errors_end_the_run
 
 NO_VAL_DATA = "the config has no val_data to evaluate on; add a val_data section to the config"
@@ -41,6 +41,6 @@ def evaluate_checkpoint(
         if not cfg["val_data"]:
             raise ConfigError(NO_VAL_DATA)
         state = load_checkpoint(cfg, checkpoint)
-    state = validate(cfg, state, state.epoch)
+    state = evaluate(cfg, state, state.epoch)
     publish_evaluation(cfg["experiment_name"], checkpoint, state.metrics)
     return state.metrics

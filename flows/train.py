@@ -11,7 +11,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -21,19 +20,20 @@ from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
-from baton.checkpoint.store import CheckpointStore
+from baton import control
 from baton.errors import RestartRefusedError
-from baton.interrupt import deferred_termination
-from baton.restarts import RestartBound, RestartLog
+from baton.experiment import Experiment
+from baton.interrupt import StopRequest, deferred_termination
+from baton.restarts import RestartBound
 from baton.tasks import (
     EpochReporter,
     RunState,
+    evaluate,
     find_resume_point,
     prepare,
     save_checkpoint,
     summarize,
     train_epoch,
-    validate,
     validate_config,
 )
 from baton.tasks._common import permanent_errors_end_the_run
@@ -51,11 +51,11 @@ class _RunFormatter(logging.Formatter):
 
 
 @contextlib.contextmanager
-def _run_log_file(cfg: dict) -> Iterator[None]:
+def _run_log_file(experiment: Experiment) -> Iterator[None]:
     """Copy this flow run's log lines (flow, tasks, engine) into the experiment folder."""
-    folder = Path(cfg["work_dir"]) / cfg["experiment_name"] / "runs"
-    folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / f"flow-{flow_run.get_id()}.log", encoding="utf-8")
+    path = experiment.flow_log_path(flow_run.get_id())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(_RunFormatter("%(asctime)s %(levelname)s %(run)s %(message)s"))
     loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs", "baton")]
     for logger in loggers:
@@ -124,10 +124,6 @@ def _being_cancelled() -> bool:
     run_id = flow_run.get_id()
     this = _server_run(run_id) if run_id else None
     return this is not None and this.state is not None and this.state.is_cancelling()
-
-
-def _due(epoch: int, interval: int, state: RunState) -> bool:
-    return epoch % interval == 0 or state.finished
 
 
 @flow(
@@ -202,16 +198,54 @@ def _origin(crashed: FlowRun) -> str:
     return str(run.id)
 
 
+class _FlowSteps:
+    """The run's steps as tasks (see baton.control): each one a task run in the UI."""
+
+    def __init__(self, cfg: dict[str, Any], reporter: EpochReporter) -> None:
+        self.cfg = cfg
+        self.reporter = reporter
+
+    def position(self, state: RunState) -> tuple[int, bool]:
+        return state.epoch, state.finished
+
+    def train(self, state: RunState, epoch: int) -> RunState:
+        return train_epoch(self.cfg, state, epoch)
+
+    def evaluate(self, state: RunState, epoch: int) -> RunState:
+        return evaluate(self.cfg, state, epoch)
+
+    def save(self, state: RunState, epoch: int, background: bool) -> RunState:
+        return save_checkpoint(self.cfg, state, epoch, background)
+
+    def report(self, state: RunState) -> None:
+        self.reporter.report(state)
+
+
+def _checkpoint_then_stop(cfg: dict[str, Any], stop: StopRequest):
+    """Before each epoch: a SIGTERM that came between tasks saves the position (unless a
+    checkpoint already holds it) and then goes on to Prefect."""
+
+    def before_epoch(state: RunState) -> RunState:
+        if stop.requested:
+            if state.checkpoint is None or state.checkpoint.iter != state.iter:
+                state = save_checkpoint(cfg, state, state.epoch)
+            stop.check()
+        return state
+
+    return before_epoch
+
+
 def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunState:
     """Hold the experiment, resume, train epoch by epoch, checkpoint, report."""
-    store = CheckpointStore(f"{cfg['work_dir']}/{cfg['experiment_name']}")
+    config = config_of(cfg)
+    experiment = Experiment.of(config)
     # A SIGTERM (cancel, preemption) between tasks waits for the current task; inside the
     # training task it waits for the current iteration, then an emergency checkpoint.
-    with store.lock(), _run_log_file(cfg), deferred_termination() as stop:
+    with experiment.lock(), _run_log_file(experiment), deferred_termination() as stop:
         run_id = None
         if crashed is not None:
             bound = RestartBound.from_env()
-            count = RestartLog(store.root).claim(str(flow_run.get_id()), crashed.name, bound)
+            count = experiment.restarts.claim(str(flow_run.get_id()), crashed.name, bound)
             print(f"automatic restart {count}/{bound.limit} of crashed run {crashed.name!r}")
             run_id = _origin(crashed)
         state = prepare(cfg, find_resume_point(cfg, run_id))
@@ -221,18 +255,9 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
             return state
         reporter = EpochReporter(cfg)
         try:
-            while not state.finished:
-                if stop.requested:
-                    if state.checkpoint is None or state.checkpoint.iter != state.iter:
-                        state = save_checkpoint(cfg, state, state.epoch)
-                    stop.check()
-                epoch = state.epoch + 1
-                state = train_epoch(cfg, state, epoch)
-                if cfg["val_data"] and _due(state.epoch, cfg["train"]["val_interval"], state):
-                    state = validate(cfg, state, epoch)
-                if _due(state.epoch, cfg["checkpoint"]["interval"], state):
-                    state = save_checkpoint(cfg, state, epoch)
-                reporter.report(state)
+            steps = _FlowSteps(cfg, reporter)
+            before_epoch = _checkpoint_then_stop(cfg, stop)
+            state = control.train_to_horizon(config, state, steps, before_epoch=before_epoch)
             summarize(cfg, state, started)
         finally:
             reporter.close()

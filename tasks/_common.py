@@ -1,11 +1,13 @@
-"""Helpers shared by the task modules: loggers, retry conditions, artifact keys."""
+"""Helpers shared by the task modules: the task declaration, loggers, retry conditions,
+artifact keys."""
 
 import contextlib
 import logging
 import re
 from collections.abc import Iterator
 
-from prefect import get_client, get_run_logger
+from prefect import get_client, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 
@@ -33,6 +35,19 @@ PERMANENT_ERRORS = (
     TrainingDivergedError,
     UnsafeCheckpointError,
 )
+
+
+def pipeline_task(name: str, run_name: str, *, retries: int = 0, retry_delay_seconds: float = 0):
+    """Declare a task of the pipeline: retried on transient faults only, never cached
+    (its inputs name a live pipeline whose state a cache key cannot see)."""
+    return task(
+        name=name,
+        task_run_name=run_name,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        retry_condition_fn=retry_unless_permanent if retries else None,
+        cache_policy=NO_CACHE,
+    )
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -1,38 +1,27 @@
 """Tasks: save a checkpoint of the live pipeline; load one into a fresh pipeline."""
 
-from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
+from baton import control
 from baton import pipeline as pl
-from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
-from baton.tasks._common import retry_unless_permanent, run_logger
-from baton.tasks.state import RunState, config_of, live_pipeline, using
-from baton.trust import Trust
+from baton.experiment import Experiment
+from baton.tasks._common import pipeline_task, run_logger
+from baton.tasks.state import RunState, config_of, live_pipeline, live_step
 
 
-@task(
-    name="save-checkpoint",
-    task_run_name="save-checkpoint-epoch-{epoch}",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
-def save_checkpoint(config: dict[str, Any], state: RunState, epoch: int) -> RunState:
+@pipeline_task("save-checkpoint", "save-checkpoint-epoch-{epoch}", retries=2, retry_delay_seconds=1)
+def save_checkpoint(
+    config: dict[str, Any], state: RunState, epoch: int, background: bool = False
+) -> RunState:
     """Write and commit a checkpoint.
 
-    With ``checkpoint.async_save`` (and before the last epoch) the write goes on in the
-    background; the state then carries the newest checkpoint already committed. The
-    flow's per-epoch report publishes the link artifact to it.
+    With ``background`` (:func:`baton.control.plan_after_epoch` decides) the write goes
+    on while training does; the state then carries the newest checkpoint already
+    committed. The flow's per-epoch report publishes the link artifact to it.
     """
-    cfg = config_of(config)
-    pipeline, _ = live_pipeline(cfg, state)
-    with using(cfg, pipeline):
-        if cfg.checkpoint.async_save and not state.finished:
+    with live_step(config, state) as pipeline:
+        if background:
             ref = pipeline.strategy.wait_for_checkpoints() or state.checkpoint
             pl.save(pipeline, state.metrics, background=True)
             if ref is None:
@@ -43,24 +32,13 @@ def save_checkpoint(config: dict[str, Any], state: RunState, epoch: int) -> RunS
     return state.model_copy(update={"checkpoint": ref})
 
 
-@task(
-    name="load-checkpoint",
-    task_run_name="load-checkpoint",
-    retries=1,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@pipeline_task("load-checkpoint", "load-checkpoint", retries=1)
 def load_checkpoint(config: dict[str, Any], checkpoint: CheckpointRef | str) -> RunState:
     """Build a pipeline from ``config`` and restore ``checkpoint`` into it (kept live)."""
     cfg = config_of(config)
     if isinstance(checkpoint, str):
         # A path from a run's parameters: the experiment's folder or an operator's root.
-        checkpoint = Trust.from_environment().check_checkpoint(
-            checkpoint,
-            experiment_dir=Path(cfg.work_dir) / cfg.experiment_name,
-            what="checkpoint",
-        )
-        size, digest = io.sha256_of(checkpoint)
-        checkpoint = CheckpointRef(uri=checkpoint, epoch=0, iter=0, size=size, sha256=digest)
+        uri = control.checked_checkpoint(Experiment.of(cfg), checkpoint, "checkpoint")
+        checkpoint = CheckpointRef.of_file(uri)
     pipeline, _ = live_pipeline(cfg, None, checkpoint=checkpoint)
     return RunState.of(pipeline, checkpoint)

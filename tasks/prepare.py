@@ -2,21 +2,12 @@
 
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from baton.checkpoint.ref import CheckpointRef
-from baton.tasks._common import retry_unless_permanent, run_logger
+from baton.tasks._common import pipeline_task, run_logger
 from baton.tasks.state import RunState, config_of, forget, live_pipeline
 
 
-@task(
-    name="prepare",
-    task_run_name="prepare-{config[experiment_name]}",
-    retries=1,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@pipeline_task("prepare", "prepare-{config[experiment_name]}", retries=1)
 def prepare(config: dict[str, Any], checkpoint: CheckpointRef | None) -> RunState:
     """Build the pipeline, load ``load_from`` weights or resume ``checkpoint``.
 

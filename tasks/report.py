@@ -6,7 +6,6 @@ import contextvars
 import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -20,22 +19,13 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-from baton import pipeline as pl
 from baton.checkpoint import io
-from baton.checkpoint.store import CheckpointStore
+from baton.experiment import Experiment
+from baton.metrics import history_table
 from baton.tasks._common import artifact_key, in_run, run_logger
 from baton.tasks.state import RunState, config_of
 
 SPARK = "▁▂▃▄▅▆▇█"
-
-
-def _experiment_dir(config: dict[str, Any]) -> Path:
-    return Path(config["work_dir"]) / config["experiment_name"]
-
-
-def read_history(config: dict[str, Any]) -> list[dict]:
-    """The last record of each epoch from the experiment's metrics.jsonl."""
-    return pl.read_epoch_history(_experiment_dir(config))
 
 
 @functools.cache
@@ -80,8 +70,8 @@ class EpochReporter:
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-        self.name = config["experiment_name"]
+        self.experiment = Experiment.of(config_of(config))
+        self.name = self.experiment.name
         self._published_at = time.monotonic()
         self._progress_id = None
         self._linked: str | None = None
@@ -91,7 +81,7 @@ class EpochReporter:
 
     def report(self, state: RunState) -> None:
         record = {"epoch": state.epoch, "iter": state.iter, **state.metrics}
-        pl.append_metrics(_experiment_dir(self.config), "epoch", record)
+        self.experiment.metrics.append("epoch", record)
         self._tensorboard(state)
         now = time.monotonic()
         if not in_run() or (
@@ -117,8 +107,7 @@ class EpochReporter:
         if writer_class is None:
             return
         if self._writer is None:
-            log_dir = _experiment_dir(self.config) / "tensorboard"
-            self._writer = writer_class(log_dir=str(log_dir))
+            self._writer = writer_class(log_dir=str(self.experiment.tensorboard_dir))
         for key, value in state.metrics.items():
             self._writer.add_scalar(key, value, global_step=state.iter)
         self._writer.flush()
@@ -138,7 +127,7 @@ class EpochReporter:
                 for k, v in r.items()
                 if k not in ("time", "kind")
             }
-            for r in read_history(self.config)
+            for r in self.experiment.metrics.epochs()
         ]
         progress = 100.0 * state.iter / state.max_iters
         calls = [
@@ -176,9 +165,10 @@ class EpochReporter:
 def summarize(config: dict[str, Any], state: RunState, started: float, note: str = "") -> str:
     """Publish a markdown summary: result, curves, checkpoints, config, time."""
     cfg = config_of(config)
-    history = read_history(config)
+    experiment = Experiment.of(cfg)
+    history = experiment.metrics.epochs()
     policy = cfg.checkpoint
-    store = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name)
+    store = experiment.store
     checkpoints = store.list()
     best = store.best(policy.best_metric, policy.best_mode) if policy.best_metric else None
     lines = [f"# {cfg.experiment_name}", ""]
@@ -197,14 +187,7 @@ def summarize(config: dict[str, Any], state: RunState, started: float, note: str
         if series:
             lines.append(f"- {key}: `{sparkline(series)}` {series[0]:.4f} → {series[-1]:.4f}")
     if history:
-        keys = [k for k in history[-1] if k not in ("time", "kind", "epoch", "iter")]
-        lines += ["", "| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for record in history:
-            cells = [
-                f"{record[k]:.4f}" if isinstance(record.get(k), float) else str(record.get(k, ""))
-                for k in keys
-            ]
-            lines.append(f"| {record['epoch']} | " + " | ".join(cells) + " |")
+        lines += ["", history_table(history, markdown=True)]
     lines += ["", "## Checkpoints", ""]
     lines += [
         f"- `{r.uri}` epoch {r.epoch}, iter {r.iter}, sha256 `{r.sha256[:12]}`" for r in checkpoints

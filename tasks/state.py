@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from baton import pipeline as pl
 from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig, validate
+from baton.experiment import Experiment
+from baton.tasks._common import run_logger
 
 
 class RunState(BaseModel):
@@ -86,7 +88,7 @@ _LOCK = threading.Lock()
 
 
 def _key(cfg: PipelineConfig) -> str:
-    return f"{cfg.work_dir}/{cfg.experiment_name}"
+    return str(Experiment.of(cfg).root)
 
 
 def _matches(live: _Live, cfg: PipelineConfig, state: RunState) -> bool:
@@ -121,20 +123,11 @@ def live_pipeline(
         stale = _LIVE.pop(_key(cfg), None)
     if stale is not None:
         _stop_workers(stale.pipeline)  # a failed epoch's workers may be dead or mid-batch
-    pipeline = pl.build_pipeline(cfg)
-    if checkpoint is not None:
-        pl.resume(pipeline, checkpoint)
+    if state is None:
+        pipeline = pl.restore(cfg, checkpoint)
     else:
-        pl.load_weights(pipeline)
-    if state is not None:
-        strategy = pipeline.strategy
-        if strategy.iter > state.iter:
-            raise RuntimeError(
-                f"checkpoint {checkpoint.uri} is past the requested position "
-                f"(iteration {strategy.iter} > {state.iter})"
-            )
-        validated = any(key.startswith("val/") for key in state.metrics)
-        pl.replay(pipeline, state.iter, validated=validated)
+        evaluated = any(key.startswith("val/") for key in state.metrics)
+        pipeline = pl.restore(cfg, checkpoint, to_iter=state.iter, evaluated=evaluated)
     with _LOCK:
         _LIVE[_key(cfg)] = _Live(pipeline, cfg.config_hash)
     return pipeline, False
@@ -149,6 +142,19 @@ def using(cfg: PipelineConfig, pipeline: pl.Pipeline) -> Iterator[None]:
     live.clean = False
     yield
     live.clean = True
+
+
+@contextlib.contextmanager
+def live_step(config: dict | PipelineConfig, state: RunState) -> Iterator[pl.Pipeline]:
+    """The live pipeline at ``state``'s position (rebuilt if need be), held for one step:
+    what every task that changes the pipeline does first."""
+    cfg = config_of(config)
+    pipeline, reused = live_pipeline(cfg, state)
+    if not reused:
+        origin = state.checkpoint.uri if state.checkpoint else "scratch"
+        run_logger().info("rebuilt the pipeline from %s", origin)
+    with using(cfg, pipeline):
+        yield pipeline
 
 
 def forget(cfg: PipelineConfig) -> None:

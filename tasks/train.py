@@ -6,14 +6,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from baton import pipeline as pl
-from baton.checkpoint.ref import CheckpointName
 from baton.interrupt import TrainingInterrupted, deferred_termination
-from baton.tasks._common import retry_unless_permanent, run_logger
-from baton.tasks.state import RunState, config_of, live_pipeline, using
+from baton.tasks._common import pipeline_task, run_logger
+from baton.tasks.state import RunState, live_step
 
 PROGRESS_REDRAW_S = 0.2
 
@@ -45,14 +41,7 @@ def _progress_printer(state: RunState, epoch: int):
     return show
 
 
-@task(
-    name="train-epoch",
-    task_run_name="train-epoch-{epoch}",
-    retries=2,
-    retry_delay_seconds=0,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
+@pipeline_task("train-epoch", "train-epoch-{epoch}", retries=2)
 def train_epoch(config: dict[str, Any], state: RunState, epoch: int) -> RunState:
     """Train epoch ``epoch`` (1-based) from ``state`` and return the new state.
 
@@ -61,35 +50,17 @@ def train_epoch(config: dict[str, Any], state: RunState, epoch: int) -> RunState
     """
     if epoch != state.epoch + 1:
         raise ValueError(f"state is at epoch {state.epoch}; cannot train epoch {epoch}")
-    cfg = config_of(config)
-    logger = run_logger()
-    pipeline, reused = live_pipeline(cfg, state)
-    if not reused:
-        logger.info(
-            "rebuilt the pipeline from %s", state.checkpoint.uri if state.checkpoint else "scratch"
-        )
-    strategy = pipeline.strategy
-    show = _progress_printer(state, epoch)
-
-    with deferred_termination() as stop, using(cfg, pipeline):
-
-        def on_iteration(running: Mapping) -> None:
-            if strategy.iter % cfg.train.log_interval == 0:
-                record = {"iter": strategy.iter, **{f"train/{k}": v for k, v in running.items()}}
-                pl.append_metrics(strategy.experiment_dir, "iteration", record)
-            if show is not None:
-                show(running, strategy.step_in_epoch or pipeline.epoch_length)
-            stop.check()
-
+    with live_step(config, state) as pipeline, deferred_termination() as stop:
         try:
-            metrics = pl.train_one_epoch(pipeline, on_iteration=on_iteration)
-        except TrainingInterrupted:
-            ref = pl.save(pipeline, {}, name=CheckpointName.for_iter(strategy.iter))
-            logger.warning(
+            metrics = pl.train_until_stopped(
+                pipeline, stop, progress=_progress_printer(state, epoch)
+            )
+        except TrainingInterrupted as interrupted:
+            run_logger().warning(
                 "termination requested: emergency checkpoint %s at iteration %d",
-                ref.uri,
-                strategy.iter,
+                interrupted.checkpoint.uri,
+                interrupted.checkpoint.iter,
             )
             raise
-    logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    run_logger().info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return state.at(pipeline, metrics=metrics)

@@ -55,6 +55,10 @@ SAFE_GLOBALS: tuple[Any, ...] = (collections.Counter,)
 _SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
 
 _TRUSTED = contextvars.ContextVar("baton_trusted_loading", default=False)
+# (uri, size, sha256) the next load of that uri must match (see expect_bytes).
+_EXPECTED: contextvars.ContextVar[tuple[str, int, str] | None] = contextvars.ContextVar(
+    "baton_expected_bytes", default=None
+)
 
 
 def _current_umask() -> int:
@@ -67,6 +71,40 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 MapLocation = str | torch.device | Callable | dict | None
+
+
+@contextlib.contextmanager
+def expect_bytes(uri: str, size: int, sha256: str) -> Iterator[None]:
+    """Within the block, loading ``uri`` checks that its bytes have this size and sha256
+    (a checkpoint reference's), on the very bytes it loads: a file replaced or damaged
+    since the reference was taken is refused, not loaded.
+
+    Raises (from the load):
+        CheckpointCorruptError: The bytes differ.
+    """
+    token = _EXPECTED.set((uri, size, sha256))
+    try:
+        yield
+    finally:
+        _EXPECTED.reset(token)
+
+
+def _check_expected(uri: str, handle: BinaryIO) -> None:
+    """Hash what ``handle`` holds against the expectation for ``uri``; rewind it."""
+    expected = _EXPECTED.get()
+    if expected is None or expected[0] != uri:
+        return
+    digest, size = hashlib.sha256(), 0
+    while chunk := handle.read(8 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+    handle.seek(0)
+    if (size, digest.hexdigest()) != expected[1:]:
+        raise CheckpointCorruptError(
+            f"{uri!r} is not the checkpoint its reference names (size {size} vs "
+            f"{expected[1]}, sha256 {digest.hexdigest()[:12]} vs {expected[2][:12]}): it was "
+            "replaced or damaged since; resume from another checkpoint"
+        )
 
 
 @contextlib.contextmanager
@@ -435,6 +473,7 @@ def load(uri: str, *, map_location: MapLocation = "cpu", trusted: bool | None = 
     trusted = _TRUSTED.get() if trusted is None else trusted
     with open_binary(uri) as handle:
         data: BinaryIO = handle if is_local(uri) else io.BytesIO(handle.read())
+        _check_expected(uri, data)
         try:
             if trusted:
                 logger.warning("loading %s with full unpickling (trusted_loading is on)", uri)

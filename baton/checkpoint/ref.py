@@ -38,6 +38,15 @@ class CheckpointRef(BaseModel):
         return self.model_dump_json()
 
     @classmethod
+    def of_file(cls, uri: str) -> "CheckpointRef":
+        """A reference to a checkpoint no manifest records (a file named by a run or an
+        operator): its size and sha256 pin the bytes; its position is read on load."""
+        from baton.checkpoint import io  # torch and fsspec: only when a file is hashed
+
+        size, digest = io.sha256_of(uri)
+        return cls(uri=uri, epoch=0, iter=0, size=size, sha256=digest)
+
+    @classmethod
     def from_json(cls, text: str) -> "CheckpointRef":
         """Parse a reference written by :meth:`to_json`."""
         return cls.model_validate_json(text)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from baton.loop import train_epoch, validate
+from baton.loop import evaluate, train_epoch
 
 from .helpers import EPOCH_LENGTH, assert_bitwise_equal, flat_state, make_loader, make_strategy, mlp
 
@@ -56,7 +56,7 @@ def train_until(strategy, loader, *, max_iters):
     while strategy.iter < max_iters:
         train_epoch(strategy, loader, loss_fn=loss_fn, max_iters=max_iters)
         if strategy.step_in_epoch == 0:
-            validate(strategy, make_loader(), loss_fn=loss_fn)
+            evaluate(strategy, make_loader(), loss_fn=loss_fn)
 
 
 def scramble_global_rng():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from baton import CheckpointMismatchError, ConfigError
+from baton import CheckpointCorruptError, CheckpointMismatchError, ConfigError
 from baton import pipeline as pl
 from baton.config import load_config
 
@@ -216,4 +216,31 @@ def test_replaying_to_a_validated_epoch_replays_its_plateau_steps(tmp_path):
     pl.resume(again, first)
     pl.replay(again, straight.strategy.iter, validated=True)
     assert _plateau_state(again) == _plateau_state(straight)
-    assert pl.validate(again) and _plateau_state(again) == _plateau_state(straight)  # once
+    assert pl.evaluate(again) and _plateau_state(again) == _plateau_state(straight)  # once
+
+
+def test_a_checkpoint_saved_without_optimizer_state_resumes_with_a_fresh_optimizer(
+    tmp_path, caplog
+):
+    # checkpoint.save_optimizer: false writes no optimizer state; the resume says so
+    no_optimizer = "checkpoint.save_optimizer=false"
+    pl.run(cfg_for(tmp_path, "train.max_epochs=1", no_optimizer))
+    with caplog.at_level("WARNING", logger="baton"):
+        resumed, _ = pl.run(cfg_for(tmp_path, "train.max_epochs=3", no_optimizer))
+    assert "holds no optimizer state" in caplog.text and resumed.strategy.epoch == 3
+    straight, _ = pl.run(cfg_for(tmp_path / "b", "train.max_epochs=3", no_optimizer))
+    # plain SGD keeps no state between steps: with a fresh one the run goes on bitwise
+    for key, value in weights(straight).items():
+        assert torch.equal(weights(resumed)[key], value)
+
+
+def test_a_checkpoint_replaced_after_it_was_chosen_is_refused_at_load(tmp_path):
+    _, first = pl.run(cfg_for(tmp_path, "train.max_epochs=1"))
+    other, _ = pl.run(cfg_for(tmp_path / "b", "train.max_epochs=2"))
+    # the file the reference names now holds other bytes (another run's, valid on its own)
+    replacement = other.strategy.checkpoints.latest().uri
+    with open(replacement, "rb") as src, open(first.uri, "wb") as dst:
+        dst.write(src.read())
+    fresh = pl.build_pipeline(cfg_for(tmp_path, "train.max_epochs=3"))
+    with pytest.raises(CheckpointCorruptError, match="not the checkpoint its reference names"):
+        pl.resume(fresh, first)

@@ -101,13 +101,46 @@ def test_env_kwargs_accepts_every_documented_key(work_dir):
     env = {
         "randomness": {"seed": 3, "deterministic": True, "diff_rank_seed": False},
         "cudnn_benchmark": False,
-        "mp_cfg": {"mp_start_method": "fork"},
-        "dist_cfg": {"backend": "nccl"},
+        "dist_cfg": {},
         "resource_limit": 1024,
     }
     strategy = SingleDeviceStrategy(work_dir=str(work_dir), env_kwargs=env)
     assert strategy.seed == 3
     assert torch.are_deterministic_algorithms_enabled()
+
+
+MP_CFG = """
+import multiprocessing, sys, warnings
+import cv2
+from baton import SingleDeviceStrategy
+multiprocessing.set_start_method("fork")
+mp_cfg = {"mp_start_method": "spawn", "opencv_num_threads": 1}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    SingleDeviceStrategy(work_dir=sys.argv[1], env_kwargs={"mp_cfg": mp_cfg})
+print(multiprocessing.get_start_method(), cv2.getNumThreads(), len(caught))
+"""
+
+
+def test_mp_cfg_is_applied_as_mmengine_applies_it(work_dir):
+    # in a process of its own: the start method is global to the process
+    pytest.importorskip("cv2")
+    result = subprocess.run(
+        [sys.executable, "-c", MP_CFG, str(work_dir)], capture_output=True, text=True, check=True
+    )
+    # forced to spawn, with mmengine's warning that it changed; OpenCV down to one thread
+    assert result.stdout.split() == ["spawn", "1", "1"], result.stderr
+
+
+def test_mp_cfg_unknown_key(work_dir):
+    with pytest.raises(TypeError, match=r"mp_cfg got unknown key\(s\) \['start'\]"):
+        SingleDeviceStrategy(work_dir=str(work_dir), env_kwargs={"mp_cfg": {"start": "fork"}})
+
+
+def test_dist_cfg_is_refused_not_ignored(work_dir):
+    # one device in one process: a distributed launch setting would do nothing
+    with pytest.raises(ValueError, match=r"dist_cfg.*remove dist_cfg"):
+        SingleDeviceStrategy(work_dir=str(work_dir), env_kwargs={"dist_cfg": {"backend": "nccl"}})
 
 
 def test_none_seed_is_drawn_and_recorded(work_dir):

@@ -109,11 +109,11 @@ def test_run_is_recorded_and_the_server_stops_with_it(tmp_path, prefect_env):
                 "select name, state_type from task_run where flow_run_id = ?", (flow_run_id,)
             ).fetchall()
         )
-        epochs = [f"{step}-epoch-{e}" for e in (1, 2) for step in ("train", "validate")]
+        epochs = [f"{step}-epoch-{e}" for e in (1, 2) for step in ("train", "evaluate")]
         checkpoints = [f"save-checkpoint-epoch-{e}" for e in (1, 2)]
         assert {re.sub(r"-[0-9a-f]{3}$", "", n) for n in task_runs} == {
             "validate-config",
-            "resume-exp",
+            "find-resume-point-exp",
             "prepare-exp",
             "summarize",
             *epochs,

@@ -43,16 +43,16 @@ def arm(point: str, n: int) -> None:
 
         loop.train_epoch = train_epoch
     elif point == "validation":
-        original_validate = loop.validate
+        original_evaluate = loop.evaluate
 
-        def validate(strategy, loader, **kwargs):
+        def evaluate(strategy, loader, **kwargs):
             handle = strategy.model.register_forward_hook(lambda *args: tick())
             try:
-                return original_validate(strategy, loader, **kwargs)
+                return original_evaluate(strategy, loader, **kwargs)
             finally:
                 handle.remove()
 
-        loop.validate = validate
+        loop.evaluate = evaluate
     elif point == "checkpoint-write":
         original_write = io._HashingWriter._write
 

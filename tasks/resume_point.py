@@ -2,21 +2,15 @@
 
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from baton import pipeline as pl
+from baton import control
 from baton.checkpoint.ref import CheckpointRef
-from baton.tasks._common import run_logger
+from baton.tasks._common import pipeline_task, run_logger
 from baton.tasks.state import config_of
 
 
-@task(
-    name="find-resume-point",
-    task_run_name="resume-{config[experiment_name]}",
-    cache_policy=NO_CACHE,
-)
+@pipeline_task("find-resume-point", "find-resume-point-{config[experiment_name]}")
 def find_resume_point(config: dict[str, Any], run_id: str | None = None) -> CheckpointRef | None:
     """The newest valid checkpoint (``resume: auto``), none (``never``), or the one named.
 
@@ -27,7 +21,7 @@ def find_resume_point(config: dict[str, Any], run_id: str | None = None) -> Chec
     cfg = config_of(config)
     # The run's id marks the lineage a fresh start or a branch begins, so that a retry
     # (or an automatic restart) of the same run continues it instead of starting another.
-    ref = pl.find_resume_point(cfg, run_id=run_id or flow_run.get_id())
+    ref = control.find_resume_point(cfg, run_id=run_id or flow_run.get_id())
     if ref is None:
         run_logger().info("no checkpoint to resume for %s: starting fresh", cfg.experiment_name)
     else:

@@ -1,0 +1,88 @@
+"""Writing a strategy's checkpoints and committing them to its experiment's store.
+
+A bare file name goes into the experiment's ``checkpoints/`` folder, named for the newest
+lineage; the file is written atomically (:mod:`baton.checkpoint.io`) and then committed
+to the manifest, so a crash during the write leaves the previous checkpoint the latest.
+A background save commits from a thread of its own once the bytes are on disk; one save
+runs at a time.
+"""
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from baton.checkpoint import io
+from baton.checkpoint.ref import CheckpointRef
+from baton.checkpoint.store import CheckpointStore
+from baton.errors import CheckpointError
+
+
+class CheckpointWriter:
+    """The saves of one strategy (see the module docstring)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._pending: Future | None = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    @staticmethod
+    def target(store: CheckpointStore, filename: str) -> str:
+        """Where ``filename`` is written: a bare name into the experiment's checkpoint
+        folder, named for the newest lineage (``L2-epoch_0003.pth``), so that no lineage
+        writes over another's committed file; an explicit path into that folder is
+        refused if it would."""
+        if "://" not in filename and "/" not in filename and filename not in ("", ".", ".."):
+            return str(store.target(filename))
+        if not io.is_local(filename):
+            return filename
+        target = str(io.local_path(filename).absolute())
+        store.check_target(target)
+        return target
+
+    def write(self, store: CheckpointStore, checkpoint: dict, target: str) -> CheckpointRef:
+        """Write ``checkpoint`` to ``target`` and commit it."""
+        size, digest = io.save(checkpoint, target)
+        return self._commit(store, target, checkpoint["meta"], size, digest)
+
+    def write_in_background(self, store: CheckpointStore, checkpoint: dict, target: str) -> Future:
+        """Snapshot ``checkpoint`` now, write and commit it in the background; a future of
+        its reference (see ``SingleDeviceStrategy.save_checkpoint_async``)."""
+        meta = checkpoint["meta"]
+        writing = io.save_in_background(checkpoint, target)
+
+        def commit() -> CheckpointRef:
+            size, digest = writing.result()
+            return self._commit(store, target, meta, size, digest)
+
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="baton-commit")
+        self._pending = self._thread.submit(commit)
+        return self._pending
+
+    def wait(self) -> CheckpointRef | None:
+        """Wait for a background save; its reference, or ``None`` if there was none or
+        it failed (logged as an error: the state it was writing is still the live one,
+        and the next save writes it)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except (CheckpointError, OSError) as err:
+            self.logger.error(
+                "%s; nothing was committed, the next checkpoint will hold this state", err
+            )
+            return None
+
+    def _commit(
+        self, store: CheckpointStore, target: str, meta: dict, size: int, digest: str
+    ) -> CheckpointRef:
+        metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
+        position = {"epoch": int(meta.get("epoch", 0)), "iter": int(meta.get("iter", 0))}
+        # Only files of the experiment's own checkpoints/ folder enter its manifest (and
+        # its newest lineage); a checkpoint written elsewhere is returned, not committed.
+        if io.is_local(target) and store.owns(target):
+            ref = store.commit(target, size=size, sha256=digest, metrics=metrics, **position)
+        else:
+            ref = CheckpointRef(uri=target, size=size, sha256=digest, metrics=metrics, **position)
+        self.logger.info("saved checkpoint %s (%d bytes)", target, size)
+        return ref

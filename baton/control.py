@@ -1,0 +1,170 @@
+"""Run control: what a training run does after each epoch, and where it continues from.
+
+The Prefect flow (``baton.flows.train``, one task per step) and the plain-Python run
+(:func:`baton.pipeline.run`) both drive training with :func:`train_to_horizon`, so the
+decisions are written once:
+
+- after each epoch, whether to evaluate, whether to save and whether that save may go on
+  in the background (:func:`plan_after_epoch`); a rebuilt pipeline replays them
+  (:func:`baton.pipeline.replay`);
+- which checkpoint a run continues from, and which lineage its commits go to
+  (:func:`find_resume_point`).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from baton.checkpoint.ref import CheckpointRef
+from baton.errors import CheckpointNotFoundError, MissingInputError
+from baton.experiment import Experiment
+from baton.trust import Trust
+
+if TYPE_CHECKING:
+    from baton.config import PipelineConfig
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What follows a training epoch."""
+
+    evaluate: bool
+    save: bool
+    background: bool  # the save may be written while training goes on
+
+
+def plan_after_epoch(cfg: "PipelineConfig", epoch: int, finished: bool) -> EpochPlan:
+    """Evaluate every ``train.val_interval`` epochs, save every ``checkpoint.interval``
+    epochs, and both at the horizon; a save before the horizon goes to the background
+    with ``checkpoint.async_save`` (the last one is waited for: the run ends with it)."""
+    save = epoch % cfg.checkpoint.interval == 0 or finished
+    return EpochPlan(
+        evaluate=cfg.val_data is not None and (epoch % cfg.train.val_interval == 0 or finished),
+        save=save,
+        background=save and cfg.checkpoint.async_save and not finished,
+    )
+
+
+class Steps(Protocol[S]):
+    """The steps of a run on a state ``S`` (a ``RunState`` in the flow, the live
+    pipeline in a plain run). ``epoch`` is the 1-based epoch just trained."""
+
+    def position(self, state: S) -> tuple[int, bool]:
+        """Completed epochs, and whether the horizon is reached."""
+
+    def train(self, state: S, epoch: int) -> S: ...
+
+    def evaluate(self, state: S, epoch: int) -> S: ...
+
+    def save(self, state: S, epoch: int, background: bool) -> S: ...
+
+    def report(self, state: S) -> None: ...
+
+
+def train_to_horizon(
+    cfg: "PipelineConfig",
+    state: S,
+    steps: Steps[S],
+    *,
+    before_epoch: Callable[[S], S] | None = None,
+) -> S:
+    """Train epoch by epoch to the horizon, evaluating and saving as planned.
+
+    Args:
+        before_epoch: Called before each epoch (the flow's check for a pending SIGTERM).
+    """
+    completed, finished = steps.position(state)
+    while not finished:
+        if before_epoch is not None:
+            state = before_epoch(state)
+        epoch = completed + 1
+        state = steps.train(state, epoch)
+        completed, finished = steps.position(state)
+        plan = plan_after_epoch(cfg, completed, finished)
+        if plan.evaluate:
+            state = steps.evaluate(state, epoch)
+        if plan.save:
+            state = steps.save(state, epoch, plan.background)
+        steps.report(state)
+    return state
+
+
+def find_resume_point(
+    cfg: "PipelineConfig",
+    *,
+    run_id: str | None = None,
+    experiment: Experiment | None = None,
+) -> CheckpointRef | None:
+    """The checkpoint a run of ``cfg`` continues from, by its resume policy; it also
+    records which lineage the run's commits go to. Call it under the experiment's lock.
+
+    - ``'auto'``: the newest valid checkpoint of the newest lineage (``None`` if there is
+      none); the run continues that lineage.
+    - ``'never'``: ``None``. If the experiment already has checkpoints, a new lineage is
+      started: the older lineages keep every file, and auto-resume continues the new
+      lineage from then on.
+    - a path: that checkpoint, which must exist. Unless it is the newest one, the run
+      starts a new lineage from it (a branch).
+
+    A retry of the run that started the newest lineage (the same ``run_id``: a Prefect
+    flow run retried) continues that lineage instead of starting yet another.
+
+    Raises:
+        CheckpointNotFoundError: The named checkpoint does not exist.
+        CheckpointCorruptError: The named committed checkpoint no longer verifies.
+    """
+    experiment = experiment or Experiment.of(cfg)
+    store = experiment.store
+    head = store.head()
+    own_retry = run_id is not None and head is not None and head.run == run_id
+    if cfg.resume == "auto":
+        return store.latest()
+    if cfg.resume == "never":
+        if own_retry:
+            return store.latest()
+        if head is None and run_id is None:
+            return None  # an empty experiment: the first commit starts lineage 1
+        if head is not None and not head.checkpoints and not (head.parent or head.parent_outside):
+            return None  # the newest lineage is still empty and fresh: use it
+        store.start_lineage(reason="fresh", run=run_id, config_hash=cfg.config_hash)
+        return None
+    uri = checked_checkpoint(experiment, cfg.resume, "resume checkpoint")
+    committed = store.find(uri) or store.find(cfg.resume)
+    if committed is not None:
+        store.verify(committed)
+        if own_retry and _same(head.parent, committed):
+            return store.latest() or committed
+        if not _same(store.latest(), committed):
+            store.start_lineage(
+                parent=committed, reason="branch", run=run_id, config_hash=cfg.config_hash
+            )
+        return committed
+    ref = CheckpointRef.of_file(uri)
+    if own_retry and head.parent_outside == uri:
+        return store.latest() or ref
+    store.start_lineage(parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash)
+    return ref
+
+
+def checked_checkpoint(experiment: Experiment, uri: str, what: str) -> str:
+    """A checkpoint a config or a run names, refused unless it is a regular file in the
+    experiment folder or an operator's root, or a URI of an allowed scheme.
+
+    Raises:
+        CheckpointNotFoundError: The file does not exist.
+        UntrustedInputError: It is outside what the operator allows.
+    """
+    try:
+        return Trust.from_environment().check_checkpoint(
+            uri, experiment_dir=Path(experiment.root), what=what
+        )
+    except MissingInputError as err:
+        raise CheckpointNotFoundError(f"{what} {uri!r} does not exist") from err
+
+
+def _same(a: CheckpointRef | None, b: CheckpointRef | None) -> bool:
+    """The same file with the same bytes (metrics may hold NaN, which equals nothing)."""
+    return a is not None and b is not None and (a.uri, a.sha256) == (b.uri, b.sha256)

@@ -1,0 +1,99 @@
+"""``Experiment``: the one owner of an experiment's folder, ``work_dir/<experiment_name>``.
+
+Layout::
+
+    checkpoints/        checkpoint files, and manifest.json / manifest.journal beside it
+    .lock               held by the process that trains the experiment
+    metrics.jsonl       per-epoch and per-iteration metrics (baton.metrics)
+    tensorboard/        TensorBoard event files (one per flow run)
+    runs/               logs: runs/<timestamp>/ of each strategy, flow-<run id>.log of each
+                        flow run, and restarts.json (baton.restarts)
+
+The paths are joined here and nowhere else. The experiment holds the checkpoint store,
+built once with the experiment's one retention policy; the strategy, the pipeline, the
+tasks and the flow all reach the folder through it. Creating an ``Experiment`` touches
+nothing on disk.
+"""
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from baton.checkpoint.store import CheckpointStore, RetentionPolicy
+from baton.metrics import MetricsLog
+from baton.restarts import RestartLog
+
+if TYPE_CHECKING:
+    from baton.config import PipelineConfig
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_experiment_name(name: str) -> str:
+    """Return ``name`` if it is a safe folder name, else raise ``ValueError`` saying why."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"experiment_name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit, with no path separators and no '..'"
+        )
+    return name
+
+
+class Experiment:
+    """One experiment's folder and what lives in it (see the module docstring).
+
+    Args:
+        work_dir: The folder of all experiments (relative paths: to the working directory).
+        name: The experiment's name, a safe folder name.
+        retention: What checkpoint rotation keeps; by default every checkpoint (as
+            mmengine's strategy does). A pipeline's comes from its config's ``checkpoint``
+            section (:meth:`of`).
+
+    Raises:
+        ValueError: An unsafe experiment name.
+    """
+
+    def __init__(
+        self, work_dir: str | Path, name: str, *, retention: RetentionPolicy | None = None
+    ) -> None:
+        self.work_dir = Path(work_dir).expanduser().absolute()
+        self.name = check_experiment_name(name)
+        self.root = self.work_dir / self.name
+        self.store = CheckpointStore(self.root, retention=retention)
+        self.metrics = MetricsLog(self.root / "metrics.jsonl")
+        self.restarts = RestartLog(self.root)
+
+    @classmethod
+    def of(cls, cfg: "PipelineConfig") -> "Experiment":
+        """The experiment a pipeline config trains, with the config's retention policy."""
+        return cls(cfg.work_dir, cfg.experiment_name, retention=cfg.checkpoint.retention())
+
+    def __repr__(self) -> str:
+        return f"Experiment({str(self.root)!r})"
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        """What rotation keeps of each lineage's checkpoints."""
+        return self.store.retention
+
+    def lock(self, *, wait: bool = False):
+        """Hold the experiment's exclusive lock (see :meth:`CheckpointStore.lock`)."""
+        return self.store.lock(wait=wait)
+
+    @property
+    def runs_dir(self) -> Path:
+        """``runs/``: run logs and the restart log."""
+        return self.root / "runs"
+
+    def strategy_log_dir(self, timestamp: str) -> Path:
+        """The log folder of a strategy created at ``timestamp``."""
+        return self.runs_dir / timestamp
+
+    def flow_log_path(self, run_id: str) -> Path:
+        """The copy of a flow run's log lines."""
+        return self.runs_dir / f"flow-{run_id}.log"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard's event files."""
+        return self.root / "tensorboard"
