@@ -412,6 +412,25 @@ def parse_yaml(text: str, source: str = "<config>") -> tuple[dict, Positions]:
 # --- overrides -----------------------------------------------------------------------
 
 
+# The run's settings that are parameters of their own (flow parameters, CLI flags).
+RUN_SETTINGS = ("experiment_name", "resume", "work_dir", "fork")
+
+
+def run_settings(overrides: Iterable[str] | None = None, **named: Any) -> dict[str, Any]:
+    """The overrides a run applies to its config: ``key.path=value`` strings, then the
+    run's own settings (:data:`RUN_SETTINGS`) where they are given (not ``None``).
+
+    Raises:
+        ConfigError: A malformed override, or a named setting that is not a run setting.
+    """
+    unknown = sorted(set(named) - set(RUN_SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown run settings {unknown}; use {', '.join(RUN_SETTINGS)}")
+    settings = parse_overrides(overrides or [])
+    settings.update({key: value for key, value in named.items() if value is not None})
+    return settings
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """Parse ``key.path=value`` strings; values are read as YAML (typed).
 

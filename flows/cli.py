@@ -17,14 +17,9 @@ from typing import Any
 
 
 def _settings(args) -> dict:
-    from baton.config import parse_overrides
+    from baton.config import RUN_SETTINGS, run_settings
 
-    settings = parse_overrides(args.set or [])
-    for key in ("experiment_name", "resume", "work_dir", "fork"):
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = value
-    return settings
+    return run_settings(args.set, **{key: getattr(args, key, None) for key in RUN_SETTINGS})
 
 
 def _trust_operator_flags(args) -> None:

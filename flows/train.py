@@ -176,9 +176,7 @@ def train_pipeline(
                 # reported Crashed, then Cancelled: the person asked for it to stop.
                 what = crashed.state.name if crashed.state else "without a state"
                 return Cancelled(message=f"Not restarting {crashed.name!r}: it is {what} now.")
-        cfg = validate_config(
-            config, overrides, {k: v for k, v in settings.items() if v is not None}
-        )
+        cfg = validate_config(config, overrides, settings)
         state = _train(cfg, started, crashed)
     forget(config_of(cfg))
     return state

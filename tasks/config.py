@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from baton.config import load_config, parse_overrides
+from baton.config import load_config, run_settings
 from baton.errors import UntrustedInputError
 from baton.trust import SETTINGS
 
@@ -25,14 +25,15 @@ def validate_config(
     Args:
         config: A path to a YAML file, YAML text, or a mapping.
         overrides: ``key.path=value`` strings.
-        settings: Typed overrides by dotted key (applied after ``overrides``).
+        settings: The run's own settings (``experiment_name``, ``resume``, ``work_dir``,
+            ``fork``), applied after ``overrides`` where not ``None``.
 
     Raises:
         ConfigError: Every problem at once, or a config path outside configs/ and the
             operator's config roots; nothing is written.
     """
     refuse_trust_from_the_run()
-    combined = {**parse_overrides(overrides or []), **(settings or {})}
+    combined = run_settings(overrides, **(settings or {}))
     # A config path in a run's parameters names a file in configs/ (or an operator's
     # config root), never any file the worker can read.
     return load_config(config, combined, from_parameter=True).model_dump(mode="json")

@@ -13,6 +13,8 @@ workers start once per flow run; a rebuild or :func:`forget` stops them.
 """
 
 import contextlib
+import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig, validate
 from baton.experiment import Experiment
 from baton.tasks._common import run_logger
+from baton.trust import Trust
 
 
 class RunState(BaseModel):
@@ -71,9 +74,30 @@ class RunState(BaseModel):
         return self.model_copy(update={"epoch": strategy.epoch, "iter": strategy.iter, **changes})
 
 
+# Configs validated in this process, by the digest of their JSON and the operator's trust
+# settings: every task of a flow run receives the same resolved dict, validated once here
+# instead of once per task; a different dict, or other trust settings, validate anew.
+_VALIDATED: dict[str, PipelineConfig] = {}
+_VALIDATED_MAX = 16
+
+
 def config_of(config: dict | PipelineConfig) -> PipelineConfig:
     """The validated config a task received as a dict."""
-    return config if isinstance(config, PipelineConfig) else validate(config)
+    if isinstance(config, PipelineConfig):
+        return config
+    trust = Trust.from_environment()
+    text = json.dumps([config, repr(trust)], sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()
+    with _LOCK:
+        known = _VALIDATED.get(key)
+    if known is not None:
+        return known
+    validated = validate(config, trust=trust)
+    with _LOCK:
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.pop(next(iter(_VALIDATED)))
+        _VALIDATED[key] = validated
+    return validated
 
 
 @dataclass

@@ -64,7 +64,7 @@ def test_every_task_in_its_own_process(tmp_path):
     state = call("prepare", env, args={"config": cfg, "checkpoint": None})
     for epoch in (1, 2):
         state = call("train_epoch", env, args={"config": cfg, "epoch": epoch}, state=state)
-        state = call("validate", env, args={"config": cfg, "epoch": epoch}, state=state)
+        state = call("evaluate", env, args={"config": cfg, "epoch": epoch}, state=state)
         state = call("save_checkpoint", env, args={"config": cfg, "epoch": epoch}, state=state)
     assert state["epoch"] == 2 and state["checkpoint"]["epoch"] == 2
     assert "val/accuracy" in state["metrics"]
