@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 from baton.datasets import ImageFolder
 from baton.errors import DataError
+from baton.randomness import cpu_rng_states, set_cpu_rng_states
 
 # Multiplier mixing the seed and the epoch into one generator seed.
 _EPOCH_MIX = 1_000_003
@@ -192,12 +193,12 @@ class _SeededSamples(Dataset):
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list:
         in_main_process = get_worker_info() is None
-        saved = _rng_states() if in_main_process else None
+        saved = cpu_rng_states() if in_main_process else None
         try:
             return [self._read(*key) for key in keys]
         finally:
             if saved is not None:
-                _set_rng_states(saved)
+                set_cpu_rng_states(saved)
 
     def _read(self, index: int, seed: int) -> Any:
         seed_sample_rngs(seed)
@@ -209,17 +210,6 @@ class _SeededSamples(Dataset):
             name = type(self.dataset).__name__
             message = f"sample {index} of {name} cannot be read: {type(err).__name__}: {err}"
             return _Failure(message, traceback.format_exc())
-
-
-def _rng_states() -> tuple:
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def _set_rng_states(states: tuple) -> None:
-    python, numpy_state, torch_state = states
-    random.setstate(python)
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(torch_state)
 
 
 def _worker_init(worker_id: int) -> None:

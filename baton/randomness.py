@@ -76,11 +76,30 @@ def sync_inductor_determinism() -> None:
     )
 
 
+def cpu_rng_states() -> tuple:
+    """The CPU generators' states (python, numpy, torch) as their libraries give them.
+
+    Cheap, for putting them back in this process with :func:`set_cpu_rng_states` (the
+    data path does so around every batch); :func:`capture_rng_state` is the
+    checkpoint-safe form, with CUDA's states too.
+    """
+    return random.getstate(), np.random.get_state(legacy=True), torch.get_rng_state()
+
+
+def set_cpu_rng_states(states: tuple) -> None:
+    """Restore states from :func:`cpu_rng_states`."""
+    python, numpy_state, torch_state = states
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+
+
 def capture_rng_state() -> dict:
     """Every RNG state as a checkpoint-safe dict (python, numpy, torch, cuda)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    python, numpy_state, torch_state = cpu_rng_states()
+    kind, keys, pos, has_gauss, cached = numpy_state
     state = {
-        "python": _to_lists(random.getstate()),
+        "python": _to_lists(python),
         "numpy": {
             "kind": kind,
             "keys": torch.from_numpy(keys.astype(np.int64)),
@@ -88,7 +107,7 @@ def capture_rng_state() -> dict:
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached),
         },
-        "torch": torch.get_rng_state(),
+        "torch": torch_state,
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -102,18 +121,20 @@ def restore_rng_state(state: dict) -> None:
     is not an error (the file may come from a GPU run).
     """
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
     numpy_state = state["numpy"]
-    np.random.set_state(
+    set_cpu_rng_states(
         (
-            numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
+            (version, tuple(internal), gauss),
+            (
+                numpy_state["kind"],
+                numpy_state["keys"].numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            ),
+            state["torch"].cpu(),
         )
     )
-    torch.set_rng_state(state["torch"].cpu())
     cuda_states = state.get("cuda")
     if cuda_states and torch.cuda.is_available():
         count = min(len(cuda_states), torch.cuda.device_count())

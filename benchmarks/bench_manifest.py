@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from baton.checkpoint import io, manifest
+from baton.checkpoint import committed, io, manifest
+from baton.checkpoint.files import ExperimentFiles
 from baton.checkpoint.store import CheckpointStore
 
 SIZES = (10, 1_000, 10_000)
@@ -53,7 +54,7 @@ def experiment_with(root: Path, entries: int) -> CheckpointStore:
     for seq in range(1, entries + 1):
         state.add_entry(entry(seq))
     store.root.mkdir(parents=True)
-    store._compact(state)
+    committed.compact(ExperimentFiles(store.root), state)
     return store
 
 
@@ -122,9 +123,11 @@ def main() -> None:
         )
     compaction = {}
     for n in SIZES:
-        state = stores[n]._load()
+        files = ExperimentFiles(stores[n].root)
+        state = committed.load(files)
         compaction[n] = statistics.median(
-            timed(lambda n=n, state=state: stores[n]._compact(state)) for _ in range(3)
+            timed(lambda files=files, state=state: committed.compact(files, state))
+            for _ in range(3)
         )
 
     medians = {name: statistics.median(values) * 1000 for name, values in times.items()}

@@ -21,7 +21,7 @@ The first format (before lineages) was one JSON file of entries with absolute ``
 folder, and only ``checkpoints/<name>`` is one of the experiment's own files: anything
 else is kept as an ``outside`` entry, reported and never followed.
 
-This module only reads and encodes; :mod:`baton.checkpoint.store` decides when to write.
+This module only reads and encodes; :mod:`baton.checkpoint.committed` writes.
 """
 
 from __future__ import annotations

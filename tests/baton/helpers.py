@@ -9,6 +9,27 @@ from baton.models import MLP
 EPOCH_LENGTH = 8  # 256 samples / 32 per batch
 
 
+def small_pipeline(work_dir, name="exp", model=None) -> dict:
+    """The config of a tiny pipeline on synthetic data (8 iterations per epoch), unvalidated."""
+    return {
+        "experiment_name": name,
+        "work_dir": str(work_dir),
+        "randomness": {"seed": 3, "deterministic": True},
+        "model": model
+        or {"type": "MLP", "in_features": 8, "num_classes": 3, "hidden": [16], "dropout": 0.2},
+        "train_data": {"dataset": {"type": "SyntheticClassification"}, "batch_size": 32},
+        "val_data": {
+            "dataset": {"type": "SyntheticClassification", "seed": 1},
+            "batch_size": 64,
+            "shuffle": False,
+        },
+        "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.05, "momentum": 0.9}},
+        "param_scheduler": [{"type": "StepLR", "step_size": 2, "gamma": 0.5}],
+        "train": {"max_epochs": 4},
+        "checkpoint": {"keep_last": None},
+    }
+
+
 def make_strategy(work_dir, name="exp", seed=7, **kwargs) -> SingleDeviceStrategy:
     env = {"randomness": {"seed": seed, "deterministic": True}}
     return SingleDeviceStrategy(

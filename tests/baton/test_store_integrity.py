@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from baton.checkpoint import io, manifest
-from baton.checkpoint import store as store_module
+from baton.checkpoint import committed, io, manifest
 from baton.checkpoint.ref import CheckpointName
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.errors import ManifestVersionError
@@ -232,7 +231,7 @@ def test_nan_is_never_best_and_the_manifest_stays_json(tmp_path, mode):
     for line in store.journal_path.read_text().splitlines():
         strict_json(line.split(" ", 1)[1])
     with store.lock():
-        store_module._CACHE.clear()
+        committed._CACHE.clear()
         store.rebuild()  # a rebuilt manifest holds the NaN of the files' meta as null too
     strict_json(store.manifest_path.read_text())
 
@@ -243,7 +242,7 @@ def test_a_torn_journal_line_is_ignored_by_readers_and_cut_by_the_next_run(tmp_p
     with open(store.journal_path, "ab") as handle:
         handle.write(b'0badc0de {"op":"commit","entry":{"seq":3,"pa')  # killed mid-append
     torn = store.journal_path.read_bytes()
-    store_module._CACHE.clear()  # as a new process would
+    committed._CACHE.clear()  # as a new process would
 
     assert store.latest() == refs[1]
     assert main(["ckpt", "list", str(store.root)]) == 0
@@ -251,7 +250,7 @@ def test_a_torn_journal_line_is_ignored_by_readers_and_cut_by_the_next_run(tmp_p
     with store.lock():
         assert not store.journal_path.read_bytes().endswith(b'"pa')
         third = commit(store, 3)
-    store_module._CACHE.clear()
+    committed._CACHE.clear()
     assert store.list() == [*refs, third]
 
 
@@ -262,13 +261,13 @@ def test_a_journal_damaged_in_the_middle_is_rebuilt_from_the_files_under_the_loc
     lines = store.journal_path.read_bytes().split(b"\n")
     lines[2] = lines[2].replace(b'"epoch":1', b'"epoch":5')  # the checksum no longer matches
     store.journal_path.write_bytes(b"\n".join(lines))
-    store_module._CACHE.clear()
+    committed._CACHE.clear()
     assert store.latest().epoch == 3  # from the files, in memory
     assert not list(store.root.glob("*.corrupt-*"))
     with store.lock():
         pass
     assert list(store.root.glob("manifest.journal.corrupt-*"))
-    store_module._CACHE.clear()
+    committed._CACHE.clear()
     assert [r.epoch for r in store.list()] == [1, 2, 3]
 
 
@@ -282,11 +281,11 @@ def test_compaction_folds_the_journal_and_an_interrupted_one_loses_nothing(tmp_p
     assert len(store.journal_path.read_bytes().splitlines()) == 1  # its header only
     # a crash between the new snapshot and the new journal leaves the older journal
     store.journal_path.write_bytes(journal_before)
-    store_module._CACHE.clear()
+    committed._CACHE.clear()
     assert store.list() == refs
     with store.lock():
         assert commit(store, 4).epoch == 4
-    store_module._CACHE.clear()
+    committed._CACHE.clear()
     assert [r.epoch for r in store.list()] == [1, 2, 3, 4]
 
 
@@ -314,7 +313,7 @@ def test_a_manifest_from_a_newer_baton_is_left_alone(tmp_path):
     store = CheckpointStore(tmp_path / "exp")
     commit(store, 1)
     store.manifest_path.write_text(json.dumps({"version": 99, "checkpoints": []}))
-    store_module._CACHE.clear()
+    committed._CACHE.clear()
     with pytest.raises(ManifestVersionError, match="upgrade baton"):
         store.latest()
     assert json.loads(store.manifest_path.read_text())["version"] == 99
@@ -407,6 +406,6 @@ def test_a_full_disk_during_a_commit_records_nothing_and_leaves_no_torn_line(tmp
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, previous)
     assert store.journal_path.read_bytes() == journal
-    store_module._CACHE.clear()
+    committed._CACHE.clear()
     assert store.list() == [first]
     assert store.commit(str(path), epoch=2, iter=20, size=size, sha256=digest).epoch == 2

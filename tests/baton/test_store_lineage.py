@@ -14,25 +14,19 @@ from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import load_config
 from baton.flows.cli import main
 
+from .helpers import small_pipeline
+
 
 def small(tmp_path, *overrides, **top):
-    """A tiny pipeline on synthetic data: 8 iterations per epoch."""
+    """A tiny pipeline on synthetic data (8 iterations per epoch): no dropout, no
+    scheduler, the last two checkpoints kept."""
     data = {
-        "experiment_name": "exp",
-        "work_dir": str(tmp_path / "wd"),
-        "randomness": {"seed": 3, "deterministic": True},
+        **small_pipeline(tmp_path / "wd"),
         "model": {"type": "MLP", "in_features": 8, "num_classes": 3, "hidden": [16]},
-        "train_data": {"dataset": {"type": "SyntheticClassification"}, "batch_size": 32},
-        "val_data": {
-            "dataset": {"type": "SyntheticClassification", "seed": 1},
-            "batch_size": 64,
-            "shuffle": False,
-        },
-        "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.05, "momentum": 0.9}},
-        "train": {"max_epochs": 4},
+        "param_scheduler": [],
         "checkpoint": {"keep_last": 2},
+        **top,
     }
-    data.update(top)
     return load_config(data, list(overrides))
 
 

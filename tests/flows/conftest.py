@@ -4,6 +4,8 @@ import pytest
 
 from baton.config import load_config
 
+from ..baton.helpers import small_pipeline
+
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
@@ -28,21 +30,4 @@ def prefect_harness(tmp_path_factory):
 
 def small_config(work_dir, name="exp", model=None, **overrides) -> dict:
     """A tiny pipeline on synthetic data (8 iterations per epoch), as a resolved dict."""
-    data = {
-        "experiment_name": name,
-        "work_dir": str(work_dir),
-        "randomness": {"seed": 3, "deterministic": True},
-        "model": model
-        or {"type": "MLP", "in_features": 8, "num_classes": 3, "hidden": [16], "dropout": 0.2},
-        "train_data": {"dataset": {"type": "SyntheticClassification"}, "batch_size": 32},
-        "val_data": {
-            "dataset": {"type": "SyntheticClassification", "seed": 1},
-            "batch_size": 64,
-            "shuffle": False,
-        },
-        "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.05, "momentum": 0.9}},
-        "param_scheduler": [{"type": "StepLR", "step_size": 2, "gamma": 0.5}],
-        "train": {"max_epochs": 4},
-        "checkpoint": {"keep_last": None},
-    }
-    return load_config(data, overrides).model_dump(mode="json")
+    return load_config(small_pipeline(work_dir, name, model), overrides).model_dump(mode="json")

@@ -2,7 +2,6 @@
 mid-epoch (0, 2 and 3 workers) and mid-checkpoint-write, and a worker that dies. Each run
 ends bitwise equal to an uninterrupted one."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,16 @@ from baton.config import validate
 from ..baton.image_folders import augmentation, make_image_folder
 from ..faults import forwards_so_far
 from .conftest import small_config
-from .helpers import assert_same_training_result, final_checkpoint
-from .test_kill_and_resume import ROOT, finish, start, stop_group, wait_for
+from .helpers import (
+    assert_same_training_result,
+    final_checkpoint,
+    finish,
+    kill_mid_checkpoint_write,
+    run_env,
+    start,
+    stop_group,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -27,15 +34,7 @@ EPOCH_LENGTH = 8  # 3 classes x 16 images / 6
 
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory):
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect_home")),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore",
-        PYTHONPATH=str(ROOT),
-    )
-    env.pop("PREFECT_API_URL", None)
-    return env
+    return run_env(tmp_path_factory.mktemp("prefect_home"))
 
 
 @pytest.fixture(scope="module")
@@ -99,19 +98,7 @@ def test_sigkill_mid_epoch_resumes_bitwise(tmp_path, prefect_env, images, worker
 def test_sigkill_mid_checkpoint_write_with_workers(tmp_path, prefect_env, images):
     model = slow_model(delay=0.0, hidden=(2048, 2048))  # ~36 MB of weights and momentum
     cfg = image_config(tmp_path, "killed-write", images, model, 2, **{"train.max_epochs": 2})
-    folder = Path(cfg["work_dir"]) / cfg["experiment_name"] / "checkpoints"
-
-    def writing():
-        return folder.exists() and any(p.name.endswith(".tmp") for p in folder.iterdir())
-
-    process = start(cfg, prefect_env, tmp_path)
-    try:
-        assert wait_for(writing, process, interval=0.001), "never caught a checkpoint being written"
-    finally:
-        stop_group(process)
-    store = CheckpointStore(folder.parent)
-    for ref in store.list():
-        store.verify(ref)
+    kill_mid_checkpoint_write(cfg, prefect_env, tmp_path)
     finish(cfg, prefect_env, tmp_path)
     assert_same_training_result(reference(cfg, tmp_path), final_checkpoint(cfg))
 

@@ -1,16 +1,11 @@
 """Real kills of real processes: SIGKILL mid-epoch, mid-checkpoint-write, after iteration
 checkpoints, and SIGTERM (cancel). A new run resumes and ends bitwise equal."""
 
-import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from baton import CheckpointStore
 from baton import pipeline as pl
@@ -18,24 +13,24 @@ from baton.config import validate
 
 from ..faults import forwards_so_far
 from .conftest import small_config
-from .helpers import assert_same_training_result, final_checkpoint
+from .helpers import (
+    assert_same_training_result,
+    final_checkpoint,
+    finish,
+    kill_mid_checkpoint_write,
+    run_env,
+    start,
+    stop_group,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 EPOCH_LENGTH = 16  # 512 samples / 32
 
 
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory):
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect_home")),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore",
-        PYTHONPATH=str(ROOT),
-    )
-    env.pop("PREFECT_API_URL", None)
-    return env
+    return run_env(tmp_path_factory.mktemp("prefect_home"))
 
 
 def config(tmp_path, name, model, **overrides):
@@ -54,37 +49,6 @@ def slow_model(delay=0.02, hidden=(16,)):
     }
 
 
-def start(cfg, env, tmp_path) -> subprocess.Popen:
-    path = tmp_path / f"{cfg['experiment_name']}-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return subprocess.Popen(
-        [sys.executable, "-m", "baton.flows.cli", "run", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop_group(process: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
-    process.wait(timeout=60)
-
-
-def wait_for(predicate, process, timeout=120.0, interval=0.005):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace")
-            raise AssertionError(f"run ended before the kill point:\n{output[-3000:]}")
-        time.sleep(interval)
-    return False
-
-
 def committed(cfg):
     store = CheckpointStore(Path(cfg["work_dir"]) / cfg["experiment_name"])
 
@@ -95,16 +59,6 @@ def committed(cfg):
             return []
 
     return check
-
-
-def finish(cfg, env, tmp_path):
-    process = start(cfg, env, tmp_path)
-    try:
-        output, _ = process.communicate(timeout=300)
-    finally:
-        stop_group(process)
-    assert process.returncode == 0, output.decode(errors="replace")[-3000:]
-    return output.decode(errors="replace")
 
 
 def reference(tmp_path, model, **overrides):
@@ -131,19 +85,7 @@ def test_sigkill_mid_epoch(tmp_path, prefect_env):
 def test_sigkill_mid_checkpoint_write(tmp_path, prefect_env):
     model = slow_model(delay=0.0, hidden=(2048, 2048))  # ~36 MB of weights and momentum
     cfg = config(tmp_path, "killed-write", model, **{"train.max_epochs": 3})
-    folder = Path(cfg["work_dir"]) / cfg["experiment_name"] / "checkpoints"
-
-    def writing():
-        return folder.exists() and any(p.name.endswith(".tmp") for p in folder.iterdir())
-
-    process = start(cfg, prefect_env, tmp_path)
-    try:
-        assert wait_for(writing, process, interval=0.001), "never caught a checkpoint being written"
-    finally:
-        stop_group(process)
-    store = CheckpointStore(folder.parent)
-    for ref in store.list():
-        store.verify(ref)  # every committed checkpoint is whole
+    kill_mid_checkpoint_write(cfg, prefect_env, tmp_path)
     finish(cfg, prefect_env, tmp_path)
     assert_same_training_result(
         reference(tmp_path, model, **{"train.max_epochs": 3}), final_checkpoint(cfg)

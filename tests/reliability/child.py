@@ -21,7 +21,7 @@ def die() -> None:
 
 def arm(point: str, n: int) -> None:
     from baton import loop
-    from baton.checkpoint import io, manifest, store
+    from baton.checkpoint import io, manifest, retention
 
     count = {"n": 0}
 
@@ -75,13 +75,13 @@ def arm(point: str, n: int) -> None:
 
         manifest.append_record = append_record
     elif point == "rotation":
-        original_unlink = store._unlink_in
+        original_unlink = retention._unlink_in
 
         def unlink_in(dir_fd, name):
             tick()
             original_unlink(dir_fd, name)
 
-        store._unlink_in = unlink_in
+        retention._unlink_in = unlink_in
     elif point != "none":
         raise SystemExit(f"unknown kill point {point!r}")
 

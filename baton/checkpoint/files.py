@@ -1,0 +1,168 @@
+"""An experiment's folder: where each of its files lives, and the store's own checkpoint files.
+
+Layout of an experiment's home (``work_dir/<experiment>/``)::
+
+    checkpoints/epoch_0003.pth     the files of lineage 1
+    checkpoints/L2-epoch_0001.pth  the files of lineage 2 (never the same file as lineage 1's)
+    manifest.json                  snapshot: lineages and committed checkpoints (paths relative)
+    manifest.journal               what was committed since the snapshot, one record a line
+    .lock                          held by the process that trains the experiment
+
+**Only its own files.** Manifest paths are relative to the experiment folder, so a moved
+experiment resumes where it was and a copied one is independent. The store reads,
+verifies and deletes only regular files directly inside its own ``checkpoints/`` folder,
+opened without following links; anything else a manifest names (an absolute path, a
+``..``, a link, a device) is reported and never followed or deleted.
+
+:class:`ExperimentFiles` is the one owner of these paths: nobody else joins them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from baton.checkpoint import io, manifest
+from baton.checkpoint.ref import CheckpointName
+from baton.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointOutsideError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExperimentFiles:
+    """The files of one experiment folder.
+
+    Attributes:
+        root: The experiment folder (``work_dir/<experiment>``), absolute.
+    """
+
+    root: Path
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoint files live."""
+        return self.root / manifest.CHECKPOINTS
+
+    @property
+    def manifest_path(self) -> Path:
+        """The manifest's snapshot file."""
+        return self.root / "manifest.json"
+
+    @property
+    def journal_path(self) -> Path:
+        """The manifest's journal: records committed since the snapshot."""
+        return self.root / "manifest.journal"
+
+    @property
+    def lock_path(self) -> Path:
+        """The file the training process holds an ``flock`` on."""
+        return self.root / ".lock"
+
+    def path_for(self, name: CheckpointName | str) -> Path:
+        """Path of a checkpoint file with this name."""
+        return self.checkpoint_dir / str(name)
+
+    def own_name(self, uri: str) -> str | None:
+        """The file name when ``uri`` is directly inside the checkpoint folder (reached
+        through this root or another path to the same folder), else ``None``."""
+        if not io.is_local(uri):
+            return None
+        path = io.local_path(uri).absolute()
+        if path.name in ("", ".", ".."):
+            return None
+        if path.parent == self.checkpoint_dir:
+            return path.name
+        try:
+            same = os.path.samestat(os.stat(path.parent), os.stat(self.checkpoint_dir))
+        except OSError:
+            return None
+        return path.name if same else None
+
+    def own_file_names(self) -> list[str]:
+        """The regular files directly inside the checkpoint folder, sorted (none when the
+        folder is missing or is not a real folder)."""
+        try:
+            dir_fd = self.open_checkpoint_dir()
+        except (FileNotFoundError, CheckpointOutsideError):
+            return []
+        try:
+            return sorted(
+                name
+                for name in os.listdir(dir_fd)
+                if stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+            )
+        finally:
+            os.close(dir_fd)
+
+    def open_checkpoint_dir(self) -> int:
+        """A descriptor of the checkpoint folder, opened without following a link.
+
+        Raises:
+            FileNotFoundError: The folder does not exist.
+            CheckpointOutsideError: It is a link or not a folder.
+        """
+        try:
+            return os.open(self.checkpoint_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            what = "a symbolic link" if os.path.islink(self.checkpoint_dir) else "not a folder"
+            raise CheckpointOutsideError(
+                f"{self.checkpoint_dir} is {what}; the store does not follow it (make it a "
+                "real folder: the experiment folder itself may live on any disk)"
+            ) from err
+
+    def hash_own(self, name: str, expected_size: int | None = None) -> tuple[int, str]:
+        """Size and sha256 of ``checkpoints/<name>``, a regular file, opened without
+        following a link.
+
+        Raises:
+            CheckpointNotFoundError: The file is gone.
+            CheckpointOutsideError: It is a link, a folder or a device.
+            CheckpointCorruptError: Its size is not ``expected_size``.
+        """
+        dir_fd = self.open_checkpoint_dir()
+        try:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+            except FileNotFoundError as err:
+                raise CheckpointNotFoundError(
+                    f"{self.checkpoint_dir / name} does not exist (deleted?)"
+                ) from err
+            except OSError as err:
+                raise CheckpointOutsideError(
+                    f"{self.checkpoint_dir / name} is a symbolic link; the store does not follow it"
+                ) from err
+        finally:
+            os.close(dir_fd)
+        with os.fdopen(fd, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointOutsideError(
+                    f"{self.checkpoint_dir / name} is not a regular file; the store does not read it"
+                )
+            if expected_size is not None and st.st_size != expected_size:
+                raise CheckpointCorruptError(
+                    f"{self.checkpoint_dir / name} has {st.st_size} bytes but {expected_size} "
+                    "were committed (truncated or overwritten)"
+                )
+            size, digest = 0, hashlib.sha256()
+            while chunk := handle.read(8 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        return size, digest.hexdigest()
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporary files a killed writer left (only called under the lock, before
+        this run writes anything, so none of them belongs to a live write)."""
+        for folder in (self.root, self.checkpoint_dir):
+            if folder.is_dir() and not folder.is_symlink():
+                for leftover in folder.glob(".*.tmp"):
+                    if leftover.is_file() and not leftover.is_symlink():
+                        leftover.unlink(missing_ok=True)
+                        logger.info("removed %s, left by an interrupted write", leftover.name)

@@ -1,0 +1,166 @@
+"""What a run sent to Prefect's server, and what of it the server has not recorded yet.
+
+``RunRecord`` is the evidence: the events, task-run states and log lines this process
+sent. :func:`missing_from` asks the server's API which of them its database does not
+hold yet: the event persister's rows, the task-run recorder's states, and the log lines,
+each in requests of at most one API page.
+"""
+
+import dataclasses
+import datetime
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+# Per request: the API pages at 200 rows, and ids go into one SQL `IN (...)`.
+_PAGE = 200
+
+
+def _chunks(items: list, size: int = _PAGE) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclasses.dataclass(eq=False)  # hashed by identity: Prefect keys its workers on it
+class RunRecord:
+    """Everything this process sent to the server, as the evidence that it was recorded.
+
+    Attributes:
+        events: Each event's id and the time it occurred (the event persister's rows).
+        task_run_states: For each task run, the id of its newest state event: the
+            task-run recorder stores each state under its event's id, and keeps the
+            newest as the task run's state.
+        log_lines: Log lines per flow run (or per task run, for logs outside a flow).
+    """
+
+    events: dict[uuid.UUID, datetime.datetime] = dataclasses.field(default_factory=dict)
+    task_run_states: dict[uuid.UUID, tuple[datetime.datetime, uuid.UUID]] = dataclasses.field(
+        default_factory=dict
+    )
+    log_lines: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def add_event(self, event: Any) -> None:
+        """Note an event (a ``prefect.events.Event``) about to go to the server."""
+        with self._lock:
+            self.events[event.id] = event.occurred
+            # The events the task-run recorder turns into task runs: its own filter.
+            resource = event.resource
+            if not (
+                event.event.startswith("prefect.task-run.")
+                and resource.get("prefect.orchestration") == "client"
+            ):
+                return
+            try:
+                task_run_id = uuid.UUID(resource.id.rsplit(".", 1)[1])
+            except ValueError:  # not a task run the recorder could store either
+                return
+            newest = self.task_run_states.get(task_run_id)
+            if newest is None or event.occurred >= newest[0]:
+                self.task_run_states[task_run_id] = (event.occurred, event.id)
+
+    def add_log(self, log: dict[str, Any]) -> None:
+        """Note a log line (a ``LogCreate`` as JSON) about to go to the server."""
+        if log.get("flow_run_id"):
+            key = ("flow_run_id", str(log["flow_run_id"]))
+        elif log.get("task_run_id"):
+            key = ("task_run_id", str(log["task_run_id"]))
+        else:  # a worker's own log: no run to find it by, and `baton run` has no worker
+            return
+        with self._lock:
+            self.log_lines[key] += 1
+
+    def copy(self) -> "RunRecord":
+        with self._lock:
+            return RunRecord(dict(self.events), dict(self.task_run_states), Counter(self.log_lines))
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.task_run_states or self.log_lines)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.events)} events, {len(self.task_run_states)} task-run states, "
+            f"{sum(self.log_lines.values())} log lines"
+        )
+
+
+def missing_from(server_api: Any, record: RunRecord) -> RunRecord:
+    """What of ``record`` the server has not written to its database yet (one pass).
+
+    Args:
+        server_api: A synchronous Prefect client pointed at the server.
+        record: What was sent.
+    """
+    missing = RunRecord()
+    if record.events:
+        _add_missing_events(server_api, record, missing)
+    if record.task_run_states:
+        _add_missing_task_run_states(server_api, record, missing)
+    if record.log_lines:
+        _add_missing_log_lines(server_api, record, missing)
+    return missing
+
+
+def _add_missing_events(server_api: Any, record: RunRecord, missing: RunRecord) -> None:
+    """The event persister's table, counted by id over the events' time span."""
+    since = min(record.events.values()) - datetime.timedelta(minutes=1)
+    until = max(record.events.values()) + datetime.timedelta(minutes=1)
+    for chunk in _chunks(sorted(record.events)):
+        body = {
+            "filter": {
+                "id": {"id": [str(i) for i in chunk]},
+                "occurred": {"since": since.isoformat(), "until": until.isoformat()},
+            },
+            "limit": 1,
+        }
+        response = server_api.request("POST", "/events/filter", json=body)
+        if response.json()["total"] < len(chunk):
+            # Which ones, only now that something is missing: one page per chunk.
+            body["limit"] = _PAGE
+            found = server_api.request("POST", "/events/filter", json=body).json()
+            persisted = {uuid.UUID(e["id"]) for e in found["events"]}
+            missing.events.update({i: record.events[i] for i in chunk if i not in persisted})
+
+
+def _add_missing_task_run_states(server_api: Any, record: RunRecord, missing: RunRecord) -> None:
+    """The task-run recorder's states: each task run's newest state, by its event's id."""
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+    for chunk in _chunks(sorted(record.task_run_states)):
+        runs = server_api.read_task_runs(
+            task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=chunk)), limit=_PAGE
+        )
+        current = {run.id: run.state_id for run in runs}
+        for task_run_id in chunk:
+            occurred, state_id = record.task_run_states[task_run_id]
+            if current.get(task_run_id) == state_id:
+                continue
+            # Not the task run's state (yet): look the state up itself, which also
+            # finds it where the recorder merged the run into an earlier one.
+            try:
+                server_api.request("GET", "/task_run_states/{id}", path_params={"id": state_id})
+            except httpx.HTTPStatusError as err:
+                if err.response.status_code != 404:
+                    raise
+                missing.task_run_states[task_run_id] = (occurred, state_id)
+
+
+def _add_missing_log_lines(server_api: Any, record: RunRecord, missing: RunRecord) -> None:
+    """The log lines of each flow run (or task run), by their count."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTaskRunId
+
+    for (field, run_id), count in record.log_lines.items():
+        ids = [uuid.UUID(run_id)]
+        log_filter = (
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids))
+            if field == "flow_run_id"
+            else LogFilter(task_run_id=LogFilterTaskRunId(any_=ids))
+        )
+        # The server writes logs before it answers their POST: a line that is not
+        # there now was refused. The count-th line exists iff all of them do.
+        if not server_api.read_logs(log_filter=log_filter, offset=count - 1, limit=1):
+            missing.log_lines[(field, run_id)] = count
