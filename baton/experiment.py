@@ -2,7 +2,9 @@
 
 Layout::
 
-    checkpoints/        checkpoint files, and manifest.json / manifest.journal beside it
+    checkpoints/        checkpoint files       } the checkpoint store's
+    manifest.json       what was committed     } (baton.checkpoint.files
+    manifest.journal    ... since the snapshot } names these paths)
     .lock               held by the process that trains the experiment
     metrics.jsonl       per-epoch and per-iteration metrics (baton.metrics)
     tensorboard/        TensorBoard event files (one per flow run)

@@ -14,7 +14,8 @@ verifies and deletes only regular files directly inside its own ``checkpoints/``
 opened without following links; anything else a manifest names (an absolute path, a
 ``..``, a link, a device) is reported and never followed or deleted.
 
-:class:`ExperimentFiles` is the one owner of these paths: nobody else joins them.
+:class:`ExperimentFiles` is the one owner of these paths: nobody else joins them. The rest
+of the folder (metrics, logs, TensorBoard) is :class:`baton.experiment.Experiment`'s.
 """
 
 from __future__ import annotations
