@@ -408,32 +408,10 @@ def check(
         if name in supplied:
             problems.append((key, f"{cfg['type']}'s {name!r} is supplied by baton; remove it"))
         elif param is None and name not in extras:
-            if not takes_any:
-                accepted = [p for p in params if p not in supplied]
-                problems.append(
-                    (
-                        key,
-                        f"{cfg['type']} has no argument {name!r}; it accepts {', '.join(accepted)}",
-                    )
-                )
-            elif _looks_like_component(value):
-                problems.append((key, "a component cannot go here: this argument is not a slot"))
-        elif param is not None and param.slot is not None:
-            problems += _check_slot(value, param.slot, trust, key)
-        elif _looks_like_component(value):
-            problems.append(
-                (key, f"{cfg['type']}'s {name!r} is not a slot for a component; give a plain value")
-            )
-        elif param is not None and param.data_path:
-            try:
-                trust.check_data_path(str(value), f"{cfg['type']}'s {name}")
-            except UntrustedInputError as err:
-                problems.append((key, str(err)))
-        elif param is not None and param.adapter is not None:
-            try:
-                param.adapter.validate_python(value)
-            except ValidationError as err:
-                problems.append((key, f"{_error_text(err)}; found {_short(value)}"))
+            accepted = [p for p in params if p not in supplied]
+            problems += _unknown_argument(cfg["type"], name, value, accepted, takes_any, key)
+        else:
+            problems += _check_argument(cfg["type"], name, value, param, trust, key)
     for name, param in params.items():
         if param.required and name not in args and name not in supplied:
             problems.append(((*path, name), f"{cfg['type']} needs argument {name!r}"))
@@ -445,6 +423,41 @@ def check(
             )
         )
     return problems
+
+
+def _unknown_argument(
+    type_name: str, name: str, value: Any, accepted: list[str], takes_any: bool, key: tuple
+) -> list[Problem]:
+    """An argument the target's signature does not name: an error, unless the target
+    takes ``**kwargs``, which may still never receive a component."""
+    if not takes_any:
+        return [(key, f"{type_name} has no argument {name!r}; it accepts {', '.join(accepted)}")]
+    if _looks_like_component(value):
+        return [(key, "a component cannot go here: this argument is not a slot")]
+    return []
+
+
+def _check_argument(
+    type_name: str, name: str, value: Any, param: _Param | None, trust: Trust, key: tuple
+) -> list[Problem]:
+    """One argument the target takes (``param`` is None for a builder's extra such as
+    ``convert_to_iter_based``): a nested component only in a slot, a data path only where
+    the operator allows, any other value by the parameter's annotation."""
+    if param is not None and param.slot is not None:
+        return _check_slot(value, param.slot, trust, key)
+    if _looks_like_component(value):
+        return [(key, f"{type_name}'s {name!r} is not a slot for a component; give a plain value")]
+    if param is not None and param.data_path:
+        try:
+            trust.check_data_path(str(value), f"{type_name}'s {name}")
+        except UntrustedInputError as err:
+            return [(key, str(err))]
+    elif param is not None and param.adapter is not None:
+        try:
+            param.adapter.validate_python(value)
+        except ValidationError as err:
+            return [(key, f"{_error_text(err)}; found {_short(value)}")]
+    return []
 
 
 def _check_slot(value: Any, slot: Slot, trust: Trust, key: tuple) -> list[Problem]:

@@ -45,6 +45,7 @@ from baton.errors import ResumeConfigError
 from baton.strategy import ACCUMULATED_GRADS_KEY
 
 if TYPE_CHECKING:  # the pipeline calls into this module, never the other way round
+    from baton.optim import OptimWrapper
     from baton.pipeline import Pipeline
     from baton.strategy import SingleDeviceStrategy
 
@@ -361,7 +362,6 @@ class ResumeCheck:
         """Rewrite the loaded checkpoint into the fork's starting state (before loading)."""
         pipeline = self.pipeline
         strategy = pipeline.strategy
-        wrapper = strategy.optim_wrapper
         changed = {c.key for c in changes}
         epoch, step = int(meta.get("epoch", 0)), int(meta.get("step_in_epoch", 0))
         source_iter = int(meta.get("iter", 0))
@@ -388,22 +388,7 @@ class ResumeCheck:
         seed = pipeline.config.randomness.seed
         if seed is not None:
             meta["seed"] = seed  # the new seed orders the data from here on
-        # Optimizer moments carry over when the optimizer is the same kind; its
-        # hyper-parameters are the new config's, as freshly built.
-        fresh = wrapper.state_dict()
-        same_kind = not changed & {"optim_wrapper.type", "optim_wrapper.optimizer"}
-        saved_state = checkpoint.get("optimizer")
-        if same_kind and isinstance(saved_state, dict) and "param_groups" in saved_state:
-            groups = saved_state["param_groups"]
-            if len(groups) == len(fresh["param_groups"]):
-                saved_state["param_groups"] = [
-                    {**new, "params": old["params"]}
-                    for old, new in zip(groups, fresh["param_groups"], strict=True)
-                ]
-            else:
-                same_kind = False
-        if not same_kind:
-            checkpoint["optimizer"] = fresh
+        same_kind = _carry_optimizer_state(checkpoint, strategy.optim_wrapper, changed)
         # Schedulers restart from the new config and are stepped to this position.
         schedulers = getattr(strategy, "param_schedulers", None)
         if schedulers is not None:
@@ -448,6 +433,29 @@ def _saved_epoch_length(meta: dict) -> int | None:
     if epoch <= 0 or "iter" not in meta:
         return None
     return (int(meta["iter"]) - int(meta.get("step_in_epoch", 0))) // epoch
+
+
+def _carry_optimizer_state(checkpoint: dict, wrapper: "OptimWrapper", changed: set[str]) -> bool:
+    """Rewrite ``checkpoint["optimizer"]`` for a fork; True if its moments were kept.
+
+    Optimizer moments carry over when the optimizer is the same kind; its
+    hyper-parameters are the new config's, as freshly built.
+    """
+    fresh = wrapper.state_dict()
+    same_kind = not changed & {"optim_wrapper.type", "optim_wrapper.optimizer"}
+    saved_state = checkpoint.get("optimizer")
+    if same_kind and isinstance(saved_state, dict) and "param_groups" in saved_state:
+        groups = saved_state["param_groups"]
+        if len(groups) == len(fresh["param_groups"]):
+            saved_state["param_groups"] = [
+                {**new, "params": old["params"]}
+                for old, new in zip(groups, fresh["param_groups"], strict=True)
+            ]
+        else:
+            same_kind = False
+    if not same_kind:
+        checkpoint["optimizer"] = fresh
+    return same_kind
 
 
 def fast_forward_schedulers(strategy: "SingleDeviceStrategy", epoch_length: int) -> None:
