@@ -317,35 +317,31 @@ def _check_evaluation(cfg, checkpoint: str) -> None:
             )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="baton", description="Restartable PyTorch training pipelines on Prefect"
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="pipeline config (YAML)")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
 
-    def config_args(p, overrides=True):
-        p.add_argument("config", help="pipeline config (YAML)")
-        if overrides:
-            p.add_argument(
-                "--set", action="append", metavar="KEY=VALUE", help="override a config value"
-            )
 
-    def trust_args(p):
-        p.add_argument(
-            "--allow-module",
-            action="append",
-            metavar="PREFIX",
-            help="trust a module prefix for dotted 'type' names (operator setting)",
-        )
-        p.add_argument(
-            "--allow-scheme",
-            action="append",
-            metavar="SCHEME",
-            help="allow checkpoint URIs of this scheme, e.g. s3 (operator setting)",
-        )
+def _trust_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-module",
+        action="append",
+        metavar="PREFIX",
+        help="trust a module prefix for dotted 'type' names (operator setting)",
+    )
+    parser.add_argument(
+        "--allow-scheme",
+        action="append",
+        metavar="SCHEME",
+        help="allow checkpoint URIs of this scheme, e.g. s3 (operator setting)",
+    )
 
+
+def _add_run(commands) -> None:
     run = commands.add_parser("run", help="train a pipeline (resumes automatically)")
-    config_args(run)
+    _config_args(run)
     run.add_argument("--experiment-name")
     run.add_argument("--resume", help="auto, never, or a checkpoint path")
     run.add_argument(
@@ -356,14 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
         "recorded as a fork (docs/resume.md)",
     )
     run.add_argument("--work-dir")
-    trust_args(run)
+    _trust_args(run)
     run.set_defaults(func=cmd_run)
 
-    check = commands.add_parser("validate", help="check a config; writes nothing")
-    config_args(check)
-    trust_args(check)
-    check.set_defaults(func=cmd_validate)
 
+def _add_ckpt(commands) -> None:
     ckpt = commands.add_parser("ckpt", help="list or inspect checkpoints")
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
     listing = ckpt_commands.add_parser(
@@ -375,11 +368,27 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_.add_argument("checkpoint")
     inspect_.set_defaults(func=cmd_ckpt_inspect)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``baton`` command line: one sub-parser per verb, each with its ``func``."""
+    parser = argparse.ArgumentParser(
+        prog="baton", description="Restartable PyTorch training pipelines on Prefect"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_run(commands)
+
+    check = commands.add_parser("validate", help="check a config; writes nothing")
+    _config_args(check)
+    _trust_args(check)
+    check.set_defaults(func=cmd_validate)
+
+    _add_ckpt(commands)
+
     evaluate = commands.add_parser("evaluate", help="validation metrics of a checkpoint")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--config", required=True)
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE")
-    trust_args(evaluate)
+    _trust_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
