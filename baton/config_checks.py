@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from baton import build
 from baton.config_yaml import ConfigProblem, Positions, dotted, locate, short_repr
 from baton.errors import MissingInputError, UntrustedInputError
+from baton.experiment import Experiment
 from baton.schedulers import SCHEDULERS
 from baton.trust import SETTINGS, Trust, where_to_set
 
@@ -201,7 +202,7 @@ def semantic_problems(
                 )
     experiment_dir = None
     try:
-        experiment_dir = trust.check_work_dir(cfg.work_dir) / cfg.experiment_name
+        experiment_dir = Experiment(trust.check_work_dir(cfg.work_dir), cfg.experiment_name).root
     except UntrustedInputError as err:
         add(("work_dir",), str(err))
     uris = []

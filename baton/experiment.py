@@ -63,7 +63,7 @@ class Experiment:
         self.root = self.work_dir / self.name
         self.store = CheckpointStore(self.root, retention=retention)
         self.metrics = MetricsLog(self.root / "metrics.jsonl")
-        self.restarts = RestartLog(self.root)
+        self.restarts = RestartLog(self.runs_dir / "restarts.json")
 
     @classmethod
     def of(cls, cfg: "PipelineConfig") -> "Experiment":

@@ -67,14 +67,15 @@ class Restart:
 
 
 class RestartLog:
-    """The automatic restarts of one experiment (``<experiment>/runs/restarts.json``).
+    """The automatic restarts of one experiment, in the file ``path`` (the experiment's
+    ``runs/restarts.json``: :attr:`baton.experiment.Experiment.restarts`).
 
     Callers hold the experiment's lock, so reading, counting and writing cannot interleave
     with another run of the same experiment.
     """
 
-    def __init__(self, experiment_root: str | os.PathLike):
-        self.path = Path(experiment_root) / "runs" / "restarts.json"
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
 
     def restarts(self) -> list[Restart]:
         """Every restart recorded, oldest first.

@@ -22,7 +22,9 @@ def test_every_path_it_names_exists():
     for text in PATHS:
         path, _, name = text.partition(":")
         target = ROOT / path.strip()
-        if not target.exists() or (name and not re.search(rf"\b(def|class) {name.strip()}\b", target.read_text())):
+        if not target.exists() or (
+            name and not re.search(rf"\b(def|class) {name.strip()}\b", target.read_text())
+        ):
             missing.append(text)
     assert PATHS and missing == []
 

@@ -12,7 +12,7 @@ NOON = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 
 def test_restarts_are_counted_until_the_bound(tmp_path):
-    log = RestartLog(tmp_path)
+    log = RestartLog(tmp_path / "runs" / "restarts.json")
     bound = RestartBound(limit=2, window=timedelta(hours=24))
     assert log.claim("run-1", "fox", bound, now=NOON) == 1
     assert log.claim("run-2", "fox-restart-1", bound, now=NOON + timedelta(minutes=2)) == 2
@@ -22,14 +22,14 @@ def test_restarts_are_counted_until_the_bound(tmp_path):
 
 
 def test_a_flow_retry_of_the_same_run_counts_once(tmp_path):
-    log = RestartLog(tmp_path)
+    log = RestartLog(tmp_path / "runs" / "restarts.json")
     bound = RestartBound(limit=1)
     assert log.claim("run-1", "fox", bound, now=NOON) == 1
     assert log.claim("run-1", "fox", bound, now=NOON + timedelta(seconds=1)) == 1
 
 
 def test_restarts_older_than_the_window_no_longer_count(tmp_path):
-    log = RestartLog(tmp_path)
+    log = RestartLog(tmp_path / "runs" / "restarts.json")
     bound = RestartBound(limit=1, window=timedelta(hours=24))
     log.claim("run-1", "fox", bound, now=NOON)
     assert log.claim("run-2", "fox", bound, now=NOON + timedelta(hours=24)) == 1
@@ -40,12 +40,14 @@ def test_limit_zero_refuses_every_restart(tmp_path):
     with pytest.raises(
         RestartRefusedError, match=r"automatic restarts are off \(BATON_RESTART_LIMIT=0\)"
     ):
-        RestartLog(tmp_path).claim("run-1", "fox", RestartBound(limit=0), now=NOON)
+        RestartLog(tmp_path / "runs" / "restarts.json").claim(
+            "run-1", "fox", RestartBound(limit=0), now=NOON
+        )
 
 
 @pytest.mark.parametrize("content", ["{", '{"restarts": [{"time": "soon"}]}', "[]"])
 def test_an_unreadable_log_refuses_the_restart_and_says_how_to_recover(tmp_path, content):
-    log = RestartLog(tmp_path)
+    log = RestartLog(tmp_path / "runs" / "restarts.json")
     log.path.parent.mkdir(parents=True)
     log.path.write_text(content)
     with pytest.raises(RestartRefusedError, match="unreadable .* delete it"):
@@ -53,7 +55,7 @@ def test_an_unreadable_log_refuses_the_restart_and_says_how_to_recover(tmp_path,
 
 
 def test_a_hostile_crashed_run_name_is_stored_bounded_and_escaped(tmp_path):
-    log = RestartLog(tmp_path)
+    log = RestartLog(tmp_path / "runs" / "restarts.json")
     log.claim("run-1", '"}\n' + "x" * 10_000, RestartBound(), now=NOON)
     (restart,) = json.loads(log.path.read_text())["restarts"]
     assert len(restart["continues"]) == 200
