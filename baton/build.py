@@ -21,30 +21,30 @@ target's signature and annotations (pydantic) before anything is built, and a co
 nested inside another's arguments is accepted only where the argument is declared a
 slot (``Annotated[..., Slot(kind)]``, see :mod:`baton.kinds`). Validation
 (:func:`check`) and building (:func:`build`) walk the same table, so "valid" means
-"will build".
+"will build". A target's parameters, and the check of an argument that is not a slot,
+are read in :mod:`baton.build_args`.
 """
 
 import difflib
 import functools
 import importlib
 import inspect
-import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import ConfigDict, TypeAdapter, ValidationError
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from baton import data, models, schedulers
-from baton.errors import ConfigError, UntrustedInputError
-from baton.kinds import DataPath, Slot, TransformBase
-from baton.trust import Trust, where_to_set
 
-# A problem found in a component: the key path below the component, and the message.
-Problem = tuple[tuple, str]
+# EXTERNAL_SLOTS and Problem stay part of this module's API; they live with the argument checks.
+from baton.build_args import EXTERNAL_SLOTS as EXTERNAL_SLOTS
+from baton.build_args import Problem, check_plain_argument, signature, unknown_argument
+from baton.errors import ConfigError
+from baton.kinds import Slot, TransformBase
+from baton.trust import Trust, where_to_set
 
 
 @dataclass(frozen=True)
@@ -164,26 +164,6 @@ KINDS: dict[str, Kind] = {
     )
 }
 
-# Slots of classes baton does not own (their signatures carry no markers). torchvision
-# is not a dependency; an operator who installs it allows e.g.
-# BATON_ALLOWED_MODULES=torchvision.datasets.folder,torchvision.transforms.v2.
-_FOLDER_SLOTS: dict[str, Slot | DataPath] = {
-    "root": DataPath(),
-    "transform": Slot("transform"),
-    "target_transform": Slot("transform"),
-    "loader": Slot("loader"),
-    "is_valid_file": Slot("loader"),
-}
-_MANY_TRANSFORMS: dict[str, Slot | DataPath] = {"transforms": Slot("transform", many=True)}
-EXTERNAL_SLOTS: dict[str, dict[str, Slot | DataPath]] = {
-    "torchvision.datasets.folder.ImageFolder": _FOLDER_SLOTS,
-    "torchvision.datasets.folder.DatasetFolder": _FOLDER_SLOTS,
-    **{
-        f"torchvision.transforms.v2._container.{name}": _MANY_TRANSFORMS
-        for name in ("Compose", "RandomApply", "RandomChoice", "RandomOrder")
-    },
-}
-
 # Arguments the builder passes itself, per kind; a config may not set them.
 SUPPLIED = {"optimizer": frozenset({"params"}), "scheduler": frozenset({"optimizer"})}
 
@@ -264,113 +244,6 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-# --- arguments -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Param:
-    name: str
-    adapter: TypeAdapter | None
-    required: bool
-    slot: Slot | None
-    data_path: bool = False
-
-
-_LAX = ConfigDict(arbitrary_types_allowed=True)
-
-
-def _adapter(annotation: Any) -> TypeAdapter | None:
-    if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
-        return None
-    try:
-        return TypeAdapter(annotation, config=_LAX)
-    except Exception:
-        try:
-            return TypeAdapter(annotation)
-        except Exception:
-            # An annotation pydantic cannot check (a forward reference, a protocol):
-            # the argument is passed through and the constructor checks it.
-            return None
-
-
-def _marker(annotation: Any, kind: type) -> Any:
-    if typing.get_origin(annotation) is Annotated:
-        return next((m for m in annotation.__metadata__ if isinstance(m, kind)), None)
-    return None
-
-
-def _hints(func: Callable) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(func, include_extras=True)
-    except Exception:
-        return {}
-
-
-@functools.cache
-def _signature(factory: Any) -> tuple[dict[str, _Param], bool]:
-    """The parameters a config may set, and whether unknown keyword arguments pass."""
-    functions: list[Callable] = []
-    if inspect.isclass(factory):
-        # Walk __init__ up the class tree while it forwards **kwargs (mmengine-style
-        # schedulers and many modules do), so forwarded arguments are checked too.
-        for klass in factory.__mro__:
-            if klass in (object, nn.Module) or "__init__" not in vars(klass):
-                continue
-            functions.append(klass.__init__)
-            params = inspect.signature(klass.__init__).parameters.values()
-            if not any(p.kind is p.VAR_KEYWORD for p in params):
-                break
-    else:
-        functions.append(factory)
-    external = EXTERNAL_SLOTS.get(_qualified(factory), {})
-    found: dict[str, _Param] = {}
-    takes_any = False
-    for index, func in enumerate(functions):
-        try:
-            signature = inspect.signature(func)
-        except (TypeError, ValueError):
-            return {}, True
-        hints = _hints(func)
-        for name, param in signature.parameters.items():
-            if name == "self" or name in found:
-                continue
-            if param.kind is param.VAR_KEYWORD:
-                takes_any = index == len(functions) - 1
-                continue
-            if param.kind is param.VAR_POSITIONAL:
-                continue
-            annotation = hints.get(name, param.annotation)
-            marker = external.get(name)
-            slot = marker if isinstance(marker, Slot) else _marker(annotation, Slot)
-            data_path = isinstance(marker, DataPath) or _marker(annotation, DataPath) is not None
-            found[name] = _Param(
-                name,
-                None if slot else _adapter(annotation),
-                param.default is param.empty and param.kind is not param.POSITIONAL_ONLY,
-                slot,
-                data_path,
-            )
-    return found, takes_any
-
-
-def _qualified(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
-
-
-def _looks_like_component(value: Any) -> bool:
-    if isinstance(value, Mapping):
-        return "type" in value or any(_looks_like_component(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_looks_like_component(v) for v in value)
-    return False
-
-
-def _error_text(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return first["msg"] + (f" at {where}" if where else "")
-
-
 # --- checking and building -----------------------------------------------------------
 
 
@@ -398,7 +271,7 @@ def check(
     if kind == "scheduler" and not factory.__name__.endswith("ParamScheduler"):
         # StepLR, StepMomentum...: the class fixes the parameter it schedules.
         supplied.add("param_name")
-    params, takes_any = _signature(factory)
+    params, takes_any = signature(factory)
     extras = _SCHEDULER_EXTRAS if kind == "scheduler" else set()
     args = {k: v for k, v in cfg.items() if k != "type"}
     problems: list[Problem] = []
@@ -409,9 +282,11 @@ def check(
             problems.append((key, f"{cfg['type']}'s {name!r} is supplied by baton; remove it"))
         elif param is None and name not in extras:
             accepted = [p for p in params if p not in supplied]
-            problems += _unknown_argument(cfg["type"], name, value, accepted, takes_any, key)
+            problems += unknown_argument(cfg["type"], name, value, accepted, takes_any, key)
+        elif param is not None and param.slot is not None:
+            problems += _check_slot(value, param.slot, trust, key)
         else:
-            problems += _check_argument(cfg["type"], name, value, param, trust, key)
+            problems += check_plain_argument(cfg["type"], name, value, param, trust, key)
     for name, param in params.items():
         if param.required and name not in args and name not in supplied:
             problems.append(((*path, name), f"{cfg['type']} needs argument {name!r}"))
@@ -423,41 +298,6 @@ def check(
             )
         )
     return problems
-
-
-def _unknown_argument(
-    type_name: str, name: str, value: Any, accepted: list[str], takes_any: bool, key: tuple
-) -> list[Problem]:
-    """An argument the target's signature does not name: an error, unless the target
-    takes ``**kwargs``, which may still never receive a component."""
-    if not takes_any:
-        return [(key, f"{type_name} has no argument {name!r}; it accepts {', '.join(accepted)}")]
-    if _looks_like_component(value):
-        return [(key, "a component cannot go here: this argument is not a slot")]
-    return []
-
-
-def _check_argument(
-    type_name: str, name: str, value: Any, param: _Param | None, trust: Trust, key: tuple
-) -> list[Problem]:
-    """One argument the target takes (``param`` is None for a builder's extra such as
-    ``convert_to_iter_based``): a nested component only in a slot, a data path only where
-    the operator allows, any other value by the parameter's annotation."""
-    if param is not None and param.slot is not None:
-        return _check_slot(value, param.slot, trust, key)
-    if _looks_like_component(value):
-        return [(key, f"{type_name}'s {name!r} is not a slot for a component; give a plain value")]
-    if param is not None and param.data_path:
-        try:
-            trust.check_data_path(str(value), f"{type_name}'s {name}")
-        except UntrustedInputError as err:
-            return [(key, str(err))]
-    elif param is not None and param.adapter is not None:
-        try:
-            param.adapter.validate_python(value)
-        except ValidationError as err:
-            return [(key, f"{_error_text(err)}; found {_short(value)}")]
-    return []
 
 
 def _check_slot(value: Any, slot: Slot, trust: Trust, key: tuple) -> list[Problem]:
@@ -493,7 +333,7 @@ def build(cfg: Mapping, kind: str, *, trust: Trust | None = None, **supplied: An
 
 def _construct(cfg: Mapping, kind: str, trust: Trust, supplied: Mapping[str, Any]) -> Any:
     factory = resolve(cfg["type"], kind, trust)
-    params, _ = _signature(factory)
+    params, _ = signature(factory)
     args: dict[str, Any] = {}
     for name, value in cfg.items():
         if name == "type" or name in _SCHEDULER_EXTRAS:
@@ -537,7 +377,7 @@ def build_scheduler(
         lines = [f"{'.'.join(str(p) for p in path)}: {message}" for path, message in problems]
         raise ConfigError("cannot build scheduler: " + "; ".join(lines), lines)
     cls = resolve(cfg["type"], "scheduler", trust)
-    params, _ = _signature(cls)
+    params, _ = signature(cls)
     args = {
         k: (params[k].adapter.validate_python(v) if k in params and params[k].adapter else v)
         for k, v in cfg.items()
@@ -559,8 +399,3 @@ def build_scheduler(
     if convert:
         return cls.build_iter_from_epoch(optimizer, epoch_length=epoch_length, **args)
     return cls(optimizer, **args)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

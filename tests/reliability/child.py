@@ -21,7 +21,7 @@ def die() -> None:
 
 def arm(point: str, n: int) -> None:
     from baton import loop
-    from baton.checkpoint import io, manifest, retention
+    from baton.checkpoint import atomic, manifest, retention
 
     count = {"n": 0}
 
@@ -54,14 +54,14 @@ def arm(point: str, n: int) -> None:
 
         loop.evaluate = evaluate
     elif point == "checkpoint-write":
-        original_write = io._HashingWriter._write
+        original_write = atomic._HashingWriter._write
 
         def write(self, data):
             result = original_write(self, data)
             tick()
             return result
 
-        io._HashingWriter._write = write
+        atomic._HashingWriter._write = write
     elif point == "manifest-update":
         original_append = manifest.append_record
 

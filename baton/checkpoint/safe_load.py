@@ -1,0 +1,187 @@
+"""Safe checkpoint loading, and reading a checkpoint's bytes.
+
+Loading uses ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+Files from a trusted source that need full unpickling (old mmengine checkpoints holding
+arbitrary objects) load only inside :func:`trusted_loading`, an explicit opt-in. Inside
+:func:`expect_bytes`, a load checks the very bytes it loads against a reference's size and
+sha256.
+"""
+
+import collections
+import contextlib
+import contextvars
+import hashlib
+import io
+import logging
+import os
+import pickle
+import stat
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import fsspec
+import torch
+
+from baton.checkpoint.location import is_local, local_path
+from baton.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    UnsafeCheckpointError,
+)
+
+# Checkpoint I/O logs on one channel, named for baton.checkpoint.io, which re-exports this.
+logger = logging.getLogger("baton.checkpoint.io")
+
+# The only non-primitive globals our loader accepts. Our own files hold nothing but
+# dicts, lists, tuples, numbers, strings and tensors; mmengine's schedulers store
+# MultiStepLR milestones as a Counter.
+SAFE_GLOBALS: tuple[Any, ...] = (collections.Counter,)
+
+_TRUSTED = contextvars.ContextVar("baton_trusted_loading", default=False)
+# (uri, size, sha256) the next load of that uri must match (see expect_bytes).
+_EXPECTED: contextvars.ContextVar[tuple[str, int, str] | None] = contextvars.ContextVar(
+    "baton_expected_bytes", default=None
+)
+
+MapLocation = str | torch.device | Callable | dict | None
+
+
+@contextlib.contextmanager
+def expect_bytes(uri: str, size: int, sha256: str) -> Iterator[None]:
+    """Within the block, loading ``uri`` checks that its bytes have this size and sha256
+    (a checkpoint reference's), on the very bytes it loads: a file replaced or damaged
+    since the reference was taken is refused, not loaded.
+
+    Raises (from the load):
+        CheckpointCorruptError: The bytes differ.
+    """
+    token = _EXPECTED.set((uri, size, sha256))
+    try:
+        yield
+    finally:
+        _EXPECTED.reset(token)
+
+
+def _check_expected(uri: str, handle: BinaryIO) -> None:
+    """Hash what ``handle`` holds against the expectation for ``uri``; rewind it."""
+    expected = _EXPECTED.get()
+    if expected is None or expected[0] != uri:
+        return
+    digest, size = hashlib.sha256(), 0
+    while chunk := handle.read(8 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+    handle.seek(0)
+    if (size, digest.hexdigest()) != expected[1:]:
+        raise CheckpointCorruptError(
+            f"{uri!r} is not the checkpoint its reference names (size {size} vs "
+            f"{expected[1]}, sha256 {digest.hexdigest()[:12]} vs {expected[2][:12]}): it was "
+            "replaced or damaged since; resume from another checkpoint"
+        )
+
+
+@contextlib.contextmanager
+def trusted_loading() -> Iterator[None]:
+    """Allow full unpickling of checkpoints loaded inside this block.
+
+    Only for files whose origin you trust: unpickling can run arbitrary code. Use it
+    for legacy checkpoints (for example mmengine files holding custom Python objects)
+    that ``weights_only`` loading refuses::
+
+        with baton.trusted_loading():
+            strategy.resume("old_mmengine_run/epoch_12.pth")
+    """
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def sha256_of(uri: str, chunk_size: int = 8 << 20) -> tuple[int, str]:
+    """Size and sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open_binary(uri) as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def open_binary(uri: str) -> BinaryIO:
+    """Open a local path or fsspec URI for reading bytes; a clear error if it is missing."""
+    try:
+        if is_local(uri):
+            return _open_regular_file(local_path(uri))
+        return fsspec.open(uri, "rb").open()
+    except FileNotFoundError as err:
+        raise CheckpointNotFoundError(
+            f"checkpoint {uri!r} does not exist; check the path, or list the experiment's "
+            "checkpoints with CheckpointStore(...).list()"
+        ) from err
+
+
+def _open_regular_file(path: Path) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file.
+
+    A device (``/dev/zero``), a FIFO or a folder would hang or fill memory when hashed or
+    loaded. ``O_NONBLOCK`` keeps the open of a FIFO from waiting for a writer.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+            raise CheckpointError(f"{str(path)!r} is {kind}, not a checkpoint file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def load(uri: str, *, map_location: MapLocation = "cpu", trusted: bool | None = None) -> Any:
+    """Load a checkpoint file safely.
+
+    Args:
+        uri: Local path or fsspec URI.
+        map_location: As for ``torch.load``.
+        trusted: Allow full unpickling. ``None`` follows :func:`trusted_loading`.
+
+    Raises:
+        CheckpointNotFoundError: The file does not exist.
+        UnsafeCheckpointError: The pickle needs globals that safe loading refuses.
+        CheckpointCorruptError: The file is not a readable torch checkpoint.
+    """
+    trusted = _TRUSTED.get() if trusted is None else trusted
+    with open_binary(uri) as handle:
+        data: BinaryIO = handle if is_local(uri) else io.BytesIO(handle.read())
+        _check_expected(uri, data)
+        try:
+            if trusted:
+                logger.warning("loading %s with full unpickling (trusted_loading is on)", uri)
+                return torch.load(data, map_location=map_location, weights_only=False)
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                return torch.load(data, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
+                raise UnsafeCheckpointError(
+                    f"refusing to load {uri!r}: it holds Python objects that safe loading "
+                    f"does not allow ({_first_line(err)}). Nothing from the file was run. "
+                    "If you trust the file's origin, load it inside `with "
+                    "baton.trusted_loading():`"
+                ) from err
+            raise CheckpointCorruptError(f"{uri!r} is not a readable checkpoint: {err}") from err
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+            raise CheckpointCorruptError(
+                f"{uri!r} is not a readable checkpoint (truncated or damaged?): {_first_line(err)}"
+            ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
