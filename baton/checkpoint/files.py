@@ -20,14 +20,13 @@ of the folder (metrics, logs, TensorBoard) is :class:`baton.experiment.Experimen
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from baton.checkpoint import io, manifest
+from baton.checkpoint import digests, io, manifest
 from baton.checkpoint.ref import CheckpointName
 from baton.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointOutsideError
 
@@ -152,11 +151,9 @@ class ExperimentFiles:
                     f"{self.checkpoint_dir / name} has {st.st_size} bytes but {expected_size} "
                     "were committed (truncated or overwritten)"
                 )
-            size, digest = 0, hashlib.sha256()
-            while chunk := handle.read(8 << 20):
-                digest.update(chunk)
-                size += len(chunk)
-        return size, digest.hexdigest()
+            size, digest = digests.hash_handle(handle)
+            digests.remember(self.checkpoint_dir / name, handle.fileno(), digest)
+        return size, digest
 
     def remove_stale_temporaries(self) -> None:
         """Delete temporary files a killed writer left (only called under the lock, before

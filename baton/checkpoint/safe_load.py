@@ -10,7 +10,6 @@ sha256.
 import collections
 import contextlib
 import contextvars
-import hashlib
 import io
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any, BinaryIO
 import fsspec
 import torch
 
+from baton.checkpoint import digests
 from baton.checkpoint.location import is_local, local_path
 from baton.errors import (
     CheckpointCorruptError,
@@ -66,19 +66,26 @@ def expect_bytes(uri: str, size: int, sha256: str) -> Iterator[None]:
 
 
 def _check_expected(uri: str, handle: BinaryIO) -> None:
-    """Hash what ``handle`` holds against the expectation for ``uri``; rewind it."""
+    """Hash what ``handle`` holds against the expectation for ``uri``; rewind it.
+
+    A local file this process hashed already, unchanged since, is not read again
+    (:mod:`baton.checkpoint.digests`)."""
     expected = _EXPECTED.get()
     if expected is None or expected[0] != uri:
         return
-    digest, size = hashlib.sha256(), 0
-    while chunk := handle.read(8 << 20):
-        digest.update(chunk)
-        size += len(chunk)
-    handle.seek(0)
-    if (size, digest.hexdigest()) != expected[1:]:
+    fd = handle.fileno() if is_local(uri) else None
+    remembered = digests.known(local_path(uri), fd) if fd is not None else None
+    if remembered is not None:
+        size, digest = os.fstat(fd).st_size, remembered
+    else:
+        size, digest = digests.hash_handle(handle)
+        handle.seek(0)
+        if fd is not None:
+            digests.remember(local_path(uri), fd, digest)
+    if (size, digest) != expected[1:]:
         raise CheckpointCorruptError(
             f"{uri!r} is not the checkpoint its reference names (size {size} vs "
-            f"{expected[1]}, sha256 {digest.hexdigest()[:12]} vs {expected[2][:12]}): it was "
+            f"{expected[1]}, sha256 {digest[:12]} vs {expected[2][:12]}): it was "
             "replaced or damaged since; resume from another checkpoint"
         )
 
@@ -102,14 +109,13 @@ def trusted_loading() -> Iterator[None]:
 
 
 def sha256_of(uri: str, chunk_size: int = 8 << 20) -> tuple[int, str]:
-    """Size and sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
+    """Size and sha256 of a file's bytes, read in chunks (remembered for a local file,
+    see :mod:`baton.checkpoint.digests`)."""
     with open_binary(uri) as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
+        size, digest = digests.hash_handle(handle, chunk_size)
+        if is_local(uri):
+            digests.remember(local_path(uri), handle.fileno(), digest)
+    return size, digest
 
 
 def open_binary(uri: str) -> BinaryIO:

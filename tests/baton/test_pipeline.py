@@ -5,6 +5,7 @@ import torch
 
 from baton import CheckpointCorruptError, CheckpointMismatchError, ConfigError
 from baton import pipeline as pl
+from baton.checkpoint import digests
 from baton.config import load_config
 
 from .test_config import base
@@ -244,3 +245,23 @@ def test_a_checkpoint_replaced_after_it_was_chosen_is_refused_at_load(tmp_path):
     fresh = pl.build_pipeline(cfg_for(tmp_path, "train.max_epochs=3"))
     with pytest.raises(CheckpointCorruptError, match="not the checkpoint its reference names"):
         pl.resume(fresh, first)
+
+
+def test_a_resume_hashes_the_checkpoint_it_chose_once(tmp_path, monkeypatch):
+    # the store verifies the file it chooses; the load checks the same bytes without
+    # reading them again, unless the file changed since
+    cfg = cfg_for(tmp_path, "train.max_epochs=1")
+    pl.run(cfg)
+    hashed = []
+    original = digests.hash_handle
+    monkeypatch.setattr(digests, "hash_handle", lambda h, *a: hashed.append(h) or original(h, *a))
+    longer = cfg_for(tmp_path, "train.max_epochs=2")
+    ref = pl.find_resume_point(longer)
+    pl.resume(pl.build_pipeline(longer), ref)
+    assert len(hashed) == 1
+    with open(ref.uri, "r+b") as handle:  # rewritten in place, same bytes: checked again
+        data = handle.read()
+        handle.seek(0)
+        handle.write(data)
+    pl.resume(pl.build_pipeline(longer), ref)
+    assert len(hashed) == 2
