@@ -25,6 +25,7 @@ slot (``Annotated[..., Slot(kind)]``, see :mod:`baton.kinds`). Validation
 are read in :mod:`baton.build_args`.
 """
 
+import copy
 import difflib
 import functools
 import importlib
@@ -346,10 +347,14 @@ def _construct(cfg: Mapping, kind: str, trust: Trust, supplied: Mapping[str, Any
                 value = _construct(value, param.slot.kind, trust, {})
         elif param is not None and param.data_path:
             value = str(trust.check_data_path(str(value), f"{cfg['type']}'s {name}"))
-        elif param is not None and param.adapter is not None:
-            # Build with the checked values (a YAML list becomes the tuple a signature
-            # asks for), so what was validated is what is passed.
-            value = param.adapter.validate_python(value)
+        else:
+            # A copy: a constructor that changes its argument never changes the config
+            # (one validated config serves every task of a process).
+            value = copy.deepcopy(value)
+            if param is not None and param.adapter is not None:
+                # Build with the checked values (a YAML list becomes the tuple a signature
+                # asks for), so what was validated is what is passed.
+                value = param.adapter.validate_python(value)
         args[name] = value
     return factory(**args, **supplied)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.metrics import MetricsLog
 from baton.restarts import RestartLog
+from baton.trust import Trust
 
 if TYPE_CHECKING:
     from baton.config import PipelineConfig
@@ -45,7 +46,8 @@ class Experiment:
     """One experiment's folder and what lives in it (see the module docstring).
 
     Args:
-        work_dir: The folder of all experiments (relative paths: to the working directory).
+        work_dir: The folder of all experiments (a relative one: to the working directory,
+            as mmengine's; a pipeline's is resolved by :meth:`of`).
         name: The experiment's name, a safe folder name.
         retention: What checkpoint rotation keeps; by default every checkpoint (as
             mmengine's strategy does). A pipeline's comes from its config's ``checkpoint``
@@ -66,9 +68,17 @@ class Experiment:
         self.restarts = RestartLog(self.runs_dir / "restarts.json")
 
     @classmethod
-    def of(cls, cfg: "PipelineConfig") -> "Experiment":
-        """The experiment a pipeline config trains, with the config's retention policy."""
-        return cls(cfg.work_dir, cfg.experiment_name, retention=cfg.checkpoint.retention())
+    def of(cls, cfg: "PipelineConfig", trust: Trust | None = None) -> "Experiment":
+        """The experiment a pipeline config trains, with the config's retention policy.
+
+        A pipeline's ``work_dir`` is resolved as its config was checked: a relative one
+        inside the project (:meth:`Trust.check_work_dir`), wherever the process runs.
+
+        Raises:
+            UntrustedInputError: ``work_dir`` is outside what the operator allows.
+        """
+        work_dir = (trust or Trust.from_environment()).check_work_dir(cfg.work_dir)
+        return cls(work_dir, cfg.experiment_name, retention=cfg.checkpoint.retention())
 
     def __repr__(self) -> str:
         return f"Experiment({str(self.root)!r})"

@@ -218,8 +218,12 @@ class SingleDeviceStrategy:
 
     @property
     def retention(self) -> RetentionPolicy:
-        """What rotation keeps: the experiment's retention policy."""
+        """What rotation keeps: the experiment's retention policy (settable)."""
         return self.experiment.retention
+
+    @retention.setter
+    def retention(self, policy: RetentionPolicy) -> None:
+        self.experiment.store.retention = policy
 
     # prepare --------------------------------------------------------------------------
 

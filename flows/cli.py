@@ -209,6 +209,8 @@ def _not_a_checkpoint(path: Path) -> str | None:
     """What a local file is when it cannot be a checkpoint; ``None`` when it may be one."""
     import stat
 
+    from baton.checkpoint.store import CheckpointStore
+
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -216,7 +218,7 @@ def _not_a_checkpoint(path: Path) -> str | None:
     except OSError as err:
         return f"unreadable ({os.strerror(err.errno) if err.errno else err})"
     if stat.S_ISDIR(mode):
-        if (path / "manifest.json").exists():
+        if CheckpointStore(path).manifest_path.exists():
             return f"an experiment folder; list its checkpoints with `baton ckpt list {path}`"
         return "a directory, not a checkpoint file"
     if not stat.S_ISREG(mode):

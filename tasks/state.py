@@ -86,7 +86,10 @@ def config_of(config: dict | PipelineConfig) -> PipelineConfig:
     if isinstance(config, PipelineConfig):
         return config
     trust = Trust.from_environment()
-    text = json.dumps([config, repr(trust)], sort_keys=True)
+    try:
+        text = json.dumps([config, repr(trust)], sort_keys=True)
+    except (TypeError, ValueError):  # not what validate-config returns: no cache
+        return validate(config, trust=trust)
     key = hashlib.sha256(text.encode()).hexdigest()
     with _LOCK:
         known = _VALIDATED.get(key)

@@ -51,9 +51,11 @@ MapLocation = str | torch.device | Callable | dict | None
 
 @contextlib.contextmanager
 def expect_bytes(uri: str, size: int, sha256: str) -> Iterator[None]:
-    """Within the block, loading ``uri`` checks that its bytes have this size and sha256
-    (a checkpoint reference's), on the very bytes it loads: a file replaced or damaged
-    since the reference was taken is refused, not loaded.
+    """Within the block, the checkpoint loaded (``uri``, one load) must have this size and
+    sha256 (its reference's), checked on the very bytes that are parsed: a file replaced
+    or damaged since the reference was taken is refused, not loaded. It holds for the
+    file the scheme's loader opens too (the cached download of an ``https://`` or
+    ``open-mmlab://`` URI), so a stale cache is refused as well.
 
     Raises (from the load):
         CheckpointCorruptError: The bytes differ.
@@ -66,12 +68,13 @@ def expect_bytes(uri: str, size: int, sha256: str) -> Iterator[None]:
 
 
 def _check_expected(uri: str, handle: BinaryIO) -> None:
-    """Hash what ``handle`` holds against the expectation for ``uri``; rewind it.
+    """Hash what ``handle`` (the file ``uri``, opened to load) holds against the
+    expectation, if there is one; rewind it.
 
     A local file this process hashed already, unchanged since, is not read again
     (:mod:`baton.checkpoint.digests`)."""
     expected = _EXPECTED.get()
-    if expected is None or expected[0] != uri:
+    if expected is None:
         return
     fd = handle.fileno() if is_local(uri) else None
     remembered = digests.known(local_path(uri), fd) if fd is not None else None
@@ -83,9 +86,10 @@ def _check_expected(uri: str, handle: BinaryIO) -> None:
         if fd is not None:
             digests.remember(local_path(uri), fd, digest)
     if (size, digest) != expected[1:]:
+        opened = "" if uri == expected[0] else f" (loaded from {uri!r})"
         raise CheckpointCorruptError(
-            f"{uri!r} is not the checkpoint its reference names (size {size} vs "
-            f"{expected[1]}, sha256 {digest[:12]} vs {expected[2][:12]}): it was "
+            f"{expected[0]!r}{opened} is not the checkpoint its reference names (size {size} "
+            f"vs {expected[1]}, sha256 {digest[:12]} vs {expected[2][:12]}): it was "
             "replaced or damaged since; resume from another checkpoint"
         )
 

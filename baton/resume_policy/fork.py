@@ -184,11 +184,14 @@ def _carry_optimizer_state(checkpoint: dict, wrapper: "OptimWrapper", changed: s
     """Rewrite ``checkpoint["optimizer"]`` for a fork; True if its moments were kept.
 
     Optimizer moments carry over when the optimizer is the same kind; its
-    hyper-parameters are the new config's, as freshly built.
+    hyper-parameters are the new config's, as freshly built. A checkpoint saved without
+    optimizer state (``checkpoint.save_optimizer: false``) has none to keep.
     """
     fresh = wrapper.state_dict()
     same_kind = not changed & {"optim_wrapper.type", "optim_wrapper.optimizer"}
     saved_state = checkpoint.get("optimizer")
+    if saved_state is None:
+        return False
     if same_kind and isinstance(saved_state, dict) and "param_groups" in saved_state:
         groups = saved_state["param_groups"]
         if len(groups) == len(fresh["param_groups"]):

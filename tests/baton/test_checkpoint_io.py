@@ -305,3 +305,22 @@ def test_taking_the_lock_removes_what_killed_writers_left(tmp_path):
     with store.lock():
         assert not any(path.exists() for path in stale)
     assert store.latest() == ref
+
+
+def test_expected_bytes_hold_for_the_file_a_scheme_loads(tmp_path, monkeypatch):
+    # a scheme's loader opens another file (a download cache): the bytes it parses are
+    # checked all the same, so a stale or swapped cache is refused
+    from baton.checkpoint import loaders
+
+    cached = tmp_path / "cache.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, cached)
+    size, digest = io.sha256_of(str(cached))
+    monkeypatch.setitem(loaders._SCHEMES, "cache://", lambda uri, loc: io.load(str(cached)))
+    with io.expect_bytes("cache://model", size, digest):
+        assert "state_dict" in loaders.load_uri("cache://model")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, cached)  # the cache now holds others
+    with (
+        io.expect_bytes("cache://model", size, digest),
+        pytest.raises(CheckpointCorruptError, match="loaded from"),
+    ):
+        loaders.load_uri("cache://model")

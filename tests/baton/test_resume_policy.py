@@ -254,3 +254,11 @@ def test_compare_reads_a_checkpoint_config_of_an_older_schema(tmp_path):
     older = {k: v for k, v in current.items() if k != "fork"}  # a key added since
     older["a_key_removed_since"] = True
     assert compare(older, current) == []
+
+
+def test_a_fork_from_a_checkpoint_without_optimizer_state_records_a_fresh_optimizer(tmp_path):
+    no_optimizer = "checkpoint.save_optimizer=false"
+    source = first_two_epochs(tmp_path, no_optimizer)
+    fork = later(tmp_path, no_optimizer, "optim_wrapper.optimizer.lr=0.05", fork=True)
+    p = forked(fork, source)
+    assert p.forks[-1]["optimizer_state"] == "fresh"

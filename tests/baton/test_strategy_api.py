@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from baton import SingleDeviceStrategy
+from baton.checkpoint.store import RetentionPolicy
 from baton.optim import OptimWrapper
 from baton.schedulers import LinearLR
 
@@ -273,3 +274,11 @@ print("ok")
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_retention_is_the_experiments_and_can_be_set(work_dir):
+    strategy = SingleDeviceStrategy(work_dir=str(work_dir), experiment_name="kept")
+    assert strategy.retention.keep_last is None  # every checkpoint, as mmengine keeps them
+    strategy.retention = RetentionPolicy(keep_last=2)
+    assert strategy.checkpoints.retention == strategy.experiment.retention
+    assert strategy.checkpoints.retention.keep_last == 2
