@@ -27,6 +27,7 @@ from baton.steps import (
     replay,
     resume,
     save,
+    save_epoch,
     train_one_epoch,
     train_until_stopped,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "resume",
     "run",
     "save",
+    "save_epoch",
     "train_one_epoch",
     "train_until_stopped",
 ]
@@ -231,9 +233,7 @@ class _InProcess:
         return pipeline
 
     def save(self, pipeline: Pipeline, epoch: int, background: bool) -> Pipeline:
-        saved = save(pipeline, self.metrics, background=background)
-        if not background:  # a background save is committed once written
-            self.ref = saved
+        self.ref = save_epoch(pipeline, self.metrics, background=background) or self.ref
         return pipeline
 
     def report(self, pipeline: Pipeline) -> None:

@@ -356,3 +356,17 @@ def save(
     return save_fn(
         str(name), save_optimizer=cfg.checkpoint.save_optimizer, extra_ckpt={"meta": meta}
     )
+
+
+def save_epoch(
+    pipeline: Pipeline, metrics: dict[str, float], *, background: bool = False
+) -> CheckpointRef | None:
+    """The checkpoint after an epoch (:func:`baton.control.plan_after_epoch` says when and
+    whether in the background): written and committed now, and returned; or started in
+    the background, returning the newest checkpoint committed meanwhile (the previous
+    background save's; ``None`` if there is none yet)."""
+    if not background:
+        return save(pipeline, metrics)
+    committed = pipeline.strategy.wait_for_checkpoints()
+    save(pipeline, metrics, background=True)
+    return committed

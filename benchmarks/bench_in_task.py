@@ -16,6 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# The benchmark is the operator: its temporary experiment folders are allowed work dirs.
+os.environ.setdefault("BATON_WORK_DIR_ROOTS", tempfile.gettempdir())
 
 import torch
 from bench_overhead import config

@@ -21,13 +21,9 @@ def save_checkpoint(
     committed. The flow's per-epoch report publishes the link artifact to it.
     """
     with live_step(config, state) as pipeline:
-        if background:
-            ref = pipeline.strategy.wait_for_checkpoints() or state.checkpoint
-            pl.save(pipeline, state.metrics, background=True)
-            if ref is None:
-                return state
-        else:
-            ref = pl.save(pipeline, state.metrics)
+        ref = pl.save_epoch(pipeline, state.metrics, background=background) or state.checkpoint
+    if ref is None:
+        return state
     run_logger().info("committed %s (%d bytes, sha256 %s)", ref.uri, ref.size, ref.sha256[:12])
     return state.model_copy(update={"checkpoint": ref})
 

@@ -180,3 +180,17 @@ def test_task_retry_replays_the_validations_a_plateau_scheduler_follows(prefect_
     # the scheduler's range as in mmengine. Without epoch 1 replayed, this is 1.
     assert result["param_schedulers"][0]["last_step"] == 2
     assert_same_training_result(final_checkpoint(reference_cfg), result)
+
+
+def test_background_saves_in_the_flow_end_equal_to_foreground_saves(prefect_harness, tmp_path):
+    # the flow's save task writes in the background before the horizon (run control's
+    # plan) and in the foreground at it; the run ends where a foreground-only run does
+    background = small_config(tmp_path / "bg", **{"checkpoint.async_save": True})
+    state = train_pipeline(config=background, return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    assert result.checkpoint is not None and result.checkpoint.epoch == 4
+    assert result.checkpoint == pl.find_resume_point(validate(background))
+    foreground = small_config(tmp_path / "fg")
+    pl.run(validate(foreground))
+    assert_same_training_result(final_checkpoint(background), final_checkpoint(foreground))
