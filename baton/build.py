@@ -25,7 +25,6 @@ slot (``Annotated[..., Slot(kind)]``, see :mod:`baton.kinds`). Validation
 are read in :mod:`baton.build_args`.
 """
 
-import copy
 import difflib
 import functools
 import importlib
@@ -332,6 +331,17 @@ def build(cfg: Mapping, kind: str, *, trust: Trust | None = None, **supplied: An
     return _construct(cfg, kind, trust, supplied)
 
 
+def _plain_copy(value: Any) -> Any:
+    """A copy of the containers a config holds (dicts, lists, tuples), so that a
+    constructor that changes its argument never changes the config (one validated config
+    serves every task of a process); any other object is passed as it is."""
+    if type(value) is dict:
+        return {key: _plain_copy(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain_copy(item) for item in value)
+    return value
+
+
 def _construct(cfg: Mapping, kind: str, trust: Trust, supplied: Mapping[str, Any]) -> Any:
     factory = resolve(cfg["type"], kind, trust)
     params, _ = signature(factory)
@@ -348,9 +358,7 @@ def _construct(cfg: Mapping, kind: str, trust: Trust, supplied: Mapping[str, Any
         elif param is not None and param.data_path:
             value = str(trust.check_data_path(str(value), f"{cfg['type']}'s {name}"))
         else:
-            # A copy: a constructor that changes its argument never changes the config
-            # (one validated config serves every task of a process).
-            value = copy.deepcopy(value)
+            value = _plain_copy(value)
             if param is not None and param.adapter is not None:
                 # Build with the checked values (a YAML list becomes the tuple a signature
                 # asks for), so what was validated is what is passed.

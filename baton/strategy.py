@@ -223,6 +223,8 @@ class SingleDeviceStrategy:
 
     @retention.setter
     def retention(self, policy: RetentionPolicy) -> None:
+        if not isinstance(policy, RetentionPolicy):
+            raise TypeError(f"retention must be a RetentionPolicy, got {type(policy).__name__}")
         self.experiment.store.retention = policy
 
     # prepare --------------------------------------------------------------------------

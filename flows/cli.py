@@ -353,7 +353,9 @@ def _add_run(commands) -> None:
         help="continue from the checkpoint even where the config changes the run; "
         "recorded as a fork (docs/resume.md)",
     )
-    run.add_argument("--work-dir")
+    run.add_argument(
+        "--work-dir", help="folder of all experiments (relative to here); default: the config's"
+    )
     _trust_args(run)
     run.set_defaults(func=cmd_run)
 
@@ -398,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``baton`` console script."""
     args = build_parser().parse_args(argv)
+    work_dir = getattr(args, "work_dir", None)
+    if work_dir and not work_dir.startswith("~"):
+        # A path typed on the command line is relative to where the command runs (a
+        # config's work_dir, to the project): the run gets it absolute.
+        args.work_dir = str(Path(work_dir).resolve())
     try:
         return args.func(args)
     except Exception as err:

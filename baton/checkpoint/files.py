@@ -151,9 +151,7 @@ class ExperimentFiles:
                     f"{self.checkpoint_dir / name} has {st.st_size} bytes but {expected_size} "
                     "were committed (truncated or overwritten)"
                 )
-            size, digest = digests.hash_handle(handle)
-            digests.remember(self.checkpoint_dir / name, handle.fileno(), digest)
-        return size, digest
+            return digests.hash_file(self.checkpoint_dir / name, handle)
 
     def remove_stale_temporaries(self) -> None:
         """Delete temporary files a killed writer left (only called under the lock, before

@@ -76,15 +76,16 @@ def _check_expected(uri: str, handle: BinaryIO) -> None:
     expected = _EXPECTED.get()
     if expected is None:
         return
-    fd = handle.fileno() if is_local(uri) else None
-    remembered = digests.known(local_path(uri), fd) if fd is not None else None
+    _EXPECTED.set(None)  # one load: a loader that reads more files checks only the first
+    local = is_local(uri)
+    remembered = digests.known(local_path(uri), handle.fileno()) if local else None
     if remembered is not None:
-        size, digest = os.fstat(fd).st_size, remembered
+        size, digest = os.fstat(handle.fileno()).st_size, remembered
     else:
-        size, digest = digests.hash_handle(handle)
+        size, digest = (
+            digests.hash_file(local_path(uri), handle) if local else digests.hash_handle(handle)
+        )
         handle.seek(0)
-        if fd is not None:
-            digests.remember(local_path(uri), fd, digest)
     if (size, digest) != expected[1:]:
         opened = "" if uri == expected[0] else f" (loaded from {uri!r})"
         raise CheckpointCorruptError(
@@ -116,10 +117,9 @@ def sha256_of(uri: str, chunk_size: int = 8 << 20) -> tuple[int, str]:
     """Size and sha256 of a file's bytes, read in chunks (remembered for a local file,
     see :mod:`baton.checkpoint.digests`)."""
     with open_binary(uri) as handle:
-        size, digest = digests.hash_handle(handle, chunk_size)
         if is_local(uri):
-            digests.remember(local_path(uri), handle.fileno(), digest)
-    return size, digest
+            return digests.hash_file(local_path(uri), handle)
+        return digests.hash_handle(handle, chunk_size)
 
 
 def open_binary(uri: str) -> BinaryIO:

@@ -59,3 +59,11 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+class GreedyMLP(MLP):
+    """An MLP whose constructor changes the list it is given (as some user code does)."""
+
+    def __init__(self, in_features: int = 8, num_classes: int = 3, hidden=()):
+        super().__init__(in_features, num_classes, hidden=tuple(hidden))
+        hidden.append(99)

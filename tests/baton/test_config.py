@@ -4,9 +4,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from baton import ConfigError
+from baton import pipeline as pl
 from baton.config import PipelineConfig, apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -457,3 +459,20 @@ def test_a_plateau_scheduler_needs_the_validations_it_follows():
     assert problems["param_scheduler.0.type"] == "ReduceOnPlateauLR needs val_data"
     assert "remove by_epoch" in problems["param_scheduler.0.by_epoch"]
     assert "remove convert_to_iter_based" in problems["param_scheduler.0.convert_to_iter_based"]
+
+
+def test_a_constructor_that_changes_its_arguments_never_changes_the_config():
+    # one validated config serves every task of a process: each build gets copies
+    cfg = load_config({**base(), "model": {"type": "tests.baton.helpers.GreedyMLP", "hidden": [8]}})
+    before = cfg.config_hash
+    for _ in range(2):
+        pl.build_pipeline(cfg)
+    assert cfg.model["hidden"] == [8] and cfg.config_hash == before
+
+
+def test_objects_given_from_python_are_passed_as_they_are():
+    from baton import build
+
+    layer = torch.nn.Linear(2, 2)
+    copied = build._plain_copy({"inner": layer, "sizes": [1, [2]]})
+    assert copied["inner"] is layer and copied["sizes"] == [1, [2]]

@@ -252,6 +252,7 @@ def test_a_resume_hashes_the_checkpoint_it_chose_once(tmp_path, monkeypatch):
     # reading them again, unless the file changed since
     cfg = cfg_for(tmp_path, "train.max_epochs=1")
     pl.run(cfg)
+    monkeypatch.setattr(digests, "RACY_S", 0.0)  # the checkpoint was written just now
     hashed = []
     original = digests.hash_handle
     monkeypatch.setattr(digests, "hash_handle", lambda h, *a: hashed.append(h) or original(h, *a))
@@ -264,4 +265,18 @@ def test_a_resume_hashes_the_checkpoint_it_chose_once(tmp_path, monkeypatch):
         handle.seek(0)
         handle.write(data)
     pl.resume(pl.build_pipeline(longer), ref)
+    assert len(hashed) == 2
+
+
+def test_a_checkpoint_written_just_now_is_hashed_at_every_check(tmp_path, monkeypatch):
+    # with coarse timestamps a second write in the same tick would look unchanged, so a
+    # file changed less than RACY_S ago is never taken from the remembered digests
+    cfg = cfg_for(tmp_path, "train.max_epochs=1")
+    pl.run(cfg)
+    hashed = []
+    original = digests.hash_handle
+    monkeypatch.setattr(digests, "hash_handle", lambda h, *a: hashed.append(h) or original(h, *a))
+    longer = cfg_for(tmp_path, "train.max_epochs=2")
+    monkeypatch.setattr(digests, "RACY_S", 3600.0)
+    pl.resume(pl.build_pipeline(longer), pl.find_resume_point(longer))
     assert len(hashed) == 2
