@@ -92,3 +92,17 @@ def test_evaluate(prefect_harness, tmp_path, capsys):
     assert main(["evaluate", ref.uri, "--config", write(tmp_path, cfg)]) == 0
     out = capsys.readouterr().out
     assert f"val/accuracy     {ref.metrics['val/accuracy']:.4f}" in out
+
+
+@pytest.mark.integration
+def test_run_work_dir_is_relative_to_where_the_command_runs(prefect_harness, tmp_path, monkeypatch):
+    # the project is elsewhere: a path typed on the command line still means "from here"
+    project, here = tmp_path / "project", tmp_path / "here"
+    project.mkdir()
+    here.mkdir()
+    monkeypatch.setenv("BATON_PROJECT_DIR", str(project))
+    monkeypatch.chdir(here)
+    path = write(tmp_path, small_config(tmp_path / "unused", **{"train.max_epochs": 1}))
+    assert main(["run", path, "--work-dir", "out"]) == 0
+    assert (here / "out" / "exp" / "checkpoints" / "epoch_0001.pth").is_file()
+    assert not (project / "out").exists()
