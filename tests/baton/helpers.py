@@ -67,3 +67,16 @@ class GreedyMLP(MLP):
     def __init__(self, in_features: int = 8, num_classes: int = 3, hidden=()):
         super().__init__(in_features, num_classes, hidden=tuple(hidden))
         hidden.append(99)
+
+
+# A plateau scheduler on an absolute threshold that no validation after the first beats:
+# every later one is a bad epoch, so with patience 0 the learning rate halves after each
+# (a skipped or repeated validation shows in the learning rate).
+HALVING_PLATEAU = {
+    "type": "ReduceOnPlateauLR",
+    "monitor": "loss",
+    "factor": 0.5,
+    "patience": 0,
+    "threshold": 100.0,
+    "threshold_rule": "abs",
+}

@@ -8,6 +8,7 @@ from baton import pipeline as pl
 from baton.checkpoint import digests
 from baton.config import load_config
 
+from .helpers import HALVING_PLATEAU
 from .test_config import base
 
 
@@ -169,17 +170,7 @@ def test_running_metrics_are_the_sample_weighted_means_so_far(tmp_path):
 
 
 def _plateau_cfg(tmp_path, *overrides):
-    # An absolute threshold no validation beats after the first: every later one is a
-    # bad epoch, so with patience 0 the learning rate halves after each.
-    plateau = {
-        "type": "ReduceOnPlateauLR",
-        "monitor": "loss",
-        "factor": 0.5,
-        "patience": 0,
-        "threshold": 100.0,
-        "threshold_rule": "abs",
-        "end": 100,
-    }
+    plateau = {**HALVING_PLATEAU, "end": 100}
     # and a step-counting scheduler beside it, for the step-order warnings
     multistep = {"type": "MultiStepLR", "milestones": [3], "gamma": 0.5, "end": 100}
     return cfg_for(

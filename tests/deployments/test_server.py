@@ -21,7 +21,7 @@ from baton import pipeline as pl
 from baton.config import validate
 
 from ..flows.conftest import small_config
-from ..flows.helpers import assert_same_training_result, final_checkpoint
+from ..flows.helpers import assert_same_training_result, final_checkpoint, flaky
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -232,16 +232,7 @@ def test_a_bad_parameter_is_refused_by_the_server(server):
 
 
 def test_failing_task_is_retried_and_resumes_exactly(server, tmp_path):
-    model = {
-        "type": "tests.faults.FlakyMLP",
-        "in_features": 8,
-        "num_classes": 3,
-        "hidden": [16],
-        "dropout": 0.2,
-        "fail_at": 13,
-        "failures": 1,
-        "budget": str(tmp_path / "budget"),
-    }
+    model = flaky(tmp_path, failures=1)
     cfg = small_config(tmp_path / "wd", name="flaky", model=model)
     run_id = server.create_run("train-pipeline/train-from-ui", ui_parameters(cfg))
     server.serve_once()

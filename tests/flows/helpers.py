@@ -108,3 +108,18 @@ def assert_same_training_result(a: dict, b: dict) -> None:
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     assert a["param_schedulers"] == b["param_schedulers"]
+
+
+def flaky(tmp_path: Path, failures: int, fail_at: int = 13) -> dict:
+    """A model that fails ``failures`` times at iteration ``fail_at`` (default: inside
+    epoch 2, 8 iterations per epoch), counting in ``tmp_path/budget``."""
+    return {
+        "type": "tests.faults.FlakyMLP",
+        "in_features": 8,
+        "num_classes": 3,
+        "hidden": [16],
+        "dropout": 0.2,
+        "fail_at": fail_at,
+        "failures": failures,
+        "budget": str(tmp_path / "budget"),
+    }

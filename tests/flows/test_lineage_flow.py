@@ -10,8 +10,8 @@ from baton.config import validate
 from baton.flows.train import train_pipeline
 
 from .conftest import small_config
-from .helpers import assert_same_training_result, final_checkpoint
-from .test_train_flow import flaky, reference
+from .helpers import assert_same_training_result, final_checkpoint, flaky
+from .test_train_flow import reference
 
 pytestmark = pytest.mark.integration
 

@@ -9,23 +9,11 @@ from baton import pipeline as pl
 from baton.config import validate
 from baton.flows.train import train_pipeline
 
+from ..baton.helpers import HALVING_PLATEAU
 from .conftest import small_config
-from .helpers import assert_same_training_result, final_checkpoint
+from .helpers import assert_same_training_result, final_checkpoint, flaky
 
 pytestmark = pytest.mark.integration
-
-
-def flaky(tmp_path, failures, fail_at=13):
-    return {
-        "type": "tests.faults.FlakyMLP",
-        "in_features": 8,
-        "num_classes": 3,
-        "hidden": [16],
-        "dropout": 0.2,
-        "fail_at": fail_at,  # inside epoch 2 (8 iterations per epoch)
-        "failures": failures,
-        "budget": str(tmp_path / "budget"),
-    }
 
 
 def reference(tmp_path, model):
@@ -146,21 +134,8 @@ def test_a_second_run_of_a_busy_experiment_fails_clearly(prefect_harness, tmp_pa
     assert not (tmp_path / "wd" / "busy" / "checkpoints").exists()
 
 
-# Every validation after the first is worse by this absolute threshold, so with patience 0
-# the plateau scheduler halves the learning rate after each: a skipped one shows.
-PLATEAU = {
-    "checkpoint.interval": 2,
-    "param_scheduler": [
-        {
-            "type": "ReduceOnPlateauLR",
-            "monitor": "loss",
-            "factor": 0.5,
-            "patience": 0,
-            "threshold": 100.0,
-            "threshold_rule": "abs",
-        }
-    ],
-}
+# The learning rate halves after every validation but the first: a skipped one shows.
+PLATEAU = {"checkpoint.interval": 2, "param_scheduler": [HALVING_PLATEAU]}
 
 
 def test_task_retry_replays_the_validations_a_plateau_scheduler_follows(prefect_harness, tmp_path):
