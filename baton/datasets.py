@@ -66,7 +66,11 @@ class ImageFolder(Dataset):
         self.target_transform = target_transform
         self.mode = mode
         self.extensions = tuple(e.lower() for e in extensions)
-        self.classes = list(classes) if classes is not None else _class_folders(self.root)
+        self.classes = (
+            _checked_classes(self.root, classes)
+            if classes is not None
+            else _class_folders(self.root)
+        )
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
         self.samples = _scan(self.root, self.classes, self.extensions)
         self.targets = [target for _, target in self.samples]
@@ -111,6 +115,24 @@ def read_image(path: str, mode: str | None = "RGB") -> torch.Tensor:
     tensor = torch.from_numpy(pixels.copy())
     tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
     return tensor.float().div_(255)
+
+
+def _checked_classes(root: str, classes: Sequence[str]) -> list[str]:
+    """``classes`` as given, each a plain sub-folder name of ``root``: a name with a path
+    separator or ``..``, or one that resolves outside ``root`` (a link), would read files
+    outside the data roots the operator allowed."""
+    real_root = os.path.realpath(root)
+    for name in classes:
+        folder = os.path.realpath(os.path.join(root, str(name)))
+        plain = (
+            str(name) not in ("", ".", "..") and "/" not in str(name) and os.sep not in str(name)
+        )
+        if not plain or os.path.dirname(folder) != real_root:
+            raise DataError(
+                f"ImageFolder at {root!r}: classes entry {name!r} is not a sub-folder name "
+                "of root; list the names of root's own class folders"
+            )
+    return list(classes)
 
 
 def _class_folders(root: str) -> list[str]:

@@ -150,6 +150,17 @@ def test_empty_or_missing_folders_are_named(tmp_path):
         ImageFolder(str(tmp_path / "empty"), classes=["cat", "dog"])
 
 
+def test_classes_name_sub_folders_of_root_only(tmp_path):
+    # a run's config names `classes`; none may reach files outside the allowed root
+    root = make_image_folder(tmp_path / "data" / "train", classes=("cat",), per_class=1)
+    outside = make_image_folder(tmp_path / "outside", classes=("secret",), per_class=1)
+    (root / "linked").symlink_to(outside / "secret")
+    for name in ("../../outside/secret", str(outside / "secret"), "/", "..", "linked"):
+        with pytest.raises(DataError, match=f"classes entry {name!r} is not a sub-folder"):
+            ImageFolder(str(root), classes=["cat", name])
+    assert ImageFolder(str(root), classes=["cat"]).classes == ["cat"]
+
+
 def test_a_corrupt_image_is_named_before_training(tmp_path):
     root = make_image_folder(tmp_path / "train")
     (root / "b" / "999.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
