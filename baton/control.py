@@ -6,7 +6,7 @@ decisions are written once:
 
 - after each epoch, whether to evaluate, whether to save and whether that save may go on
   in the background (:func:`plan_after_epoch`); a rebuilt pipeline replays them
-  (:func:`baton.pipeline.replay`);
+  (:func:`baton.steps.replay`);
 - which checkpoint a run continues from, and which lineage its commits go to
   (:func:`find_resume_point`).
 """

@@ -112,22 +112,25 @@ def _loader(cfg, dataset, strategy: SingleDeviceStrategy) -> ResumableLoader:
     )
 
 
-def build_pipeline(cfg: PipelineConfig) -> Pipeline:
+def build_pipeline(cfg: PipelineConfig, experiment: Experiment | None = None) -> Pipeline:
     """Build strategy, model, optimizer, schedulers, loaders and loss from a config.
 
     Seeding, and the random draws of building datasets and models, happen with the
     pipeline's own generators: the process's global random states are left as they were.
+
+    Args:
+        experiment: The config's experiment, if the caller holds it already.
     """
     generators = randomness.TrainingGenerators()
     with generators.active():
-        pipeline = _build(cfg)
+        pipeline = _build(cfg, experiment or Experiment.of(cfg))
     pipeline.rng = generators
     return pipeline
 
 
-def _build(cfg: PipelineConfig) -> Pipeline:
+def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
     strategy = SingleDeviceStrategy.in_experiment(
-        Experiment.of(cfg),
+        experiment,
         env_kwargs={"randomness": cfg.randomness.model_dump()},
         auto_scale_lr=cfg.auto_scale_lr.model_dump() if cfg.auto_scale_lr else None,
     )
@@ -187,6 +190,7 @@ def restore(
     *,
     to_iter: int | None = None,
     evaluated: bool = False,
+    experiment: Experiment | None = None,
 ) -> Pipeline:
     """A new pipeline at a run's position: resumed from ``checkpoint`` (or started from
     ``load_from``/scratch), then trained again up to iteration ``to_iter``, which is
@@ -194,11 +198,12 @@ def restore(
 
     Args:
         evaluated: The run had also evaluated at ``to_iter`` (see :func:`replay`).
+        experiment: The config's experiment, if the caller holds it already.
 
     Raises:
         RuntimeError: The checkpoint is past ``to_iter``.
     """
-    pipeline = build_pipeline(cfg)
+    pipeline = build_pipeline(cfg, experiment)
     if checkpoint is not None:
         resume(pipeline, checkpoint)
     else:
@@ -247,7 +252,7 @@ def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
     experiment = Experiment.of(cfg)
     with experiment.lock():
         ref = find_resume_point(cfg, experiment=experiment)
-        pipeline = restore(cfg, ref)
+        pipeline = restore(cfg, ref, experiment=experiment)
         steps = _InProcess(pipeline)
         control.train_to_horizon(cfg, pipeline, steps)
     return pipeline, steps.ref or ref

@@ -153,7 +153,11 @@ def load_weights(pipeline: Pipeline) -> None:
 
 @_with_training_generators
 def train_one_epoch(
-    pipeline: Pipeline, *, on_iteration=None, stop_at: int | None = None
+    pipeline: Pipeline,
+    *,
+    on_iteration=None,
+    stop_at: int | None = None,
+    save_iterations: bool = True,
 ) -> dict[str, float]:
     """Train the current epoch (or its rest) and return ``train/*`` metrics.
 
@@ -161,9 +165,11 @@ def train_one_epoch(
         on_iteration: Called with the running metrics after every iteration.
         stop_at: Stop at this iteration instead of the horizon (to replay a run up to
             a known position).
+        save_iterations: Write the ``checkpoint.interval_iters`` checkpoints; a replay
+            passes False (the run it replays committed them already).
     """
     strategy = pipeline.strategy
-    interval = pipeline.config.checkpoint.interval_iters
+    interval = pipeline.config.checkpoint.interval_iters if save_iterations else None
     if strategy.step_in_epoch == 0:
         pipeline.meter = loop.EpochMeter()
 
@@ -264,7 +270,7 @@ def replay(pipeline: Pipeline, stop_at: int, *, validated: bool = False) -> None
     """
     strategy = pipeline.strategy
     while strategy.iter < stop_at:
-        train_one_epoch(pipeline, stop_at=stop_at)
+        train_one_epoch(pipeline, stop_at=stop_at, save_iterations=False)
         plan = control.plan_after_epoch(pipeline.config, strategy.epoch, pipeline.finished)
         if (
             _plateau_schedulers(pipeline)
@@ -334,7 +340,6 @@ def save(
         pipeline.history = [h for h in pipeline.history if (h["epoch"], h["iter"]) != position] + [
             record
         ]
-    if name is None:
         # Mid-epoch positions (a max_iters horizon, an emergency save) are named by iteration.
         name = (
             CheckpointName.for_iter(strategy.iter)

@@ -112,14 +112,6 @@ class CheckpointStore:
         lineages = self.lineages()
         return lineages[-1] if lineages else None
 
-    def lineage_of(self, ref: CheckpointRef) -> int | None:
-        """The lineage a committed checkpoint belongs to; ``None`` if it is not committed."""
-        name = self._files.own_name(ref.uri)
-        with committed.manifest_lock(self.root):
-            state = self._load()
-            seq = state.by_path.get(f"{manifest.CHECKPOINTS}/{name}") if name else None
-            return state.entries[seq]["lineage"] if seq is not None else None
-
     def verify(self, ref: CheckpointRef) -> None:
         """Check that the file still has the committed size and sha256.
 

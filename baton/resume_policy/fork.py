@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from baton.checkpoint import io
+from baton.checkpoint.content import ACCUMULATED_GRADS_KEY
 from baton.checkpoint.ref import CheckpointRef
 from baton.errors import ResumeConfigError
 from baton.resume_policy.keys import (
@@ -19,7 +20,6 @@ from baton.resume_policy.keys import (
     horizon_problem,
     needs_epoch_boundary,
 )
-from baton.strategy import ACCUMULATED_GRADS_KEY
 
 if TYPE_CHECKING:  # the pipeline calls into this module, never the other way round
     from baton.optim import OptimWrapper

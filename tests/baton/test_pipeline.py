@@ -271,3 +271,13 @@ def test_a_checkpoint_written_just_now_is_hashed_at_every_check(tmp_path, monkey
     monkeypatch.setattr(digests, "RACY_S", 3600.0)
     pl.resume(pl.build_pipeline(longer), pl.find_resume_point(longer))
     assert len(hashed) == 2
+
+
+def test_a_replay_writes_no_checkpoint_the_run_it_replays_committed(tmp_path):
+    # a rebuilt pipeline trains again up to the run's position: the iteration checkpoints
+    # on the way were committed by the run, and are not written (and rotated) again
+    cfg = cfg_for(tmp_path, "checkpoint.interval_iters=3", "checkpoint.keep_last=null")
+    p = pl.build_pipeline(cfg)
+    pl.replay(p, 2 * p.epoch_length)
+    assert p.strategy.iter == 2 * p.epoch_length
+    assert p.strategy.checkpoints.list() == []

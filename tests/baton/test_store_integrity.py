@@ -12,7 +12,7 @@ import pytest
 from baton.checkpoint import committed, io, manifest
 from baton.checkpoint.ref import CheckpointName
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
-from baton.errors import ManifestVersionError
+from baton.errors import CheckpointWriteError, ManifestVersionError
 from baton.flows.cli import main
 
 KEEP_2 = RetentionPolicy(keep_last=2)
@@ -287,6 +287,25 @@ def test_compaction_folds_the_journal_and_an_interrupted_one_loses_nothing(tmp_p
         assert commit(store, 4).epoch == 4
     committed._CACHE.clear()
     assert [r.epoch for r in store.list()] == [1, 2, 3, 4]
+
+
+def test_a_commit_whose_compaction_fails_is_still_committed(tmp_path, monkeypatch):
+    # the journal line is the commit; a snapshot that cannot be written (disk full) waits
+    monkeypatch.setattr(manifest, "COMPACT_AFTER", 2)
+    # one entry kept: the journal soon holds more records than the snapshot has entries
+    store = CheckpointStore(tmp_path / "exp", retention=RetentionPolicy(keep_last=1))
+    commit(store, 1)  # a new experiment's first snapshot and journal
+    failed = []
+
+    def full_disk(files, state):
+        failed.append(state.records)
+        raise CheckpointWriteError("could not write the snapshot: No space left on device")
+
+    monkeypatch.setattr(committed, "compact", full_disk)
+    refs = [commit(store, epoch) for epoch in (2, 3, 4)]
+    assert failed  # compaction was due, and failed
+    committed._CACHE.clear()
+    assert store.list() == refs[-1:] and store.latest() == refs[-1]
 
 
 def test_a_listing_during_rotation_reports_one_committed_state(tmp_path, monkeypatch):
