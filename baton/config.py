@@ -53,6 +53,7 @@ from baton.config_yaml import (
     MAX_STRING,
     ConfigProblem,
     Positions,
+    check_depth,
     parse_yaml,
     summary,
 )
@@ -355,10 +356,14 @@ def load_config(
     """
     trust = trust or Trust.from_environment()
     if isinstance(source, Mapping):
-        text = json.dumps(source, default=str)
+        try:
+            text = json.dumps(source, default=str)
+        except RecursionError as err:
+            raise ConfigError(f"inline config nests deeper than {MAX_NESTING} levels") from err
         if len(text) > MAX_CONFIG_BYTES:
             raise ConfigError(f"inline config is larger than {MAX_CONFIG_BYTES} bytes")
         data, positions, name = json.loads(text), {}, "<inline config>"
+        check_depth(data, name)
     elif not isinstance(source, (str, Path)):
         raise ConfigError(
             f"a config is a path to a YAML file, YAML text or a mapping; got a "

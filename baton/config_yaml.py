@@ -143,6 +143,9 @@ def load_bounded(text: str, source: str) -> tuple[yaml.Node | None, Any]:
     document once every alias is expanded is computed over the shared node graph, so a
     hostile text is refused before anything walks the expanded tree.
     """
+    if _flow_depth(text) > 2 * MAX_NESTING:
+        # PyYAML's scanner takes time quadratic in the depth of [ and { nesting.
+        raise ConfigError(_too_deep(source))
     aliases = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
@@ -155,28 +158,65 @@ def load_bounded(text: str, source: str) -> tuple[yaml.Node | None, Any]:
     try:
         node = loader.get_single_node()
         if node is not None:
-            _expanded_size(node, {}, set(), source)
+            _expanded_size(node, {}, set(), source, 0)
         data = loader.construct_document(node) if node is not None else None
+    except RecursionError as err:  # the composer recurses once per level
+        raise ConfigError(_too_deep(source)) from err
     finally:
         loader.dispose()
     return node, data
 
 
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int], source: str) -> int:
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in ``text``, in one pass (brackets inside quoted
+    strings count too: the caller allows twice the real limit for them)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def _too_deep(source: str) -> str:
+    return f"{source}: the config nests deeper than {MAX_NESTING} levels; flatten it"
+
+
+def check_depth(value: Any, source: str) -> None:
+    """Refuse a mapping or list nested deeper than :data:`MAX_NESTING` (walked without
+    recursion, so any depth is refused, not crashed on)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ConfigError(_too_deep(source))
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _expanded_size(
+    node: yaml.Node, sizes: dict[int, int], active: set[int], source: str, depth: int
+) -> int:
     key = id(node)
     if key in sizes:
         return sizes[key]
     if key in active:
         raise ConfigError(f"{source}: a YAML alias refers to itself (a recursive document)")
+    if depth > MAX_NESTING:
+        raise ConfigError(_too_deep(source))
     active.add(key)
     total = 1
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            total += _expanded_size(key_node, sizes, active, source)
-            total += _expanded_size(value_node, sizes, active, source)
+            total += _expanded_size(key_node, sizes, active, source, depth + 1)
+            total += _expanded_size(value_node, sizes, active, source, depth + 1)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            total += _expanded_size(item, sizes, active, source)
+            total += _expanded_size(item, sizes, active, source, depth + 1)
     active.discard(key)
     if total > MAX_EXPANDED_NODES:
         raise ConfigError(

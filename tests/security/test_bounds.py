@@ -65,6 +65,24 @@ def test_alias_bomb_in_an_override(tmp_path, capsys):
     assert "YAML aliases" in capsys.readouterr().err
 
 
+def test_deep_nesting_is_refused_as_a_config_error(tmp_path):
+    # flow brackets (PyYAML's scanner is quadratic in their depth), an override too deep
+    # for the composer's recursion, and an inline mapping from the UI
+    deep_text = "experiment_name: x\nmodel: " + "[" * 400_000 + "]" * 400_000 + "\n"
+    deep_mapping: dict = {}
+    level = deep_mapping
+    for _ in range(3000):
+        level["a"] = {}
+        level = level["a"]
+    for source, overrides in (
+        (deep_text, []),
+        (small_config(tmp_path), ["model.hidden=" + "[" * 2000 + "]" * 2000]),
+        (deep_mapping, []),
+    ):
+        with pytest.raises(ConfigError, match="nests deeper than 32 levels"):
+            load_config(source, overrides)
+
+
 def test_device_files_and_fifos_are_never_read(tmp_path, work_dir):
     cfg = small_config(work_dir, name="dev")
     experiment = Path(cfg["work_dir"]) / "dev" / "checkpoints"
