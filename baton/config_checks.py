@@ -18,9 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from baton import build
 from baton.config_yaml import ConfigProblem, Positions, dotted, locate, short_repr
-from baton.errors import MissingInputError, UntrustedInputError
+from baton.errors import ConfigError, MissingInputError, UntrustedInputError
 from baton.experiment import Experiment
-from baton.schedulers import SCHEDULERS
 from baton.trust import SETTINGS, Trust, where_to_set
 
 if TYPE_CHECKING:
@@ -187,7 +186,10 @@ def semantic_problems(
     if policy.best_metric and policy.best_metric.startswith("val/") and cfg.val_data is None:
         add(("checkpoint", "best_metric"), f"{policy.best_metric} needs val_data")
     for index, item in enumerate(cfg.param_scheduler):
-        cls = SCHEDULERS.get(item.get("type"))
+        try:  # a short name or a dotted path, as the build resolves it
+            cls = build.resolve(item["type"], "scheduler", trust)
+        except ConfigError:
+            continue  # reported with the component's other problems
         if not getattr(cls, "need_val_args", False):
             continue
         # A plateau scheduler follows the validations: without them it would never act.

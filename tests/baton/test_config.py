@@ -448,15 +448,18 @@ def test_what_would_fail_at_run_time_fails_validation(overrides, message):
         load_config(base(), overrides)
 
 
-def test_a_plateau_scheduler_needs_the_validations_it_follows():
+@pytest.mark.parametrize(
+    "name", ["ReduceOnPlateauLR", "baton.schedulers.plateau.ReduceOnPlateauParamScheduler"]
+)
+def test_a_plateau_scheduler_needs_the_validations_it_follows(name):
     data = base()
-    data["param_scheduler"] = [
-        {"type": "ReduceOnPlateauLR", "by_epoch": False, "convert_to_iter_based": True}
-    ]
+    data["param_scheduler"] = [{"type": name, "by_epoch": False, "convert_to_iter_based": True}]
+    if "ParamScheduler" in name:
+        data["param_scheduler"][0]["param_name"] = "lr"
     with pytest.raises(ConfigError) as err:
         load_config(data)
     problems = {p.path: p.message for p in err.value.problems}
-    assert problems["param_scheduler.0.type"] == "ReduceOnPlateauLR needs val_data"
+    assert problems["param_scheduler.0.type"] == f"{name} needs val_data"
     assert "remove by_epoch" in problems["param_scheduler.0.by_epoch"]
     assert "remove convert_to_iter_based" in problems["param_scheduler.0.convert_to_iter_based"]
 
