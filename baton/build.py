@@ -109,11 +109,8 @@ def _torch_modules() -> dict[str, type]:
     return _classes_in(torch.nn, nn.Module)
 
 
-def _model_names() -> dict[str, Any]:
-    return {**_torch_modules(), **models.MODELS}
-
-
-def _loss_names() -> dict[str, Any]:
+def _module_names() -> dict[str, Any]:
+    """Short names of models and losses: torch.nn's modules and baton's models."""
     return {**_torch_modules(), **models.MODELS}
 
 
@@ -138,8 +135,8 @@ def _transform_names() -> dict[str, Any]:
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
-        Kind("model", (nn.Module,), "an nn.Module subclass", _model_names),
-        Kind("loss", (nn.Module,), "an nn.Module subclass", _loss_names),
+        Kind("model", (nn.Module,), "an nn.Module subclass", _module_names),
+        Kind("loss", (nn.Module,), "an nn.Module subclass", _module_names),
         Kind(
             "dataset",
             (Dataset,),

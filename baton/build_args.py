@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from torch import nn
 
+from baton.config_yaml import short_repr
 from baton.errors import UntrustedInputError
 from baton.kinds import DataPath, Slot
 from baton.trust import Trust
@@ -183,10 +184,5 @@ def check_plain_argument(
         try:
             param.adapter.validate_python(value)
         except ValidationError as err:
-            return [(key, f"{_error_text(err)}; found {_short(value)}")]
+            return [(key, f"{_error_text(err)}; found {short_repr(value)}")]
     return []
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
