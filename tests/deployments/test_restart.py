@@ -97,9 +97,15 @@ def _flow_run_processes(run_id: str) -> list[int]:
 
 
 def _runs_named(server: Server, name: str) -> dict[str, dict]:
+    """The run called ``name`` and its restarts (``like_`` also matches names that merely
+    contain ``name``: another run's ``bored-fox`` for ``red-fox``)."""
     response = server.http.post("/flow_runs/filter", json={"flow_runs": {"name": {"like_": name}}})
     response.raise_for_status()
-    return {run["name"]: run for run in response.json()}
+    return {
+        run["name"]: run
+        for run in response.json()
+        if run["name"] == name or run["name"].startswith(f"{name}-restart-")
+    }
 
 
 def _wait_for_run(server: Server, name: str, states: set[str], timeout: float) -> dict:
@@ -136,7 +142,8 @@ def test_a_killed_run_and_worker_are_restarted_and_end_bitwise_equal(server, tmp
         "num_classes": 3,
         "hidden": [16],
         "dropout": 0.2,
-        "delay": 0.05,
+        # 20 forwards after the kill point take 4 s: time to find and kill the process
+        "delay": 0.2,
         "progress": str(progress),
     }
     cfg = small_config(tmp_path / "wd", name="restarted", model=slow)
