@@ -14,13 +14,27 @@ operator, who controls the worker's machine and environment:
 * flags of a local ``baton run`` (``--allow-module``, ``--allow-scheme``), which the CLI
   turns into the environment variables of its own process.
 
+A run's own job variables never reach this module: the work pool's base job template
+(``deployments/pool-template.json``) admits none, and the flow refuses a run that carries
+some (``baton.flows.pool``).
+
+**Deployments own their experiments.** A flow run of a deployment writes its experiments
+only in that deployment's folder: ``work_dir`` under ``[tool.baton.deployments."<flow>/<name>"]``
+in pyproject.toml, else ``<deployments_work_dir>/<flow>/<name>`` (``BATON_DEPLOYMENTS_WORK_DIR``
+or ``deployments_work_dir`` under ``[tool.baton]``, by default the project's
+``work_dirs/deployments``). The flow learns its deployment from the server and names it in
+``BATON_DEPLOYMENT`` for its own process (:func:`deployment_environment`); the same table's
+``checkpoint_roots`` are the other folders its runs may read checkpoints from.
+
 The project folder is ``BATON_PROJECT_DIR`` or the current directory: configs passed by
 path must live in its ``configs/`` (or a config root), relative paths resolve against it.
 """
 
+import contextlib
 import os
+import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +86,18 @@ SETTINGS = {
 
 _PATH_SETTINGS = ("config_roots", "checkpoint_roots", "work_dir_roots", "data_roots")
 
+# The deployment a flow run belongs to ("<flow>/<deployment>"), set by the flow for its own
+# process from what the server says (never from the run's parameters or job variables).
+DEPLOYMENT_VARIABLE = "BATON_DEPLOYMENT"
+# Where a deployment without a folder of its own writes: <this>/<flow>/<deployment>.
+DEPLOYMENTS_WORK_DIR_VARIABLE = "BATON_DEPLOYMENTS_WORK_DIR"
+DEFAULT_DEPLOYMENTS_WORK_DIR = "work_dirs/deployments"
+# Keys of a [tool.baton.deployments."<flow>/<deployment>"] table.
+DEPLOYMENT_KEYS = ("work_dir", "checkpoint_roots")
+# Sub-tables and single values of [tool.baton] besides SETTINGS.
+_OTHER_KEYS = ("deployments", "deployments_work_dir", "quotas")
+_NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,127}")
+
 # Config files are small; anything larger is refused before it is read.
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
@@ -80,7 +106,7 @@ def where_to_set(setting: str) -> str:
     """One sentence naming where an operator sets ``setting``."""
     env, flag = SETTINGS[setting]
     places = [
-        f"{env} in the worker's environment or the deployment's job variables",
+        f"{env} in the worker's environment",
         f"{setting} under [tool.baton] in the project's pyproject.toml",
     ]
     if flag:
@@ -103,6 +129,9 @@ class Trust:
     checkpoint_roots: tuple[Path, ...] = ()
     work_dir_roots: tuple[Path, ...] = ()
     data_roots: tuple[Path, ...] = ()
+    # The deployment this process runs a flow run of, and the one folder it may write.
+    deployment: str | None = None
+    deployment_work_dir: Path | None = None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> "Trust":
@@ -125,7 +154,17 @@ class Trust:
                 values[setting] = tuple(_root(project, v) for v in items)
             else:
                 values[setting] = tuple(dict.fromkeys(items))
-        return cls(project_dir=project, **values)
+        deployment = environ.get(DEPLOYMENT_VARIABLE) or None
+        if deployment is None:
+            return cls(project_dir=project, **values)
+        folders = _deployment_folders(project, table, environ)
+        folder = folders.get(deployment) or _default_folder(project, table, environ, deployment)
+        entry = table.get("deployments", {}).get(deployment, {})
+        values["checkpoint_roots"] += tuple(
+            _root(project, v) for v in entry.get("checkpoint_roots", [])
+        )
+        values["work_dir_roots"] += (folder,)
+        return cls(project_dir=project, deployment=deployment, deployment_work_dir=folder, **values)
 
     # modules and schemes ---------------------------------------------------------------
 
@@ -178,6 +217,14 @@ class Trust:
         if ".." in Path(value).parts:
             raise UntrustedInputError(f"work_dir {value!r} must not contain '..'")
         real = Path(os.path.realpath(path))
+        if self.deployment_work_dir is not None:
+            if real != Path(os.path.realpath(self.deployment_work_dir)):
+                raise UntrustedInputError(
+                    f"work_dir {value!r}: runs of deployment {self.deployment!r} keep their "
+                    f"experiments in {self.deployment_work_dir} (the operator's setting); leave "
+                    "work_dir empty"
+                )
+            return real
         roots = (self.project_dir, *self.work_dir_roots)
         if not _inside(real, roots):
             raise UntrustedInputError(
@@ -273,12 +320,103 @@ def _pyproject_table(project: Path) -> dict:
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise UntrustedInputError(f"{path} cannot be read: {err}") from err
     table = data.get("tool", {}).get("baton", {})
-    unknown = sorted(set(table) - set(SETTINGS))
+    known = (*SETTINGS, *_OTHER_KEYS)
+    unknown = sorted(set(table) - set(known))
     if unknown:
         raise UntrustedInputError(
-            f"[tool.baton] in {path} has unknown key(s) {unknown}; known: {', '.join(SETTINGS)}"
+            f"[tool.baton] in {path} has unknown key(s) {unknown}; known: {', '.join(known)}"
         )
+    _check_deployments_table(path, table)
     return table
+
+
+def _check_deployments_table(path: Path, table: Mapping) -> None:
+    """Refuse a malformed ``[tool.baton.deployments]`` or ``deployments_work_dir``."""
+    where = f"[tool.baton] in {path}"
+    if not isinstance(table.get("deployments_work_dir", ""), str):
+        raise UntrustedInputError(f"{where}: deployments_work_dir must be a folder (a string)")
+    deployments = table.get("deployments", {})
+    if not isinstance(deployments, dict):
+        raise UntrustedInputError(f"{where}: deployments must be a table of deployments")
+    for name, entry in deployments.items():
+        check_deployment_name(name)
+        if not isinstance(entry, dict) or set(entry) - set(DEPLOYMENT_KEYS):
+            raise UntrustedInputError(
+                f"{where}: deployments.{name!r} must be a table with keys "
+                f"{', '.join(DEPLOYMENT_KEYS)}"
+            )
+        roots = entry.get("checkpoint_roots", [])
+        if not isinstance(entry.get("work_dir", ""), str) or not (
+            isinstance(roots, list) and all(isinstance(r, str) for r in roots)
+        ):
+            raise UntrustedInputError(
+                f"{where}: deployments.{name!r}: work_dir is a folder and checkpoint_roots a "
+                "list of folders"
+            )
+
+
+def check_deployment_name(name: str) -> str:
+    """``name`` if it is ``<flow>/<deployment>`` with two plain parts, else an error: the
+    parts become folder names."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if len(parts) != 2 or not all(_NAME_PART.fullmatch(p) and ".." not in p for p in parts):
+        raise UntrustedInputError(
+            f"deployment {name!r} cannot have a folder: name deployments '<flow>/<deployment>' "
+            "with letters, digits, spaces, '.', '_' or '-'"
+        )
+    return name
+
+
+def _default_folder(project: Path, table: Mapping, environ: Mapping, deployment: str) -> Path:
+    base = environ.get(DEPLOYMENTS_WORK_DIR_VARIABLE) or table.get(
+        "deployments_work_dir", DEFAULT_DEPLOYMENTS_WORK_DIR
+    )
+    flow, name = check_deployment_name(deployment).split("/")
+    return _root(project, base) / flow / name
+
+
+def _deployment_folders(project: Path, table: Mapping, environ: Mapping) -> dict[str, Path]:
+    """Each configured deployment's folder; refuses folders that overlap, since a deployment
+    could then write another's experiments."""
+    folders = {
+        name: _root(project, entry["work_dir"])
+        for name, entry in table.get("deployments", {}).items()
+        if entry.get("work_dir")
+    }
+    base = _root(
+        project,
+        environ.get(DEPLOYMENTS_WORK_DIR_VARIABLE)
+        or table.get("deployments_work_dir", DEFAULT_DEPLOYMENTS_WORK_DIR),
+    )
+    named = [*folders.items(), ("deployments_work_dir", base)]
+    for index, (first, a) in enumerate(named):
+        for second, b in named[index + 1 :]:
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                raise UntrustedInputError(
+                    f"the folders of {first!r} ({a}) and {second!r} ({b}) overlap, so one "
+                    "could write the other's experiments; give each deployment a folder of "
+                    "its own under [tool.baton.deployments] in pyproject.toml"
+                )
+    return folders
+
+
+@contextlib.contextmanager
+def deployment_environment(deployment: str | None) -> Iterator[None]:
+    """Name ``deployment`` in this process's environment (and its children's) while the
+    block runs, so that every :meth:`Trust.from_environment` applies its folder."""
+    if deployment is None:
+        yield
+        return
+    check_deployment_name(deployment)
+    before = os.environ.get(DEPLOYMENT_VARIABLE)
+    os.environ[DEPLOYMENT_VARIABLE] = deployment
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DEPLOYMENT_VARIABLE, None)
+        else:
+            os.environ[DEPLOYMENT_VARIABLE] = before
 
 
 def _root(project: Path, value: str) -> Path:

@@ -7,8 +7,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from baton.errors import ConfigError
+from baton.flows.pool import checked_run, work_dir_of
 from baton.tasks import evaluate, load_checkpoint, validate_config
 from baton.tasks._common import artifact_key, permanent_errors_end_the_run
+from baton.trust import deployment_environment
 
 NO_VAL_DATA = "the config has no val_data to evaluate on; add a val_data section to the config"
 
@@ -37,10 +39,16 @@ def evaluate_checkpoint(
         overrides: Dotted-key overrides of that config.
     """
     with permanent_errors_end_the_run():
-        cfg = validate_config(config, overrides, {"resume": "never"})
-        if not cfg["val_data"]:
-            raise ConfigError(NO_VAL_DATA)
-        state = load_checkpoint(cfg, checkpoint)
-    state = evaluate(cfg, state, state.epoch)
+        _, deployment = checked_run()
+    # A deployment's run reads checkpoints of its own folder and of the checkpoint roots
+    # the operator gave it (docs/security.md).
+    with deployment_environment(deployment):
+        with permanent_errors_end_the_run():
+            settings = {"resume": "never", "work_dir": work_dir_of(deployment, None)}
+            cfg = validate_config(config, overrides, settings)
+            if not cfg["val_data"]:
+                raise ConfigError(NO_VAL_DATA)
+            state = load_checkpoint(cfg, checkpoint)
+        state = evaluate(cfg, state, state.epoch)
     publish_evaluation(cfg["experiment_name"], checkpoint, state.metrics)
     return state.metrics

@@ -12,9 +12,8 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
-from uuid import UUID
 
-from prefect import flow, get_client
+from prefect import flow
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
@@ -23,6 +22,7 @@ from prefect.states import Cancelled, State
 from baton import control
 from baton.errors import RestartRefusedError
 from baton.experiment import Experiment
+from baton.flows.pool import checked_run, read_run, work_dir_of
 from baton.interrupt import StopRequest, deferred_termination
 from baton.restarts import RestartBound
 from baton.tasks import (
@@ -38,6 +38,7 @@ from baton.tasks import (
 )
 from baton.tasks._common import permanent_errors_end_the_run
 from baton.tasks.state import config_of, forget
+from baton.trust import deployment_environment
 
 
 class _RunFormatter(logging.Formatter):
@@ -77,21 +78,12 @@ def restart_name(crashed: str) -> str:
     return f"{base}-restart-{int(count or 0) + 1}"
 
 
-def _server_run(run_id: str) -> FlowRun | None:
-    """The flow run ``run_id`` as the server has it; None when it cannot be read."""
-    try:
-        with get_client(sync_client=True) as client:
-            return client.read_flow_run(UUID(str(run_id)))
-    except Exception:  # not an id, not found, server unreachable: the caller decides
-        return None
-
-
 def _run_name() -> str:
     """Prefect's own run name, or the restart's name when the restart automation started it."""
     restart_of = flow_run.get_parameters().get("restart_of")
     if not restart_of:
         return flow_run.get_name()
-    crashed = _server_run(restart_of)
+    crashed = read_run(restart_of)
     return restart_name(crashed.name if crashed else str(restart_of))
 
 
@@ -122,7 +114,7 @@ def _cancel_ends_cancelled(
 def _being_cancelled() -> bool:
     """Whether this flow run is Cancelling on the server (False when that cannot be read)."""
     run_id = flow_run.get_id()
-    this = _server_run(run_id) if run_id else None
+    this = read_run(run_id) if run_id else None
     return this is not None and this.state is not None and this.state.is_cancelling()
 
 
@@ -163,23 +155,56 @@ def train_pipeline(
         "fork": fork,
     }
     with permanent_errors_end_the_run():
-        crashed = None
-        if restart_of:
-            crashed = _server_run(restart_of)
-            if crashed is None:
-                raise RestartRefusedError(
-                    f"restart_of={restart_of[:80]!r} is not the id of a flow run on this "
-                    "server; leave it empty (the restart automation sets it)"
-                )
-            if crashed.state is None or not crashed.state.is_crashed():
-                # A cancel whose process outlived Prefect's grace period is killed,
-                # reported Crashed, then Cancelled: the person asked for it to stop.
-                what = crashed.state.name if crashed.state else "without a state"
-                return Cancelled(message=f"Not restarting {crashed.name!r}: it is {what} now.")
-        cfg = validate_config(config, overrides, settings)
-        state = _train(cfg, started, crashed)
+        this, deployment = checked_run()
+        with deployment_environment(deployment):
+            crashed = None
+            if restart_of:
+                crashed = _crashed_run(restart_of, this)
+                if not crashed.state.is_crashed():
+                    # A cancel whose process outlived Prefect's grace period is killed,
+                    # reported Crashed, then Cancelled: the person asked for it to stop.
+                    return Cancelled(
+                        message=f"Not restarting {crashed.name!r}: it is {crashed.state.name} now."
+                    )
+            settings["work_dir"] = work_dir_of(deployment, work_dir)
+            cfg = validate_config(config, overrides, settings)
+            state = _train(cfg, started, crashed)
     forget(config_of(cfg))
     return state
+
+
+# The parameters a restart repeats from the run it continues (all but restart_of).
+_REPEATED = ("config", "overrides", "experiment_name", "resume", "work_dir", "fork")
+
+
+def _crashed_run(restart_of: str, this: FlowRun | None) -> FlowRun:
+    """The run ``restart_of`` names, if this run may restart it: a run of the same
+    deployment with the same parameters (so of the same experiment).
+
+    Raises:
+        RestartRefusedError: Before anything is counted, with the reason.
+    """
+    crashed = read_run(restart_of)
+    if crashed is None or crashed.state is None:
+        raise RestartRefusedError(
+            f"restart_of={restart_of[:80]!r} is not the id of a flow run on this "
+            "server; leave it empty (the restart automation sets it)"
+        )
+    deployment = this.deployment_id if this is not None else None
+    if crashed.deployment_id != deployment or crashed.flow_id != getattr(this, "flow_id", None):
+        raise RestartRefusedError(
+            f"restart_of names {crashed.name!r}, a run of another deployment; a restart "
+            "continues a crashed run of its own deployment: leave restart_of empty"
+        )
+    mine = (this.parameters if this is not None else None) or {}
+    theirs = crashed.parameters or {}
+    differ = [k for k in _REPEATED if mine.get(k) != theirs.get(k)]
+    if differ:
+        raise RestartRefusedError(
+            f"restart_of names {crashed.name!r}, which ran with other {', '.join(differ)}; "
+            "a restart repeats the crashed run's parameters: leave restart_of empty"
+        )
+    return crashed
 
 
 def _origin(crashed: FlowRun) -> str:
@@ -189,7 +214,7 @@ def _origin(crashed: FlowRun) -> str:
     run = crashed
     for _ in range(32):  # restarts are bounded; a cycle of ids cannot loop forever
         parent_id = (run.parameters or {}).get("restart_of")
-        parent = _server_run(parent_id) if parent_id else None
+        parent = read_run(parent_id) if parent_id else None
         if parent is None:
             break
         run = parent
@@ -242,6 +267,11 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
     with experiment.lock(), _run_log_file(experiment), deferred_termination() as stop:
         run_id = None
         if crashed is not None:
+            if not experiment.flow_log_path(str(crashed.id)).exists():
+                raise RestartRefusedError(
+                    f"not restarting {crashed.name!r}: it never trained experiment "
+                    f"{experiment.name!r}; start the run by hand"
+                )
             bound = RestartBound.from_env()
             count = experiment.restarts.claim(str(flow_run.get_id()), crashed.name, bound)
             print(f"automatic restart {count}/{bound.limit} of crashed run {crashed.name!r}")

@@ -68,13 +68,15 @@ def server(tmp_path_factory):
         "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S",  # 5 s by default
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # 10 s by default
         "BATON_RESTART_LIMIT": str(RESTART_LIMIT),
+        # the workers' environment, as deployments/README.md starts them
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
     }
     with pytest.MonkeyPatch.context() as patch:
         for name, value in settings.items():
             patch.setenv(name, value)
         instance = Server(tmp_path_factory.mktemp("prefect_home"))
     try:
-        instance.cli("work-pool", "create", "baton-gpu0", "--type", "process")
+        instance.create_pool()
         instance.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all")
         automations = _automations()
         automations["automations"][0]["trigger"]["within"] = HEARTBEAT_WITHIN
@@ -183,8 +185,9 @@ def test_a_killed_run_and_worker_are_restarted_and_end_bitwise_equal(server, tmp
     )
     reference = small_config(tmp_path / "ref", name="restarted", model={**slow, "progress": None})
     pl.run(validate(reference))
-    assert final_checkpoint(cfg)["meta"]["epoch"] == 4
-    assert_same_training_result(final_checkpoint(reference), final_checkpoint(cfg))
+    deployed = {**cfg, "work_dir": str(server.work_dir("train-pipeline/train-from-ui"))}
+    assert final_checkpoint(deployed)["meta"]["epoch"] == 4
+    assert_same_training_result(final_checkpoint(reference), final_checkpoint(deployed))
 
 
 @pytest.mark.slow
@@ -241,7 +244,7 @@ def test_a_cancelled_run_is_left_alone_and_a_crash_loop_stops_at_the_bound(serve
     assert refused["state"]["type"] == "FAILED"
     assert "restarted automatically 1 time in 24 h" in refused["state"]["message"]
     restarts = json.loads(
-        Path(looping_cfg["work_dir"], "looping", "runs", "restarts.json").read_text()
+        (server.work_dir("train-pipeline/train-from-ui") / "looping/runs/restarts.json").read_text()
     )
     claimed = [name] + [f"{name}-restart-{n}" for n in range(1, RESTART_LIMIT)]
     assert [r["continues"] for r in restarts["restarts"]] == claimed

@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 POOL = "baton-gpu0"
+TEMPLATE = "deployments/pool-template.json"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -62,6 +63,8 @@ class Server:
         port = _free_port()
         self.base = f"http://127.0.0.1:{port}"
         self.url = f"{self.base}/api"
+        # Each deployment's runs write their experiments in a folder of their own here.
+        self.work = home / "work"
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(home),
@@ -69,6 +72,7 @@ class Server:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PYTHONPATH": str(ROOT),
             "BATON_PROJECT_DIR": str(ROOT),
+            "BATON_DEPLOYMENTS_WORK_DIR": str(self.work),
             # the UI bundle is copied here, not into site-packages
             "PREFECT_UI_STATIC_DIRECTORY": str(home / "ui"),
         }
@@ -100,6 +104,14 @@ class Server:
         )
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         return out.stdout
+
+    def create_pool(self) -> None:
+        """The work pool as deployments/README.md creates it, from baton's template."""
+        self.cli("work-pool", "create", POOL, "--type", "process", "--base-job-template", TEMPLATE)
+
+    def work_dir(self, deployment: str) -> Path:
+        """The folder a deployment's runs keep their experiments in."""
+        return self.work / deployment
 
     def deployment(self, name: str) -> dict:
         response = self.http.get(f"/deployments/name/{name}")
@@ -162,7 +174,7 @@ def deployed_server(home: Path) -> Iterator[Server]:
     """A server with the pool and every deployment of deployments/prefect.yaml."""
     instance = Server(home)
     try:
-        instance.cli("work-pool", "create", POOL, "--type", "process")
+        instance.create_pool()
         instance.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all")
         yield instance
     finally:
@@ -215,7 +227,8 @@ def test_run_from_the_ui_form_completes(server, tmp_path):
     run_id = server.create_run("train-pipeline/train-from-ui", ui_parameters(cfg))
     server.serve_once()
     assert server.state(run_id) == "COMPLETED"
-    experiment = tmp_path / "wd" / "from-ui"
+    experiment = server.work_dir("train-pipeline/train-from-ui") / "from-ui"
+    assert not (tmp_path / "wd").exists()  # the config's work_dir does not apply
     assert (experiment / "manifest.json").exists()
     assert len(list((experiment / "checkpoints").glob("epoch_*.pth"))) == 4
     keys = set(server.artifacts(run_id))
@@ -243,7 +256,8 @@ def test_failing_task_is_retried_and_resumes_exactly(server, tmp_path):
         tmp_path / "ref", name="flaky", model={**model, "budget": str(tmp_path / "spent")}
     )
     pl.run(validate(reference))
-    assert_same_training_result(final_checkpoint(reference), final_checkpoint(cfg))
+    deployed = {**cfg, "work_dir": str(server.work_dir("train-pipeline/train-from-ui"))}
+    assert_same_training_result(final_checkpoint(reference), final_checkpoint(deployed))
 
 
 def test_two_queued_runs_run_one_after_the_other(server, tmp_path):

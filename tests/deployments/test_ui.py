@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from ..flows.conftest import small_config
-from .test_server import POOL, Server
+from .test_server import Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,7 +35,7 @@ ARGS = [
 def ui_server(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("prefect_home_ui"), ui=True)
     try:
-        server.cli("work-pool", "create", POOL, "--type", "process")
+        server.create_pool()
         server.cli(
             "--no-prompt",
             "deploy",
@@ -96,6 +96,7 @@ def test_run_from_the_ui_form(ui_server, tmp_path):
             page.screenshot(path=str(shots / "finished-run.png"), full_page=True)
         finally:
             browser.close()
-    assert (work_dir / "ui-run" / "checkpoints" / "epoch_0002.pth").exists()
+    experiment = ui_server.work_dir("train-pipeline/train-from-ui") / "ui-run"
+    assert (experiment / "checkpoints" / "epoch_0002.pth").exists()
     assert sorted(p.name for p in shots.iterdir()) == ["finished-run.png", "run-form.png"]
     print(f"screenshots in {shots}")
