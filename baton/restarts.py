@@ -5,7 +5,8 @@ If it crashes every time (a poisoned batch, an out-of-memory at the same step), 
 would go on for ever. Each automatic restart therefore claims one slot in the
 experiment's restart log, ``runs/restarts.json``, under the experiment's lock; when
 ``limit`` restarts already happened within ``window``, the claim is refused and the run
-ends Failed (which the automation does not restart) with a message that says why.
+ends Failed (which the automation does not restart) with a message that says why. A
+crashed run is restarted once: another run that claims to continue it is refused too.
 
 The bound is the operator's: ``BATON_RESTART_LIMIT`` (default 3) and
 ``BATON_RESTART_WINDOW_HOURS`` (default 24) in the worker's environment or the

@@ -202,7 +202,7 @@ def _lineage_line(lineage, *, newest: bool) -> str:
     count = len(lineage.checkpoints)
     parts.append(f"{count} checkpoint{'s' if count != 1 else ''}")
     line = ", ".join(parts)
-    return line + " <- newest: auto-resume continues it" if newest else line
+    return line + " <- newest: auto-resume continues it (a config it fits)" if newest else line
 
 
 def _not_a_checkpoint(path: Path) -> str | None:

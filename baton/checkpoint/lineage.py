@@ -1,7 +1,8 @@
 """Lineages: the chains of runs in one experiment, read from its committed state.
 
 **Lineages.** Every checkpoint belongs to a lineage: a chain of runs that continue each
-other. A run that resumes automatically continues the newest lineage; a fresh start
+other. A run that resumes automatically continues the newest lineage its config may
+continue (:func:`baton.control.find_resume_point`); a fresh start
 (``resume: never``), a resume from an older checkpoint (a branch) and a fork with a new
 config start a new one (:meth:`baton.checkpoint.store.CheckpointStore.start_lineage`).
 "Latest" is the newest commit of the newest lineage (or, while that lineage has none yet,
