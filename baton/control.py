@@ -11,20 +11,26 @@ decisions are written once:
   (:func:`find_resume_point`).
 """
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from baton.checkpoint import io
+from baton.checkpoint.lineage import Lineage
 from baton.checkpoint.ref import CheckpointRef
-from baton.errors import CheckpointNotFoundError, MissingInputError
+from baton.errors import CheckpointError, CheckpointNotFoundError, MissingInputError
 from baton.experiment import Experiment
+from baton.resume_policy.keys import RUN, START, ConfigChange, compare
 from baton.trust import Trust
 
 if TYPE_CHECKING:
     from baton.config import PipelineConfig
 
 S = TypeVar("S")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,17 @@ def find_resume_point(
     """The checkpoint a run of ``cfg`` continues from, by its resume policy; it also
     records which lineage the run's commits go to. Call it under the experiment's lock.
 
-    - ``'auto'``: the newest valid checkpoint of the newest lineage (``None`` if there is
-      none); the run continues that lineage.
+    First the run is held to the experiment's retention (:meth:`Experiment.fix_retention`):
+    a run that asks for another is refused before anything is written.
+
+    - ``'auto'``: the newest valid checkpoint of the newest lineage *compatible with the
+      run's config* (``None`` if there is none); the run continues that lineage. A
+      lineage is compatible when resuming it would change no key that changes the run
+      (``baton.resume_policy``): a fork with another seed or learning rate is skipped,
+      and logged, so that it never changes what the original config resumes. When the
+      compatible lineage is not the newest, the run branches from its newest checkpoint.
+      When no lineage is compatible, the newest one is resumed and the resume refuses
+      with the differences. With ``fork: true``, the newest lineage, as the fork says.
     - ``'never'``: ``None``. If the experiment already has checkpoints, a new lineage is
       started: the older lineages keep every file, and auto-resume continues the new
       lineage from then on.
@@ -113,15 +128,17 @@ def find_resume_point(
     flow run retried) continues that lineage instead of starting yet another.
 
     Raises:
+        RetentionConflictError: The run asks for another retention than the experiment's.
         CheckpointNotFoundError: The named checkpoint does not exist.
         CheckpointCorruptError: The named committed checkpoint no longer verifies.
     """
     experiment = experiment or Experiment.of(cfg)
+    experiment.fix_retention(cfg.checkpoint.retention())
     store = experiment.store
     head = store.head()
     own_retry = run_id is not None and head is not None and head.run == run_id
     if cfg.resume == "auto":
-        return store.latest()
+        return store.latest() if cfg.fork else _newest_compatible(cfg, experiment, run_id)
     if cfg.resume == "never":
         if own_retry:
             return store.latest()
@@ -129,7 +146,9 @@ def find_resume_point(
             return None  # an empty experiment: the first commit starts lineage 1
         if head is not None and not head.checkpoints and not (head.parent or head.parent_outside):
             return None  # the newest lineage is still empty and fresh: use it
-        store.start_lineage(reason="fresh", run=run_id, config_hash=cfg.config_hash)
+        store.start_lineage(
+            reason="fresh", run=run_id, config_hash=cfg.config_hash, config=_dump(cfg)
+        )
         return None
     uri = checked_checkpoint(experiment, cfg.resume, "resume checkpoint")
     committed = store.find(uri) or store.find(cfg.resume)
@@ -139,14 +158,81 @@ def find_resume_point(
             return store.latest() or committed
         if not _same(store.latest(), committed):
             store.start_lineage(
-                parent=committed, reason="branch", run=run_id, config_hash=cfg.config_hash
+                parent=committed,
+                reason="branch",
+                run=run_id,
+                config_hash=cfg.config_hash,
+                config=_dump(cfg),
             )
         return committed
     ref = CheckpointRef.of_file(uri)
     if own_retry and head.parent_outside == uri:
         return store.latest() or ref
-    store.start_lineage(parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash)
+    store.start_lineage(
+        parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash, config=_dump(cfg)
+    )
     return ref
+
+
+def _dump(cfg: "PipelineConfig") -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def _newest_compatible(
+    cfg: "PipelineConfig", experiment: Experiment, run_id: str | None
+) -> CheckpointRef | None:
+    """Auto-resume: the newest checkpoint of the newest lineage whose config the run may
+    continue without a fork (see :func:`find_resume_point`).
+
+    A lineage's config is the one it was started with, when its record has it (no load);
+    otherwise its newest checkpoint's ``meta.config``, read without its tensors, newest
+    lineage first and only until one is compatible.
+    """
+    store = experiment.store
+    lineages = store.lineages()
+    current = _dump(cfg)
+    skipped: list[str] = []
+    for lineage in reversed(lineages):
+        ref = store.latest(lineage.id)
+        if ref is None and (lineage.checkpoints or lineage.parent or lineage.parent_outside):
+            continue  # nothing valid left to resume: not a candidate
+        changes = _changes(lineage, ref, current)
+        if changes:
+            skipped.append(f"L{lineage.id} ({lineage.reason}): {'; '.join(map(str, changes))}")
+            continue
+        for line in skipped:
+            logger.warning(
+                "auto-resume of %s skipped lineage %s (its config -> this run's); it continues L%d",
+                experiment.name,
+                line,
+                lineage.id,
+            )
+        if lineage is lineages[-1]:
+            return ref
+        if ref is None:
+            store.start_lineage(
+                reason="fresh", run=run_id, config_hash=cfg.config_hash, config=current
+            )
+            return None
+        store.start_lineage(
+            parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash, config=current
+        )
+        return ref
+    return store.latest()  # none compatible: the resume refuses, naming the differences
+
+
+def _changes(lineage: Lineage, ref: CheckpointRef | None, current: dict) -> list[ConfigChange]:
+    """What would change the run if it continued ``lineage`` (from ``ref``)."""
+    saved = lineage.config
+    if saved is None and ref is not None:
+        try:
+            saved = io.load_meta(ref.uri).get("config")
+        except (CheckpointError, OSError) as err:
+            logger.warning("could not read the config of %s: %s", ref.uri, err)
+            return []  # the resume reads it again and reports the problem
+    if not isinstance(saved, dict):
+        return []  # no config recorded (not a baton pipeline's): resumed as before
+    return [c for c in compare(saved, current) if c.kind in (RUN, START)]
 
 
 def checked_checkpoint(experiment: Experiment, uri: str, what: str) -> str:

@@ -76,6 +76,11 @@ class ResumeConfigError(ConfigError, CheckpointMismatchError):
     the message lists them and names the explicit fork."""
 
 
+class RetentionConflictError(ConfigError):
+    """A run asks for another retention than the one its experiment was created with. A
+    run cannot change what an experiment keeps; an operator can (``baton ckpt retention``)."""
+
+
 class DataError(BatonError):
     """A dataset cannot be read: an empty or missing folder, an unreadable file, or train
     and validation splits whose classes differ. The message names the file or folder."""

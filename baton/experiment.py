@@ -6,6 +6,7 @@ Layout::
     manifest.json       what was committed     } (baton.checkpoint.files
     manifest.journal    ... since the snapshot } names these paths)
     .lock               held by the process that trains the experiment
+    experiment.json     what the experiment is: its retention, fixed when it was created
     metrics.jsonl       per-epoch and per-iteration metrics (baton.metrics)
     tensorboard/        TensorBoard event files (one per flow run)
     runs/               logs: runs/<timestamp>/ of each strategy, flow-<run id>.log of each
@@ -17,11 +18,17 @@ tasks and the flow all reach the folder through it. Creating an ``Experiment`` t
 nothing on disk.
 """
 
+import json
+import logging
+import os
 import re
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from baton.checkpoint.io import write_text_atomic
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
+from baton.errors import RetentionConflictError
 from baton.metrics import MetricsLog
 from baton.restarts import RestartLog
 from baton.trust import Trust
@@ -30,6 +37,9 @@ if TYPE_CHECKING:
     from baton.config import PipelineConfig
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RECORD_MAX_BYTES = 64 << 10  # experiment.json is a few lines; a bigger one is not read
+
+logger = logging.getLogger(__name__)
 
 
 def check_experiment_name(name: str) -> str:
@@ -109,3 +119,118 @@ class Experiment:
     def tensorboard_dir(self) -> Path:
         """TensorBoard's event files."""
         return self.root / "tensorboard"
+
+    # what the experiment is (experiment.json) ----------------------------------------------
+
+    @property
+    def record_path(self) -> Path:
+        """``experiment.json``: the experiment's retention, fixed when it was created."""
+        return self.root / "experiment.json"
+
+    def recorded_retention(self) -> RetentionPolicy | None:
+        """The retention the experiment was created with; ``None`` for an experiment no
+        pipeline created (the strategy used as a library) or one made before baton
+        recorded it.
+
+        Raises:
+            RetentionConflictError: ``experiment.json`` is there but unreadable.
+        """
+        try:
+            fd = os.open(self.record_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise self._unreadable(os.strerror(err.errno) if err.errno else str(err)) from err
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise self._unreadable("not a regular file")
+            data = os.read(fd, _RECORD_MAX_BYTES + 1)
+        finally:
+            os.close(fd)
+        try:
+            if len(data) > _RECORD_MAX_BYTES:
+                raise ValueError(f"larger than {_RECORD_MAX_BYTES} bytes")
+            return RetentionPolicy.from_record(json.loads(data)["retention"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise self._unreadable(str(err)) from err
+
+    def _unreadable(self, why: str) -> RetentionConflictError:
+        return RetentionConflictError(
+            f"{self.record_path} is unreadable ({why}), so the experiment's retention is "
+            "unknown and nothing is rotated; check it, or have an operator set it again: "
+            f"baton ckpt retention {self.root} --keep-last N"
+        )
+
+    def fix_retention(self, asked: RetentionPolicy) -> RetentionPolicy:
+        """Hold a run to the retention the experiment was created with; call it under the
+        experiment's lock, before the run writes anything.
+
+        A new experiment records ``asked``. One made before baton recorded retention
+        adopts ``asked`` too (the first run's), and says so in the log. Otherwise
+        ``asked`` must be the recorded policy: a run adds to an experiment and cannot
+        change which of its earlier checkpoints rotation deletes (an operator can:
+        :meth:`set_retention`, ``baton ckpt retention``).
+
+        Returns:
+            The experiment's retention, which the store now applies.
+
+        Raises:
+            RetentionConflictError: ``asked`` differs from the recorded policy.
+        """
+        asked = asked.normalised()
+        recorded = self.recorded_retention()
+        if recorded is None:
+            if self.store.manifest_path.exists() or self.store.journal_path.exists():
+                logger.warning(
+                    "experiment %s records no retention (made before baton recorded it): "
+                    "adopting this run's, %s; later runs must ask for the same, or an "
+                    "operator changes it with `baton ckpt retention %s`",
+                    self.name,
+                    asked,
+                    self.root,
+                )
+            self.set_retention(asked)
+            return asked
+        if recorded != asked:
+            raise RetentionConflictError(
+                f"experiment {self.name} keeps {recorded} (its retention, fixed when it was "
+                f"created), and this run asks for {asked}: a run cannot change which "
+                "checkpoints an experiment keeps. Remove the run's checkpoint.keep_last/"
+                "keep_best/best_metric/best_mode override, or have an operator change the "
+                f"experiment's retention: baton ckpt retention {self.root} "
+                f"{retention_flags(asked)}"
+            )
+        self.store.retention = recorded
+        return recorded
+
+    def set_retention(self, policy: RetentionPolicy) -> None:
+        """Record ``policy`` as the experiment's retention (an operator's command, or the
+        run that creates the experiment); call it under the experiment's lock. Rotation
+        applies it from the next commit on; ``baton ckpt prune`` applies it now."""
+        record = {"version": 1, "retention": policy.as_record()}
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.record_path, json.dumps(record, indent=1) + "\n")
+        self.store.retention = policy.normalised()
+
+    def ran(self, run_id: str) -> bool:
+        """Whether the flow run ``run_id`` trained this experiment: its log
+        (:meth:`flow_log_path`, written once the run held the lock) is here. ``run_id`` may
+        come from a run's parameters: anything but a plain id is ``False``."""
+        if not isinstance(run_id, str) or not _NAME_RE.match(run_id) or ".." in run_id:
+            return False
+        try:
+            return stat.S_ISREG(os.lstat(self.flow_log_path(run_id)).st_mode)
+        except OSError:
+            return False
+
+
+def retention_flags(policy: RetentionPolicy) -> str:
+    """``policy`` as the options of ``baton ckpt retention`` and ``baton ckpt prune``."""
+    keep_last = "all" if policy.keep_last is None else policy.keep_last
+    flags = f"--keep-last {keep_last}"
+    if policy.keep_best:
+        flags += (
+            f" --keep-best {policy.keep_best} --best-metric {policy.best_metric} "
+            f"--best-mode {policy.best_mode}"
+        )
+    return flags

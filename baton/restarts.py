@@ -5,7 +5,8 @@ If it crashes every time (a poisoned batch, an out-of-memory at the same step), 
 would go on for ever. Each automatic restart therefore claims one slot in the
 experiment's restart log, ``runs/restarts.json``, under the experiment's lock; when
 ``limit`` restarts already happened within ``window``, the claim is refused and the run
-ends Failed (which the automation does not restart) with a message that says why.
+ends Failed (which the automation does not restart) with a message that says why. A
+crashed run is restarted once: another run that claims to continue it is refused too.
 
 The bound is the operator's: ``BATON_RESTART_LIMIT`` (default 3) and
 ``BATON_RESTART_WINDOW_HOURS`` (default 24) in the worker's environment or the
@@ -102,19 +103,29 @@ class RestartLog:
     ) -> int:
         """Record that ``run`` restarts the crashed run ``continues``, within ``bound``.
 
-        Claiming again for the same ``run`` (a flow retry) counts once.
+        Claiming again for the same ``run`` (a flow retry) counts once. A crashed run is
+        restarted once: another run that claims to continue it (anyone can name a crashed
+        run in a run's ``restart_of``) is refused before anything is counted, so it cannot
+        spend the experiment's restarts.
 
         Returns:
             How many restarts of this experiment lie within the window, this one included.
 
         Raises:
-            RestartRefusedError: ``bound.limit`` restarts already happened within the window.
+            RestartRefusedError: ``bound.limit`` restarts already happened within the window,
+                or another run already restarted ``continues``.
         """
         now = now or datetime.now(UTC)
         continues = continues[:200]  # a run's parameter: bounded before it is stored
         recent = [r for r in self.restarts() if now - r.time < bound.window]
         if any(r.run == run for r in recent):
             return len(recent)
+        earlier = next((r for r in recent if r.continues == continues), None)
+        if earlier is not None:
+            raise RestartRefusedError(
+                f"crashed run {continues!r} was already restarted by run {earlier.run!r}; "
+                "a crashed run is restarted once. Follow that run, or start it by hand"
+            )
         if len(recent) >= bound.limit:
             if not recent:
                 raise RestartRefusedError(

@@ -202,7 +202,7 @@ def _lineage_line(lineage, *, newest: bool) -> str:
     count = len(lineage.checkpoints)
     parts.append(f"{count} checkpoint{'s' if count != 1 else ''}")
     line = ", ".join(parts)
-    return line + " <- newest: auto-resume continues it" if newest else line
+    return line + " <- newest: auto-resume continues it (a config it fits)" if newest else line
 
 
 def _not_a_checkpoint(path: Path) -> str | None:
@@ -262,6 +262,96 @@ def cmd_ckpt_inspect(args) -> int:
         "meta": meta,
     }
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _experiment_at(path: Path):
+    """The experiment in the folder an operator named; it must hold one already."""
+    from baton.errors import ConfigError
+    from baton.experiment import Experiment
+
+    path = path.expanduser().absolute()
+    try:
+        experiment = Experiment(path.parent, path.name)
+    except ValueError as err:
+        raise ConfigError(f"{path} is not an experiment folder: {err}") from err
+    store = experiment.store
+    if not (
+        store.manifest_path.exists()
+        or store.journal_path.exists()
+        or experiment.record_path.exists()
+    ):
+        raise ConfigError(f"{path} holds no experiment (no manifest.json, no experiment.json)")
+    return experiment
+
+
+def _policy(args):
+    """The retention policy the options name."""
+    from baton import RetentionPolicy
+    from baton.errors import ConfigError
+
+    try:
+        return RetentionPolicy(
+            keep_last=None if args.keep_last == "all" else args.keep_last,
+            keep_best=args.keep_best,
+            best_metric=args.best_metric,
+            best_mode=args.best_mode,
+        ).normalised()
+    except ValueError as err:
+        raise ConfigError(f"baton ckpt {args.ckpt_command}: {err}") from err
+
+
+def cmd_ckpt_prune(args) -> int:
+    """Delete an experiment's committed checkpoints that a retention policy does not keep:
+    the operator's command (a run can only rotate by the experiment's own retention)."""
+    experiment = _experiment_at(args.experiment_dir)
+    policy = _policy(args)
+    lineage = None
+    if args.lineage is not None:
+        digits = args.lineage.removeprefix("L")
+        if not digits.isdigit():
+            from baton.errors import ConfigError
+
+            raise ConfigError(f"--lineage {args.lineage!r}: name a lineage as L2 or 2")
+        lineage = int(digits)
+    if args.dry_run:  # reads only: no lock, no repair written
+        dropped = experiment.store.prune(policy, lineage=lineage, dry_run=True)
+    else:
+        with experiment.lock():
+            dropped = experiment.store.prune(policy, lineage=lineage)
+    verb = "would delete" if args.dry_run else "deleted"
+    for ref in dropped:
+        print(f"{verb} {ref.uri} (epoch {ref.epoch}, iter {ref.iter})")
+    recorded = experiment.recorded_retention()
+    print(
+        f"{experiment.name}: {len(dropped)} checkpoint{'s' if len(dropped) != 1 else ''} "
+        f"{'would be deleted' if args.dry_run else 'deleted'} by {policy}; runs keep rotating by the experiment's retention, "
+        f"{recorded or 'not recorded yet'} (change it with `baton ckpt retention`)"
+    )
+    return 0
+
+
+def cmd_ckpt_retention(args) -> int:
+    """Show an experiment's recorded retention, or set it (the operator's command)."""
+    from baton.errors import RetentionConflictError
+
+    experiment = _experiment_at(args.experiment_dir)
+    if args.keep_last is None:
+        recorded = experiment.recorded_retention()
+        shown = recorded or "none recorded (the next run records its own)"
+        print(f"{experiment.name}: retention {shown}")
+        return 0
+    policy = _policy(args)
+    with experiment.lock():
+        try:
+            old = experiment.recorded_retention()
+        except RetentionConflictError:
+            old = "unreadable"  # the operator sets it again
+        experiment.set_retention(policy)
+    print(
+        f"{experiment.name}: retention {old or 'none recorded'} -> {policy}; rotation "
+        "applies it from the next commit; `baton ckpt prune` applies it now"
+    )
     return 0
 
 
@@ -361,7 +451,7 @@ def _add_run(commands) -> None:
 
 
 def _add_ckpt(commands) -> None:
-    ckpt = commands.add_parser("ckpt", help="list or inspect checkpoints")
+    ckpt = commands.add_parser("ckpt", help="list, inspect or prune checkpoints")
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
     listing = ckpt_commands.add_parser(
         "list", help="an experiment's checkpoints and their validity"
@@ -371,6 +461,40 @@ def _add_ckpt(commands) -> None:
     inspect_ = ckpt_commands.add_parser("inspect", help="what a checkpoint file holds")
     inspect_.add_argument("checkpoint")
     inspect_.set_defaults(func=cmd_ckpt_inspect)
+    prune = ckpt_commands.add_parser(
+        "prune", help="delete the committed checkpoints a retention policy does not keep"
+    )
+    prune.add_argument("experiment_dir", type=Path)
+    prune.add_argument("--keep-last", type=_count, required=True, metavar="N")
+    _best_args(prune)
+    prune.add_argument("--lineage", metavar="NAME", help="only this lineage (L2); default: all")
+    prune.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+    prune.set_defaults(func=cmd_ckpt_prune)
+    retention = ckpt_commands.add_parser(
+        "retention", help="show or set the retention runs of an experiment rotate by"
+    )
+    retention.add_argument("experiment_dir", type=Path)
+    retention.add_argument(
+        "--keep-last", type=_count_or_all, metavar="N|all", help="set it: keep N newest per lineage"
+    )
+    _best_args(retention)
+    retention.set_defaults(func=cmd_ckpt_retention)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _count_or_all(text: str) -> int | str:
+    return text if text == "all" else _count(text)
+
+
+def _best_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-best", type=int, default=0, metavar="K")
+    parser.add_argument("--best-metric", metavar="METRIC", help="e.g. val/accuracy")
+    parser.add_argument("--best-mode", choices=("max", "min"), default="max")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Lineages: the chains of runs in one experiment, read from its committed state.
 
 **Lineages.** Every checkpoint belongs to a lineage: a chain of runs that continue each
-other. A run that resumes automatically continues the newest lineage; a fresh start
+other. A run that resumes automatically continues the newest lineage its config may
+continue (:func:`baton.control.find_resume_point`); a fresh start
 (``resume: never``), a resume from an older checkpoint (a branch) and a fork with a new
 config start a new one (:meth:`baton.checkpoint.store.CheckpointStore.start_lineage`).
 "Latest" is the newest commit of the newest lineage (or, while that lineage has none yet,
@@ -37,6 +38,9 @@ class Lineage:
             checkpoints (recorded, never read by the store).
         run: The run that started it, when the caller named one.
         config_hash: The config it was started with, when the caller gave one.
+        config: That resolved config itself, when the caller gave it: auto-resume compares
+            it with a run's config without loading a checkpoint (the keys that change the
+            run stay the same along a lineage: changing one forks a new lineage).
         checkpoints: Its committed checkpoints in commit order.
     """
 
@@ -48,6 +52,7 @@ class Lineage:
     run: str | None = None
     config_hash: str | None = None
     checkpoints: tuple[CheckpointRef, ...] = ()
+    config: dict | None = None
 
 
 def lineages_of(state: manifest.ManifestState, checkpoint_dir: Path) -> list[Lineage]:
@@ -75,17 +80,23 @@ def lineages_of(state: manifest.ManifestState, checkpoint_dir: Path) -> list[Lin
                 run=raw.get("run"),
                 config_hash=raw.get("config_hash"),
                 checkpoints=tuple(members[lineage_id]),
+                config=raw.get("config") if isinstance(raw.get("config"), dict) else None,
             )
         )
     return out
 
 
 def latest_in(
-    state: manifest.ManifestState, valid: Callable[[dict], bool], checkpoint_dir: Path
+    state: manifest.ManifestState,
+    valid: Callable[[dict], bool],
+    checkpoint_dir: Path,
+    lineage: int | None = None,
 ) -> CheckpointRef | None:
-    """The newest ``valid`` entry of the newest lineage; while that lineage has none, the
-    newest valid one it descends from (through its parents). ``None`` if there is none."""
-    lineage, limit, seen = state.head, math.inf, set()
+    """The newest ``valid`` entry of ``lineage`` (by default the newest lineage); while that
+    lineage has none, the newest valid one it descends from (through its parents). ``None``
+    if there is none."""
+    lineage = state.head if lineage is None else lineage
+    limit, seen = math.inf, set()
     while lineage is not None and lineage not in seen:
         seen.add(lineage)
         for entry in reversed(state.entries.values()):

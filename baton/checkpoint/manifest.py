@@ -9,6 +9,9 @@
                       "metrics": {"val/accuracy": 0.97, "val/loss": null}, "created": ...}],
      "outside": [{"seq": 4, "what": "/etc/passwd", "problem": "an absolute path..."}]}
 
+A lineage started by a run records the run's resolved config (``"config"``), which
+auto-resume compares with the next run's (:func:`baton.control.find_resume_point`).
+
 ``manifest.journal`` starts with a header line naming the snapshot generation it
 follows, then one line per change: ``<crc32 of the JSON, 8 hex digits> <JSON>``, where
 the JSON is ``{"op": "lineage", "lineage": {...}}`` or ``{"op": "commit", "entry": {...},
@@ -147,6 +150,8 @@ class ManifestState:
             "run": raw.get("run"),
             "config_hash": raw.get("config_hash"),
         }
+        if isinstance(raw.get("config"), dict):
+            self.lineages[lineage_id]["config"] = raw["config"]
 
     def add_entry(self, raw: dict) -> None:
         """Take an entry as recorded; one that points outside goes to ``outside``."""

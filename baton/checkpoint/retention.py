@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 from baton.checkpoint import manifest
@@ -47,17 +47,66 @@ class RetentionPolicy:
         if self.best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
 
+    def normalised(self) -> RetentionPolicy:
+        """The same policy with what it does not use left out: without ``keep_best``, the
+        metric and its mode keep nothing, so two policies that differ only there are one."""
+        if self.keep_best:
+            return self
+        return RetentionPolicy(keep_last=self.keep_last)
+
+    def as_record(self) -> dict:
+        """The policy as JSON (an experiment's ``experiment.json`` records it)."""
+        return asdict(self.normalised())
+
+    @classmethod
+    def from_record(cls, record: dict) -> RetentionPolicy:
+        """The policy :meth:`as_record` wrote.
+
+        Raises:
+            ValueError: ``record`` is not such a policy.
+        """
+        if not isinstance(record, dict) or set(record) - {f.name for f in fields(cls)}:
+            raise ValueError(f"not a retention policy: {record!r}")
+        keep_last = record.get("keep_last")
+        if keep_last is not None and (type(keep_last) is not int):
+            raise ValueError(f"keep_last must be a whole number or null, got {keep_last!r}")
+        keep_best = record.get("keep_best", 0)
+        if type(keep_best) is not int:
+            raise ValueError(f"keep_best must be a whole number, got {keep_best!r}")
+        metric = record.get("best_metric")
+        if metric is not None and not isinstance(metric, str):
+            raise ValueError(f"best_metric must be a string or null, got {metric!r}")
+        return cls(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            best_metric=metric,
+            best_mode=record.get("best_mode", "max"),
+        ).normalised()
+
+    def __str__(self) -> str:
+        text = f"keep_last={self.keep_last}"
+        if self.keep_best:
+            text += f", keep_best={self.keep_best} by {self.best_metric} ({self.best_mode})"
+        return text
+
 
 def rotation_drops(policy: RetentionPolicy, state: manifest.ManifestState, new: dict) -> list[int]:
     """The ``seq`` of every entry that committing ``new`` under ``policy`` drops."""
-    if policy.keep_last is None:
-        return []
     own = [
         e
         for e in state.entries.values()
         if e["lineage"] == new["lineage"] and e["path"] != new["path"]
     ] + [new]
-    keep = {e["seq"] for e in own[-policy.keep_last :]} | {new["seq"]} | state.parent_seqs()
+    return lineage_drops(policy, own, keep={new["seq"]} | state.parent_seqs())
+
+
+def lineage_drops(policy: RetentionPolicy, own: list[dict], *, keep: set[int]) -> list[int]:
+    """The ``seq`` of every entry of one lineage (``own``, in commit order) that ``policy``
+    drops; the entries in ``keep`` stay whatever the policy says. The one rule of rotation,
+    used by a commit and by an operator's prune (:meth:`CheckpointStore.prune`)."""
+    if policy.keep_last is None:
+        return []
+    keep = {e["seq"] for e in own[-policy.keep_last :]} | keep
     if policy.keep_best and policy.best_metric:
         metric = policy.best_metric
         scored = [e for e in own if manifest.finite(e["metrics"].get(metric))]

@@ -192,6 +192,30 @@ def load(uri: str, *, map_location: MapLocation = "cpu", trusted: bool | None = 
             ) from err
 
 
+def load_meta(uri: str) -> dict:
+    """A checkpoint's ``meta`` (``{}`` if it has none), without reading its tensors where
+    that can be avoided: a local file of torch's zip format is memory-mapped, so only its
+    pickled structure is read; anything else is loaded whole (safely, as :func:`load`).
+
+    Raises:
+        As :func:`load`.
+    """
+    checkpoint = None
+    if is_local(uri):
+        _open_regular_file(local_path(uri)).close()  # a device or FIFO is refused, not mapped
+        try:
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                checkpoint = torch.load(
+                    local_path(uri), map_location="cpu", weights_only=True, mmap=True
+                )
+        except (RuntimeError, pickle.UnpicklingError, ValueError, OSError, EOFError):
+            checkpoint = None  # the legacy format, or a problem load reports better
+    if checkpoint is None:
+        checkpoint = load(uri)
+    meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

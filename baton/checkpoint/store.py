@@ -31,7 +31,12 @@ from baton.checkpoint.integrity import CheckedEntry, StoreCheck
 from baton.checkpoint.lineage import Lineage, check_target, latest_in, lineages_of, parent_record
 from baton.checkpoint.lock import experiment_lock
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
-from baton.checkpoint.retention import RetentionPolicy, delete_rotated, rotation_drops
+from baton.checkpoint.retention import (
+    RetentionPolicy,
+    delete_rotated,
+    lineage_drops,
+    rotation_drops,
+)
 from baton.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -148,12 +153,14 @@ class CheckpointStore:
             logger.warning("skipping checkpoint: %s", problem)
         return problem is None
 
-    def latest(self) -> CheckpointRef | None:
-        """The newest valid commit of the newest lineage; while that lineage has none,
-        the newest valid one it descends from. ``None`` if there is none."""
+    def latest(self, lineage: int | None = None) -> CheckpointRef | None:
+        """The newest valid commit of the newest lineage (or of ``lineage``); while that
+        lineage has none, the newest valid one it descends from. ``None`` if there is none."""
         state = self._view()
-        ref = latest_in(state, lambda entry: self.is_valid(self._ref(entry)), self.checkpoint_dir)
-        if ref is None:
+        ref = latest_in(
+            state, lambda entry: self.is_valid(self._ref(entry)), self.checkpoint_dir, lineage
+        )
+        if ref is None and lineage is None:
             logger.info("no valid checkpoint in %s", self.root)
         return ref
 
@@ -206,6 +213,7 @@ class CheckpointStore:
         reason: str = "fresh",
         run: str | None = None,
         config_hash: str | None = None,
+        config: dict | None = None,
     ) -> int:
         """Start a new lineage: every later commit goes to it, and auto-resume continues it.
 
@@ -221,6 +229,8 @@ class CheckpointStore:
             run: The run that starts it (a flow run id), so a retry of that run can tell
                 its own lineage.
             config_hash: The resolved config's hash, for a fork.
+            config: The resolved config the lineage is started with (see
+                :attr:`Lineage.config`).
 
         Returns:
             The new lineage's id.
@@ -237,6 +247,8 @@ class CheckpointStore:
                 "run": run,
                 "config_hash": config_hash,
             }
+            if config is not None:
+                record["config"] = config
             committed.append(self._files, state, {"op": "lineage", "lineage": record})
         logger.info("started lineage %d of %s (%s)", lineage_id, self.root.name, reason)
         return lineage_id
@@ -318,6 +330,48 @@ class CheckpointStore:
             committed.append(self._files, state, {"op": "commit", "entry": entry, "drop": drop})
             delete_rotated(self._files, [PurePosixPath(p).name for p in dropped])
             return self._ref(entry)
+
+    def prune(
+        self, policy: RetentionPolicy, *, lineage: int | None = None, dry_run: bool = False
+    ) -> list[CheckpointRef]:
+        """Delete the committed checkpoints that ``policy`` does not keep, in every lineage
+        (or in ``lineage``): an operator's command (``baton ckpt prune``), never a run's.
+
+        Each lineage is rotated as its commits are (the same rule), and a checkpoint another
+        lineage starts from stays. The manifest without them is written (a new snapshot,
+        atomically) before any file is deleted. Call it under the experiment's lock.
+
+        Args:
+            dry_run: Say what would go; change nothing.
+
+        Returns:
+            The checkpoints dropped (or that would be), in commit order.
+
+        Raises:
+            CheckpointError: ``lineage`` is not one of the experiment's.
+        """
+        with committed.manifest_lock(self.root):
+            state = self._load() if dry_run else committed.writable(self._files)
+            if lineage is not None and lineage not in state.lineages:
+                raise CheckpointError(
+                    f"{self.root.name} has no lineage L{lineage}; its lineages are "
+                    f"{', '.join(f'L{k}' for k in sorted(state.lineages)) or 'none'}"
+                )
+            drop: list[int] = []
+            for lineage_id in sorted(state.lineages) if lineage is None else [lineage]:
+                own = [e for e in state.entries.values() if e["lineage"] == lineage_id]
+                drop += lineage_drops(policy, own, keep=state.parent_seqs())
+            drop.sort()
+            dropped = [self._ref(state.entries[seq]) for seq in drop]
+            if dry_run or not drop:
+                return dropped
+            names = [PurePosixPath(state.entries[seq]["path"]).name for seq in drop]
+            for seq in drop:
+                state.drop(seq)
+            committed.compact(self._files, state)
+            delete_rotated(self._files, names)
+        logger.info("pruned %d checkpoints of %s (%s)", len(drop), self.root.name, policy)
+        return dropped
 
     def rebuild(self) -> list[CheckpointRef]:
         """Rebuild the manifest from the checkpoint files that load safely.

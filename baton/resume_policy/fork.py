@@ -169,6 +169,7 @@ class ResumeCheck:
             parent=source or self.ref,
             reason="fork",
             config_hash=self.pipeline.config.config_hash,
+            config=self.pipeline.config.model_dump(mode="json"),
         )
 
 

@@ -69,3 +69,17 @@ def test_the_bound_comes_from_the_operators_environment():
         RestartBound.from_env({"BATON_RESTART_LIMIT": "three"})
     with pytest.raises(ValueError, match="must not be negative"):
         RestartBound.from_env({"BATON_RESTART_LIMIT": "-1"})
+
+
+def test_a_crashed_run_is_restarted_once_however_many_runs_claim_it(tmp_path):
+    log = RestartLog(tmp_path / "runs" / "restarts.json")
+    bound = RestartBound(limit=3)
+    assert log.claim("run-1", "fox", bound, now=NOON) == 1
+    for other in ("run-2", "run-3", "run-4"):
+        with pytest.raises(
+            RestartRefusedError, match="crashed run 'fox' was already restarted by run 'run-1'"
+        ):
+            log.claim(other, "fox", bound, now=NOON + timedelta(minutes=1))
+    assert [r.run for r in log.restarts()] == ["run-1"]  # the refusals spent nothing
+    assert log.claim("run-1", "fox", bound, now=NOON + timedelta(minutes=2)) == 1  # a flow retry
+    assert log.claim("run-5", "owl", bound, now=NOON + timedelta(minutes=3)) == 2

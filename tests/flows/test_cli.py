@@ -10,6 +10,7 @@ import yaml
 
 from baton import pipeline as pl
 from baton.config import validate
+from baton.errors import ConfigError
 from baton.flows.cli import main
 
 from .conftest import small_config
@@ -106,3 +107,49 @@ def test_run_work_dir_is_relative_to_where_the_command_runs(prefect_harness, tmp
     assert main(["run", path, "--work-dir", "out"]) == 0
     assert (here / "out" / "exp" / "checkpoints" / "epoch_0001.pth").is_file()
     assert not (project / "out").exists()
+
+
+def test_ckpt_prune_deletes_what_the_policy_does_not_keep_and_dry_run_nothing(tmp_path, capsys):
+    cfg = small_config(tmp_path / "wd", **{"train.max_epochs": 4})
+    pl.run(validate(cfg))
+    experiment = Path(cfg["work_dir"]) / cfg["experiment_name"]
+    files = sorted(p.name for p in (experiment / "checkpoints").iterdir())
+    assert len(files) == 4  # every checkpoint kept: keep_last null
+
+    assert main(["ckpt", "prune", str(experiment), "--keep-last", "1", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2].rsplit("/", 1)[1] for line in lines[:-1]] == files[:3]
+    assert "3 checkpoints would be deleted by keep_last=1" in lines[-1]
+    assert sorted(p.name for p in (experiment / "checkpoints").iterdir()) == files
+
+    assert main(["ckpt", "prune", str(experiment), "--keep-last", "2", "--lineage", "L1"]) == 0
+    assert "2 checkpoints deleted" in capsys.readouterr().out
+    assert sorted(p.name for p in (experiment / "checkpoints").iterdir()) == files[2:]
+    assert main(["ckpt", "list", str(experiment)]) == 0
+    assert capsys.readouterr().out.count("ok ") == 2
+    assert main(["ckpt", "prune", str(experiment), "--keep-last", "1", "--lineage", "L7"]) == 1
+    assert "no lineage L7" in capsys.readouterr().err
+    # the runs' retention is unchanged: a run of the same config still keeps every file
+    p, _ = pl.run(validate({**cfg, "train": {**cfg["train"], "max_epochs": 5}}))
+    assert [r.epoch for r in p.strategy.checkpoints.list()] == [3, 4, 5]
+
+
+def test_ckpt_retention_is_the_operators_way_to_change_what_runs_keep(tmp_path, capsys):
+    cfg = small_config(tmp_path / "wd", **{"train.max_epochs": 2})
+    pl.run(validate(cfg))
+    experiment = Path(cfg["work_dir"]) / cfg["experiment_name"]
+    assert main(["ckpt", "retention", str(experiment)]) == 0
+    assert "retention keep_last=None" in capsys.readouterr().out
+    shrunk = {**cfg, "train": {**cfg["train"], "max_epochs": 3}}
+    shrunk["checkpoint"] = {**cfg["checkpoint"], "keep_last": 1}
+    with pytest.raises(ConfigError, match="baton ckpt retention .* --keep-last 1"):
+        pl.run(validate(shrunk))
+
+    assert main(["ckpt", "retention", str(experiment), "--keep-last", "1"]) == 0
+    assert "keep_last=None -> keep_last=1" in capsys.readouterr().out
+    p, _ = pl.run(validate(shrunk))
+    assert [r.epoch for r in p.strategy.checkpoints.list()] == [3]
+    assert main(["ckpt", "retention", str(experiment), "--keep-last", "all"]) == 0
+    assert "-> keep_last=None" in capsys.readouterr().out
+    assert main(["ckpt", "retention", str(tmp_path / "nothing-here"), "--keep-last", "1"]) == 2
+    assert not (tmp_path / "nothing-here").exists()
