@@ -267,7 +267,7 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
     with experiment.lock(), _run_log_file(experiment), deferred_termination() as stop:
         run_id = None
         if crashed is not None:
-            if not experiment.flow_log_path(str(crashed.id)).exists():
+            if not experiment.ran(str(crashed.id)):
                 raise RestartRefusedError(
                     f"not restarting {crashed.name!r}: it never trained experiment "
                     f"{experiment.name!r}; start the run by hand"
