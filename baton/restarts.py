@@ -9,8 +9,8 @@ ends Failed (which the automation does not restart) with a message that says why
 crashed run is restarted once: another run that claims to continue it is refused too.
 
 The bound is the operator's: ``BATON_RESTART_LIMIT`` (default 3) and
-``BATON_RESTART_WINDOW_HOURS`` (default 24) in the worker's environment or the
-deployment's job variables, never a run's parameters.
+``BATON_RESTART_WINDOW_HOURS`` (default 24) in the worker's environment, never a run's
+parameters or job variables.
 """
 
 import json

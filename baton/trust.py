@@ -4,7 +4,7 @@ Configs, overrides and flow parameters come from whoever can fill in the Prefect
 run form, so nothing in them can widen what a run may reach. Trust comes only from the
 operator, who controls the worker's machine and environment:
 
-* environment variables of the worker or the deployment's job variables:
+* environment variables of the worker (a run of a deployment gets the worker's environment):
   ``BATON_ALLOWED_MODULES`` and ``BATON_ALLOWED_SCHEMES`` (comma-separated),
   ``BATON_CONFIG_ROOTS``, ``BATON_CHECKPOINT_ROOTS``, ``BATON_WORK_DIR_ROOTS`` and
   ``BATON_DATA_ROOTS`` (folders, separated by ``os.pathsep``);

@@ -1,6 +1,6 @@
 """The flows' parameters as the Prefect UI sends them, through a real deployment on a
 real server with a real worker: every payload fails its run once, tells why in the
-run's state message, and has no effect."""
+run's state message, and has no effect. Job variables and experiments: test_run_form.py."""
 
 import re
 
@@ -40,20 +40,6 @@ def test_hostile_parameters_fail_once_and_do_nothing(server, tmp_path):
         runs["config outside configs/"] = server.create_run(
             "train-pipeline/train-from-ui", parameters
         )
-        # Trust smuggled in through the run's own job variables (the UI's custom run form)
-        dep = server.deployment("train-pipeline/train-from-ui")
-        smuggled = next(p for p in chosen if p.name == "self-widened allowlist")
-        parameters = ui_parameters(small_config(tmp_path / "wd-env", name="env"))
-        parameters["overrides"] = smuggled.overrides[1:]
-        response = server.http.post(
-            f"/deployments/{dep['id']}/create_flow_run",
-            json={
-                "parameters": parameters,
-                "job_variables": {"env": {"BATON_ALLOWED_MODULES": "tests,subprocess"}},
-            },
-        )
-        assert response.status_code == 201, response.text
-        runs["trust in the run's job variables"] = response.json()["id"]
         worker = server.worker()
         try:
             finals = {name: server.wait_state(r, TERMINAL, timeout=300) for name, r in runs.items()}
@@ -62,7 +48,6 @@ def test_hostile_parameters_fail_once_and_do_nothing(server, tmp_path):
         assert finals == dict.fromkeys(runs, "FAILED")
         expected = {p.name: p.refusal for p in chosen}
         expected["config outside configs/"] = r"outside the project's configs/ folder"
-        expected["trust in the run's job variables"] = r"sets BATON_ALLOWED_MODULES in its own job"
         for name, run_id in runs.items():
             run = server.run(run_id)
             assert run["run_count"] == 1, f"{name}: retried"
