@@ -16,6 +16,8 @@ operator, who controls the worker's machine and environment:
 
 The project folder is ``BATON_PROJECT_DIR`` or the current directory: configs passed by
 path must live in its ``configs/`` (or a config root), relative paths resolve against it.
+The operator's quotas live beside these settings, in ``[tool.baton.quotas]`` and
+``BATON_MAX_*`` variables (:mod:`baton.quotas`).
 """
 
 import os
@@ -72,6 +74,10 @@ SETTINGS = {
 
 _PATH_SETTINGS = ("config_roots", "checkpoint_roots", "work_dir_roots", "data_roots")
 
+# Sub-tables of [tool.baton] read elsewhere: quotas (baton.quotas) and per-deployment
+# settings (deployments, left to the deployment tooling).
+SUBTABLES = ("quotas", "deployments")
+
 # Config files are small; anything larger is refused before it is read.
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
@@ -108,7 +114,7 @@ class Trust:
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> "Trust":
         """The trust in effect for this process: environment plus ``[tool.baton]``."""
         environ = os.environ if environ is None else environ
-        project = Path(environ.get("BATON_PROJECT_DIR") or Path.cwd()).resolve()
+        project = project_dir(environ)
         table = _pyproject_table(project)
         values: dict[str, tuple] = {}
         for setting, (env, _) in SETTINGS.items():
@@ -263,6 +269,28 @@ def check_regular_file(path: Path, what: str, *, max_bytes: int | None = None) -
         )
 
 
+def project_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The project folder: ``BATON_PROJECT_DIR`` or the current directory."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("BATON_PROJECT_DIR") or Path.cwd()).resolve()
+
+
+def pyproject_subtable(project: Path, name: str) -> dict:
+    """The ``[tool.baton.<name>]`` table of the project's pyproject.toml (one of
+    ``SUBTABLES``); empty if there is none.
+
+    Raises:
+        UntrustedInputError: The file cannot be read, or ``name`` is not a table.
+    """
+    table = _pyproject_table(project).get(name, {})
+    if not isinstance(table, dict):
+        raise UntrustedInputError(
+            f"[tool.baton] {name} in {project / 'pyproject.toml'} must be a table "
+            f"([tool.baton.{name}])"
+        )
+    return table
+
+
 def _pyproject_table(project: Path) -> dict:
     path = project / "pyproject.toml"
     try:
@@ -273,10 +301,11 @@ def _pyproject_table(project: Path) -> dict:
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise UntrustedInputError(f"{path} cannot be read: {err}") from err
     table = data.get("tool", {}).get("baton", {})
-    unknown = sorted(set(table) - set(SETTINGS))
+    unknown = sorted(set(table) - set(SETTINGS) - set(SUBTABLES))
     if unknown:
         raise UntrustedInputError(
-            f"[tool.baton] in {path} has unknown key(s) {unknown}; known: {', '.join(SETTINGS)}"
+            f"[tool.baton] in {path} has unknown key(s) {unknown}; known: "
+            f"{', '.join([*SETTINGS, *SUBTABLES])}"
         )
     return table
 

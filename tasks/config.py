@@ -8,10 +8,15 @@ from prefect.context import FlowRunContext
 
 from baton.config import load_config, run_settings
 from baton.errors import UntrustedInputError
+from baton.quotas import QUOTAS
 from baton.trust import SETTINGS
 
 # Environment variables that decide what a run may reach: the operator's, never a run's.
-TRUST_VARIABLES = frozenset({env for env, _ in SETTINGS.values()} | {"BATON_PROJECT_DIR"})
+TRUST_VARIABLES = frozenset(
+    {env for env, _ in SETTINGS.values()}
+    | {env for env, _ in QUOTAS.values()}
+    | {"BATON_PROJECT_DIR"}
+)
 
 
 @task(name="validate-config", cache_policy=NO_CACHE)
