@@ -199,7 +199,7 @@ def semantic_problems(
     if (cfg.train.max_epochs is None) == (cfg.train.max_iters is None):
         add(("train",), "give exactly one of max_epochs and max_iters")
     else:
-        for path, message in quotas.horizon_problems(cfg, epoch_length=None):
+        for path, message in quotas.plan_problems(cfg, epoch_length=None):
             add(path, message)
     for key in ("train_data", "val_data"):
         section = getattr(cfg, key)

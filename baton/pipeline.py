@@ -20,7 +20,6 @@ from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig
 from baton.control import find_resume_point
 from baton.data import ResumableLoader, check_same_classes
-from baton.errors import QuotaError
 from baton.experiment import Experiment
 from baton.quotas import Quotas
 from baton.steps import (
@@ -156,12 +155,7 @@ def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
     # What validation could not know: the horizon and the checkpoint plan in real
     # iterations, before the model is allocated.
     quotas = Quotas.from_environment(folder=experiment.work_dir)
-    over_quota = quotas.horizon_problems(cfg, epoch_length)
-    if over_quota:
-        raise QuotaError(
-            "; ".join(f"{'.'.join(path)}: {message}" for path, message in over_quota),
-            [message for _, message in over_quota],
-        )
+    quotas.check_plan(cfg, epoch_length)
     wrapper = cfg.optim_wrapper.model_dump(exclude_none=True, exclude={"clip_grad"})
     if cfg.optim_wrapper.clip_grad is not None:
         wrapper["clip_grad"] = cfg.optim_wrapper.clip_grad.kwargs()
@@ -181,8 +175,10 @@ def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
             "train_micro_batch_size_per_gpu": cfg.train_data.batch_size,
         },
     )
-    # Lazy parameters are counted once materialized (Quotas.check_model).
+    # Lazy parameters are counted once materialized (Quotas.check_model); the plan's
+    # bytes follow the model as far as it is known.
     quotas.check_model(strategy.model)
+    quotas.check_plan(cfg, epoch_length, strategy.model)
     loss_fn = build.build(cfg.loss, "loss", trust=trust)
     return Pipeline(cfg, strategy, train_loader, val_loader, loss_fn, max_epochs, max_iters)
 

@@ -220,7 +220,7 @@ class Quotas:
 
         handle = model.register_forward_hook(after_forward)
 
-    def horizon_problems(self, cfg: "PipelineConfig", epoch_length: int | None) -> list[tuple]:
+    def plan_problems(self, cfg: "PipelineConfig", epoch_length: int | None) -> list[tuple]:
         """``(key path, message)`` for a horizon over ``max_iterations`` and a checkpoint
         plan over the experiment's files quota; with ``epoch_length`` unknown (at
         validation) the counts are lower bounds, every epoch at least one iteration."""
@@ -256,6 +256,26 @@ class Quotas:
                 )
             )
         return problems
+
+    def check_plan(
+        self, cfg: "PipelineConfig", epoch_length: int, model: nn.Module | None = None
+    ) -> None:
+        """Refuse what :meth:`plan_problems` finds with the real ``epoch_length``, and with
+        the built ``model`` what :meth:`plan_bytes_problem` finds.
+
+        Raises:
+            QuotaError: Every problem, each with its key path.
+        """
+        problems = self.plan_problems(cfg, epoch_length)
+        if model is not None:
+            message = self.plan_bytes_problem(cfg, state_bytes(model), epoch_length)
+            if message:
+                problems.append((("checkpoint",), message))
+        if problems:
+            raise QuotaError(
+                "; ".join(f"{'.'.join(path)}: {message}" for path, message in problems),
+                [message for _, message in problems],
+            )
 
     def plan_bytes_problem(
         self, cfg: "PipelineConfig", state_bytes: int, epoch_length: int | None

@@ -137,6 +137,18 @@ def test_an_epoch_horizon_is_checked_again_once_the_epoch_length_is_known(tmp_pa
     assert not (tmp_path / "exp").exists()
 
 
+def test_iteration_checkpoints_are_counted_once_the_epoch_length_is_known(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATON_MAX_EXPERIMENT_FILES", "10")
+    cfg = small_pipeline(tmp_path)  # 4 epochs of 8 iterations, keep_last: null
+    cfg["checkpoint"] = {"keep_last": None, "interval_iters": 2}
+    cfg = load_config(cfg)  # at validation: at least the 4 epoch checkpoints
+    # 4 at epoch ends, and 12 inside epochs (iterations 2, 4, 6 of each)
+    with pytest.raises(
+        QuotaError, match=r"checkpoint.keep_last: the checkpoint plan keeps up to 16"
+    ):
+        pl.build_pipeline(cfg)
+
+
 def test_a_checkpoint_plan_beyond_the_files_quota_is_refused(tmp_path, monkeypatch):
     cfg = small_pipeline(tmp_path)
     cfg["train"] = {"max_iters": 1_000_000}
