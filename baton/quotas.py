@@ -400,7 +400,11 @@ def estimate_bytes(obj: Any) -> int:
 
     def walk(value: Any) -> None:
         if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
+            try:
+                storage = value.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+                storages[(id(value),)] = value.numel() * value.element_size()
+                return
             key = (value.device, storage.data_ptr()) if storage.data_ptr() else (id(value),)
             storages[key] = storage.nbytes()
         elif isinstance(value, Mapping):
