@@ -41,6 +41,7 @@ from baton.config_checks import (
     component_problems,
     dedupe,
     pydantic_problems,
+    quotas_for,
     semantic_problems,
 )
 from baton.config_overrides import RUN_SETTINGS, apply_overrides, parse_overrides, run_settings
@@ -59,6 +60,7 @@ from baton.config_yaml import (
 )
 from baton.errors import ConfigError
 from baton.experiment import check_experiment_name
+from baton.quotas import Quotas
 from baton.trust import Trust, check_regular_file
 
 # What ``from baton.config import ...`` offers: the schema and entry points defined here,
@@ -302,11 +304,13 @@ def validate(
     source: str = "<config>",
     *,
     trust: Trust | None = None,
+    quotas: Quotas | None = None,
 ) -> PipelineConfig:
     """Validate a config mapping; every problem is reported at once.
 
     ``trust`` (default: :meth:`Trust.from_environment`) says which modules, schemes and
-    folders the operator allows; the config itself cannot widen it.
+    folders the operator allows, ``quotas`` (default: :meth:`Quotas.from_environment`)
+    how much a run may ask for; the config itself can widen neither.
 
     Raises:
         ConfigError: With ``problems`` listing each one (path, line, message).
@@ -325,9 +329,10 @@ def validate(
     found_in_components = component_problems(data, positions, trust)
     problems += found_in_components
     if config is not None:
-        problems += semantic_problems(config, positions, trust)
+        quotas = quotas or quotas_for(config, trust)
+        problems += semantic_problems(config, positions, trust, quotas)
         if not found_in_components:
-            problems += build_problems(config, positions, trust)
+            problems += build_problems(config, positions, trust, quotas)
     problems = dedupe(problems)
     if problems or config is None:
         raise ConfigError(summary(source, problems), problems)

@@ -3,7 +3,9 @@
 :func:`baton.config.validate` runs them in order and reports everything they find at
 once: the schema's errors (translated from pydantic into key paths, lines and hints),
 every component's ``type`` and arguments (nothing built), the rules that span several
-keys, and finally a build of model, loss and optimizer on the meta device.
+keys (the operator's quotas on the horizon, the loaders and the checkpoint plan among
+them), and finally a build of model, loss and optimizer on the meta device, where the
+model's parameters are counted against its quota.
 """
 
 import difflib
@@ -20,6 +22,7 @@ from baton import build
 from baton.config_yaml import ConfigProblem, Positions, dotted, locate, short_repr
 from baton.errors import ConfigError, MissingInputError, UntrustedInputError
 from baton.experiment import Experiment
+from baton.quotas import QUOTAS, Quotas, state_bytes, where_to_change
 from baton.trust import SETTINGS, Trust, where_to_set
 
 if TYPE_CHECKING:
@@ -47,6 +50,11 @@ def pydantic_problems(
             message = (
                 f"{loc[-1]} is not a config key: what a run may reach is the operator's "
                 f"decision, not the config's; {where_to_set(str(loc[-1]))}"
+            )
+        elif item["type"] == "extra_forbidden" and loc and loc[-1] in QUOTAS:
+            message = (
+                f"{loc[-1]} is not a config key: quotas are the operator's decision, not "
+                f"the config's; {where_to_change(str(loc[-1]))}"
             )
         elif item["type"] == "extra_forbidden":
             allowed = _fields_at(schema, loc[:-1]) or []
@@ -166,11 +174,23 @@ def component_problems(data: Mapping, positions: Positions, trust: Trust) -> lis
     return problems
 
 
+def quotas_for(cfg: "PipelineConfig", trust: Trust) -> Quotas:
+    """The operator's quotas for a run of ``cfg``: its defaults derived from the
+    filesystem of the work dir (the project's, when the work dir is refused)."""
+    try:
+        folder = trust.check_work_dir(cfg.work_dir)
+    except UntrustedInputError:
+        folder = trust.project_dir
+    return Quotas.from_environment(folder=folder)
+
+
 def semantic_problems(
-    cfg: "PipelineConfig", positions: Positions, trust: Trust
+    cfg: "PipelineConfig", positions: Positions, trust: Trust, quotas: Quotas | None = None
 ) -> list[ConfigProblem]:
     """The rules that span several keys (a horizon, a best metric that needs validation,
-    a plateau scheduler's validations), and where the run may write and read."""
+    a plateau scheduler's validations), the operator's quotas on the horizon, the loader
+    workers and the checkpoint files, and where the run may write and read."""
+    quotas = quotas or quotas_for(cfg, trust)
     problems = []
 
     def add(path: tuple, message: str) -> None:
@@ -178,6 +198,16 @@ def semantic_problems(
 
     if (cfg.train.max_epochs is None) == (cfg.train.max_iters is None):
         add(("train",), "give exactly one of max_epochs and max_iters")
+    else:
+        for path, message in quotas.plan_problems(cfg, epoch_length=None):
+            add(path, message)
+    for key in ("train_data", "val_data"):
+        section = getattr(cfg, key)
+        if section is not None and section.num_workers > quotas.max_workers:
+            add(
+                (key, "num_workers"),
+                quotas.refusal(f"{section.num_workers} loader workers", "max_workers", "use fewer"),
+            )
     policy = cfg.checkpoint
     if policy.keep_best and not policy.best_metric:
         add(("checkpoint", "keep_best"), "keep_best needs best_metric (e.g. val/accuracy)")
@@ -233,10 +263,14 @@ def check_checkpoint_location(
 
 
 def build_problems(
-    cfg: "PipelineConfig", positions: Positions, trust: Trust
+    cfg: "PipelineConfig", positions: Positions, trust: Trust, quotas: Quotas | None = None
 ) -> list[ConfigProblem]:
     """Build model, loss and optimizer on the meta device: no memory, no data, but every
-    constructor runs, so a negative size or a bad learning rate is found now."""
+    constructor runs, so a negative size or a bad learning rate is found now. The model's
+    parameters and buffers are counted against the operator's quota, and the checkpoints
+    the run would keep against the experiment's bytes (lazy parameters have no size yet:
+    they are counted when the pipeline is built, see ``Quotas.check_model``)."""
+    quotas = quotas or quotas_for(cfg, trust)
     problems = []
 
     def add(path: tuple, err: Exception) -> None:
@@ -251,6 +285,14 @@ def build_problems(
         except Exception as err:
             add(("model",), err)
             model = None
+        if model is not None:
+            over_quota = [
+                (("model",), quotas.model_problem(model)),
+                (("checkpoint",), quotas.plan_bytes_problem(cfg, state_bytes(model), None)),
+            ]
+            for path, message in over_quota:
+                if message:
+                    problems.append(ConfigProblem(dotted(path), message, *locate(path, positions)))
         try:
             build.build(cfg.loss, "loss", trust=trust)
         except Exception as err:

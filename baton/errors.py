@@ -47,6 +47,13 @@ class UntrustedInputError(ConfigError):
     scheme, a path outside the experiment and the operator's roots, a device file."""
 
 
+class QuotaError(UntrustedInputError):
+    """A run asks for more than an operator's quota allows: parameters, iterations, loader
+    workers, an experiment's checkpoint files or bytes, or the free disk a save must leave.
+    Refused before the work (at validation, when the pipeline is built, or before a
+    checkpoint is written), naming the quota and where an operator changes it."""
+
+
 class MissingInputError(UntrustedInputError):
     """A path a run's input names is where it may be, but nothing is there (yet)."""
 

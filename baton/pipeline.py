@@ -21,6 +21,7 @@ from baton.config import PipelineConfig
 from baton.control import find_resume_point
 from baton.data import ResumableLoader, check_same_classes
 from baton.experiment import Experiment
+from baton.quotas import Quotas
 from baton.steps import (
     evaluate,
     load_weights,
@@ -151,6 +152,10 @@ def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
     else:
         max_epochs = cfg.train.max_epochs
         max_iters = max_epochs * epoch_length
+    # What validation could not know: the horizon and the checkpoint plan in real
+    # iterations, before the model is allocated.
+    quotas = Quotas.from_environment(folder=experiment.work_dir)
+    quotas.check_plan(cfg, epoch_length)
     wrapper = cfg.optim_wrapper.model_dump(exclude_none=True, exclude={"clip_grad"})
     if cfg.optim_wrapper.clip_grad is not None:
         wrapper["clip_grad"] = cfg.optim_wrapper.clip_grad.kwargs()
@@ -170,6 +175,10 @@ def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
             "train_micro_batch_size_per_gpu": cfg.train_data.batch_size,
         },
     )
+    # Lazy parameters are counted once materialized (Quotas.check_model); the plan's
+    # bytes follow the model as far as it is known.
+    quotas.check_model(strategy.model)
+    quotas.check_plan(cfg, epoch_length, strategy.model)
     loss_fn = build.build(cfg.loss, "loss", trust=trust)
     return Pipeline(cfg, strategy, train_loader, val_loader, loss_fn, max_epochs, max_iters)
 

@@ -28,6 +28,8 @@ or ``deployments_work_dir`` under ``[tool.baton]``, by default the project's
 
 The project folder is ``BATON_PROJECT_DIR`` or the current directory: configs passed by
 path must live in its ``configs/`` (or a config root), relative paths resolve against it.
+The operator's quotas live beside these settings, in ``[tool.baton.quotas]`` and
+``BATON_MAX_*`` variables (:mod:`baton.quotas`).
 """
 
 import contextlib
@@ -95,7 +97,9 @@ DEFAULT_DEPLOYMENTS_WORK_DIR = "work_dirs/deployments"
 # Keys of a [tool.baton.deployments."<flow>/<deployment>"] table.
 DEPLOYMENT_KEYS = ("work_dir", "checkpoint_roots")
 # Sub-tables and single values of [tool.baton] besides SETTINGS.
-_OTHER_KEYS = ("deployments", "deployments_work_dir", "quotas")
+# Sub-tables of [tool.baton] (quotas: baton.quotas; deployments: below), and a folder.
+SUBTABLES = ("quotas", "deployments")
+_OTHER_KEYS = (*SUBTABLES, "deployments_work_dir")
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,127}")
 
 # Config files are small; anything larger is refused before it is read.
@@ -137,7 +141,7 @@ class Trust:
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> "Trust":
         """The trust in effect for this process: environment plus ``[tool.baton]``."""
         environ = os.environ if environ is None else environ
-        project = Path(environ.get("BATON_PROJECT_DIR") or Path.cwd()).resolve()
+        project = project_dir(environ)
         table = _pyproject_table(project)
         values: dict[str, tuple] = {}
         for setting, (env, _) in SETTINGS.items():
@@ -308,6 +312,28 @@ def check_regular_file(path: Path, what: str, *, max_bytes: int | None = None) -
         raise UntrustedInputError(
             f"{what} {str(path)!r} is {info.st_size} bytes, more than {max_bytes}"
         )
+
+
+def project_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The project folder: ``BATON_PROJECT_DIR`` or the current directory."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("BATON_PROJECT_DIR") or Path.cwd()).resolve()
+
+
+def pyproject_subtable(project: Path, name: str) -> dict:
+    """The ``[tool.baton.<name>]`` table of the project's pyproject.toml (one of
+    ``SUBTABLES``); empty if there is none.
+
+    Raises:
+        UntrustedInputError: The file cannot be read, or ``name`` is not a table.
+    """
+    table = _pyproject_table(project).get(name, {})
+    if not isinstance(table, dict):
+        raise UntrustedInputError(
+            f"[tool.baton] {name} in {project / 'pyproject.toml'} must be a table "
+            f"([tool.baton.{name}])"
+        )
+    return table
 
 
 def _pyproject_table(project: Path) -> dict:

@@ -186,6 +186,19 @@ class CheckpointStore:
                 return ref
         return None
 
+    def usage(self, *, replacing: str | None = None) -> tuple[int, int]:
+        """Files and bytes of every committed checkpoint, all lineages, as the manifest
+        records them; without the entry of ``replacing`` (a file about to be written
+        again at the same position)."""
+        name = self._files.own_name(replacing) if replacing is not None else None
+        state = self._view()
+        sizes = [
+            e["size"]
+            for e in state.entries.values()
+            if name is None or e["path"] != f"{manifest.CHECKPOINTS}/{name}"
+        ]
+        return len(sizes), sum(sizes)
+
     def find(self, uri: str) -> CheckpointRef | None:
         """The committed entry for a file of this store, if the manifest has one."""
         name = self._files.own_name(uri)

@@ -4,25 +4,33 @@ A bare file name goes into the experiment's ``checkpoints/`` folder, named for t
 lineage; the file is written atomically (:mod:`baton.checkpoint.io`) and then committed
 to the manifest, so a crash during the write leaves the previous checkpoint the latest.
 A background save commits from a thread of its own once the bytes are on disk; one save
-runs at a time.
+runs at a time. Before any byte is written, the operator's quotas are checked
+(:mod:`baton.quotas`): the experiment's committed files and bytes plus the new checkpoint,
+and the free space the write leaves; a refusal writes nothing.
 """
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
 from baton.checkpoint.store import CheckpointStore
 from baton.errors import CheckpointError
+from baton.quotas import Quotas, estimate_bytes
 
 
 class CheckpointWriter:
     """The saves of one strategy (see the module docstring)."""
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, *, quotas: Quotas | None = None) -> None:
         self.logger = logger
         self._pending: Future | None = None
         self._thread: ThreadPoolExecutor | None = None
+        # The operator's quotas, read once per experiment folder (their defaults depend
+        # on its filesystem) unless given.
+        self._quotas = quotas
+        self._quotas_by_root: dict[Path, Quotas] = {}
 
     @staticmethod
     def target(store: CheckpointStore, filename: str) -> str:
@@ -39,13 +47,23 @@ class CheckpointWriter:
         return target
 
     def write(self, store: CheckpointStore, checkpoint: dict, target: str) -> CheckpointRef:
-        """Write ``checkpoint`` to ``target`` and commit it."""
+        """Write ``checkpoint`` to ``target`` and commit it.
+
+        Raises:
+            QuotaError: The write would exceed an operator's quota; nothing was written.
+        """
+        self.check_room(store, checkpoint, target)
         size, digest = io.save(checkpoint, target)
         return self._commit(store, target, checkpoint["meta"], size, digest)
 
     def write_in_background(self, store: CheckpointStore, checkpoint: dict, target: str) -> Future:
         """Snapshot ``checkpoint`` now, write and commit it in the background; a future of
-        its reference (see ``SingleDeviceStrategy.save_checkpoint_async``)."""
+        its reference (see ``SingleDeviceStrategy.save_checkpoint_async``).
+
+        Raises:
+            QuotaError: The write would exceed an operator's quota; nothing was started.
+        """
+        self.check_room(store, checkpoint, target)
         meta = checkpoint["meta"]
         writing = io.save_in_background(checkpoint, target)
 
@@ -57,6 +75,28 @@ class CheckpointWriter:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="baton-commit")
         self._pending = self._thread.submit(commit)
         return self._pending
+
+    def check_room(self, store: CheckpointStore, checkpoint: dict, target: str) -> None:
+        """Refuse a local write that would take the experiment over its files or bytes
+        quota, or leave less free disk than the operator's floor. The size is estimated
+        from the checkpoint's tensors (:func:`baton.quotas.estimate_bytes`).
+
+        Raises:
+            QuotaError: Naming the quota and where an operator changes it.
+        """
+        if not io.is_local(target):
+            return
+        quotas = self._quotas or self._quotas_by_root.get(store.root)
+        if quotas is None:
+            quotas = self._quotas_by_root[store.root] = Quotas.from_environment(folder=store.root)
+        path = io.local_path(target)
+        estimate = estimate_bytes(checkpoint)
+        if store.owns(path):
+            files, size = store.usage(replacing=str(path))
+            quotas.check_save(
+                name=path.name, estimate=estimate, committed_files=files, committed_bytes=size
+            )
+        quotas.check_free_space(path.parent, name=path.name, estimate=estimate)
 
     def wait(self) -> CheckpointRef | None:
         """Wait for a background save; its reference, or ``None`` if there was none or
