@@ -5,7 +5,7 @@ A config that validates can still ask for a terabyte of parameters, a billion it
 or a checkpoint every iteration kept forever. Quotas bound that, and like trust they come
 only from the operator, never from a config, an override or a flow parameter:
 
-* environment variables of the worker or the deployment's job variables
+* environment variables of the worker
   (``BATON_MAX_PARAMETERS``, ``BATON_MAX_EXPERIMENT_BYTES``, ``BATON_MAX_EXPERIMENT_FILES``,
   ``BATON_MIN_FREE_BYTES``, ``BATON_MAX_WORKERS``, ``BATON_MAX_ITERATIONS``), which win;
 * a ``[tool.baton.quotas]`` table in the project's ``pyproject.toml`` (the same names in
