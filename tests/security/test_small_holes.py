@@ -1,0 +1,89 @@
+"""Issue 20's smaller holes: what the Prefect UI's run form could still slip past the
+checks. Each input is refused at validation as a permanent error naming the bad value,
+and nothing is written; values shown in artifacts cannot inject markdown."""
+
+import pytest
+
+from baton.markdown import code_block, inline_code, table_cell, text
+from baton.tasks._common import artifact_key
+from baton.tasks.report import summarize
+from baton.tasks.state import RunState
+
+from ..flows.conftest import small_config
+
+INJECTION = "\n```\n# injected\n[click](http://evil.example)\n\n| a | b |\n"
+
+
+def _outside_every_fence_and_span(markdown: str) -> str:
+    """The markdown with its code blocks and code spans removed (CommonMark's rules for
+    fences and spans of backtick runs), i.e. what renders as markdown."""
+    kept, fence = [], None
+    for line in markdown.split("\n"):
+        stripped = line.lstrip(" ")
+        run = len(stripped) - len(stripped.lstrip("`"))
+        if fence is None and run >= 3:
+            fence = run
+        elif fence is not None and run >= fence and not stripped.strip("`"):
+            fence = None
+        elif fence is None:
+            kept.append(line)
+    rest = "\n".join(kept)
+    out, i = [], 0
+    while i < len(rest):
+        if rest[i] == "`":
+            run = len(rest[i:]) - len(rest[i:].lstrip("`"))
+            end = rest.find("`" * run, i + run)
+            while end != -1 and rest[end + run : end + run + 1] == "`":
+                end = rest.find("`" * run, end + run + 1)
+            if end != -1 and "\n\n" not in rest[i:end]:
+                i = end + run
+                continue
+        out.append(rest[i])
+        i += 1
+    return "".join(out)
+
+
+# 1. artifacts ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [INJECTION, "a``b`", "`", "x\n\n# h", "a|b\\|c"])
+def test_markdown_helpers_never_let_a_value_out(value):
+    for markdown in (code_block(value, "yaml"), "- " + inline_code(value)):
+        assert "# injected" not in _outside_every_fence_and_span(markdown)
+        assert "[click]" not in _outside_every_fence_and_span(markdown)
+    cell = table_cell(value)
+    assert "\n" not in cell and "|" not in cell.replace("\\|", "")
+    assert "\n" not in text(value) and "[" not in text(value).replace("\\[", "")
+
+
+def test_a_work_dir_cannot_inject_markdown_into_the_summary(tmp_path):
+    cfg = small_config(tmp_path / f"wd{INJECTION}", name="inject")
+    state = RunState(experiment_name="inject", max_epochs=1, max_iters=8, epoch_length=8)
+    markdown = summarize.fn(cfg, state, 0.0)
+    assert "```" in markdown  # the config is shown, in a fence
+    rendered = _outside_every_fence_and_span(markdown)
+    assert "# injected" not in rendered and "[click]" not in rendered, markdown
+
+
+def test_publish_evaluation_escapes_the_checkpoint_and_metric_names(monkeypatch):
+    from baton.flows import evaluate
+
+    published = {}
+    monkeypatch.setattr(evaluate, "create_markdown_artifact", lambda **kw: published.update(kw))
+    evaluate.publish_evaluation.fn("exp", f"a.pth{INJECTION}", {"val/x | y\n# z": 1.0})
+    rendered = _outside_every_fence_and_span(published["markdown"])
+    assert "# injected" not in rendered and "[click]" not in rendered
+    assert "\n# z" not in published["markdown"]
+    table = [line for line in published["markdown"].splitlines() if line.startswith("|")]
+    assert all(line.replace("\\|", "").count("|") == 3 for line in table), table
+
+
+def test_artifact_keys_are_unique_per_experiment_and_valid():
+    names = ["digits_mlp", "Digits.MLP", "digits-mlp", "digits-mlp\n", "x" * 128]
+    keys = [artifact_key(name, "summary") for name in names]
+    assert len(set(keys)) == len(keys), keys
+    assert all(
+        k == k.lower() and set(k) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") for k in keys
+    )
+    assert keys[2].startswith("digits-mlp-") and keys[2].endswith("-summary")
+    assert artifact_key("digits-mlp", "summary") == keys[2]  # stable
