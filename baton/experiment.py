@@ -34,7 +34,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def check_experiment_name(name: str) -> str:
     """Return ``name`` if it is a safe folder name, else raise ``ValueError`` saying why."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ValueError(
             f"experiment_name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' "
             "or '-', starting with a letter or digit, with no path separators and no '..'"

@@ -4,6 +4,10 @@ and nothing is written; values shown in artifacts cannot inject markdown."""
 
 import pytest
 
+from baton.checkpoint.ref import CheckpointName
+from baton.config import load_config
+from baton.errors import ConfigError
+from baton.experiment import check_experiment_name
 from baton.markdown import code_block, inline_code, table_cell, text
 from baton.tasks._common import artifact_key
 from baton.tasks.report import summarize
@@ -87,3 +91,20 @@ def test_artifact_keys_are_unique_per_experiment_and_valid():
     )
     assert keys[2].startswith("digits-mlp-") and keys[2].endswith("-summary")
     assert artifact_key("digits-mlp", "summary") == keys[2]  # stable
+
+
+# 2. anchored names ------------------------------------------------------------------
+
+
+def test_an_experiment_name_with_a_trailing_newline_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="experiment_name 'digits-mlp\\\\n' is not allowed"):
+        check_experiment_name("digits-mlp\n")
+    with pytest.raises(ConfigError, match="experiment_name"):
+        load_config(small_config(tmp_path / "wd"), {"experiment_name": "digits-mlp\n"})
+    assert not (tmp_path / "wd").exists()
+
+
+def test_a_checkpoint_file_name_with_a_trailing_newline_is_not_a_checkpoint_name():
+    assert CheckpointName.parse("epoch_0003.pth") == CheckpointName.for_epoch(3)
+    for name in ("epoch_0003.pth\n", "L2-epoch_0003.pth\n", "L2\n-epoch_0003.pth"):
+        assert CheckpointName.parse(name) is None, name
