@@ -6,6 +6,7 @@ import pytest
 
 from baton.checkpoint.ref import CheckpointName
 from baton.config import load_config
+from baton.config_yaml import MAX_NESTING
 from baton.errors import ConfigError
 from baton.experiment import check_experiment_name
 from baton.markdown import code_block, inline_code, table_cell, text
@@ -108,3 +109,13 @@ def test_a_checkpoint_file_name_with_a_trailing_newline_is_not_a_checkpoint_name
     assert CheckpointName.parse("epoch_0003.pth") == CheckpointName.for_epoch(3)
     for name in ("epoch_0003.pth\n", "L2-epoch_0003.pth\n", "L2\n-epoch_0003.pth"):
         assert CheckpointName.parse(name) is None, name
+
+
+# 3. override depth ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING + 1, 300, 600, 2000])
+def test_an_override_key_deeper_than_the_limit_is_a_config_error(tmp_path, depth):
+    key = ".".join(["a"] * depth)
+    with pytest.raises(ConfigError, match=f"override key .* deeper than {MAX_NESTING} levels"):
+        load_config(small_config(tmp_path / "wd"), [f"{key}=1"])
