@@ -38,6 +38,7 @@ from baton.checkpoint.store import RetentionPolicy
 from baton.config_checks import (
     build_problems,
     check_checkpoint_location,
+    compile_problems,
     component_problems,
     dedupe,
     pydantic_problems,
@@ -324,6 +325,7 @@ def validate(
         problems += pydantic_problems(err, positions, PipelineConfig)
     found_in_components = component_problems(data, positions, trust)
     problems += found_in_components
+    problems += compile_problems(data, positions, trust)
     if config is not None:
         problems += semantic_problems(config, positions, trust)
         if not found_in_components:

@@ -7,6 +7,7 @@ keys, and finally a build of model, loss and optimizer on the meta device.
 """
 
 import difflib
+import inspect
 import types
 import typing
 from collections.abc import Mapping
@@ -164,6 +165,48 @@ def component_problems(data: Mapping, positions: Positions, trust: Trust) -> lis
             for where, message in build.check(cfg, kind, trust=trust, path=path):
                 problems.append(ConfigProblem(dotted(where), message, *locate(where, positions)))
     return problems
+
+
+def compile_problems(data: Mapping, positions: Positions, trust: Trust) -> list[ConfigProblem]:
+    """The method ``compile.target`` names must be one the model's class defines (its
+    ``forward`` or its own method), not an attribute, a submodule or one of ``nn.Module``'s
+    own methods: the strategy replaces ``model.<target>`` by its compiled form. Checked on
+    the class, so it is reported with every other problem, even when the model's
+    arguments are wrong."""
+    section = data.get("compile")
+    model = data.get("model")
+    if not isinstance(section, Mapping) or not isinstance(model, Mapping):
+        return []
+    target = section.get("target", "forward")
+    if not isinstance(target, str):
+        return []  # the schema reports it
+    try:
+        cls = build.resolve(model.get("type"), "model", trust)
+    except ConfigError:
+        return []  # reported with the model's other problems
+    if not inspect.isclass(cls) or target in _compilable_methods(cls):
+        return []
+    path = ("compile", "target")
+    choices = ", ".join(sorted(_compilable_methods(cls))) or "forward"
+    message = (
+        f"{short_repr(target)} is not a method of {cls.__name__} that can be compiled; "
+        f"name one of {choices}"
+    )
+    return [ConfigProblem(dotted(path), message, *locate(path, positions))]
+
+
+def _compilable_methods(cls: type) -> set[str]:
+    """Public functions defined by ``cls`` or its bases below ``nn.Module``, and forward."""
+    names = set()
+    for base in cls.__mro__:
+        if base in (torch.nn.Module, object):
+            break
+        names |= {
+            name
+            for name, value in vars(base).items()
+            if inspect.isfunction(value) and not name.startswith("_")
+        }
+    return names
 
 
 def semantic_problems(

@@ -7,7 +7,7 @@ import pytest
 from baton.checkpoint.ref import CheckpointName
 from baton.config import load_config
 from baton.config_yaml import MAX_NESTING
-from baton.errors import ConfigError
+from baton.errors import ConfigError, UntrustedInputError
 from baton.experiment import check_experiment_name
 from baton.markdown import code_block, inline_code, table_cell, text
 from baton.tasks._common import artifact_key
@@ -119,3 +119,42 @@ def test_an_override_key_deeper_than_the_limit_is_a_config_error(tmp_path, depth
     key = ".".join(["a"] * depth)
     with pytest.raises(ConfigError, match=f"override key .* deeper than {MAX_NESTING} levels"):
         load_config(small_config(tmp_path / "wd"), [f"{key}=1"])
+
+
+# 4. NUL bytes, long names, compile ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, refusal",
+    [
+        ({"work_dir": "wd\0x"}, "work_dir .* NUL"),
+        ({"work_dir": "wd/" + "n" * 300}, "work_dir .* longer than 255"),
+        ({"experiment_name": "e" * 128, "work_dir": "w" * 256}, "longer than 255"),
+    ],
+)
+def test_work_dir_with_a_nul_or_an_over_long_name_is_refused(tmp_path, overrides, refusal):
+    cfg = small_config(tmp_path / "wd")
+    with pytest.raises(ConfigError, match=refusal):
+        load_config(cfg, overrides)
+    with pytest.raises(ConfigError, match=refusal.replace("work_dir", "resume checkpoint")):
+        load_config(cfg, {"resume": overrides["work_dir"]})
+
+
+@pytest.mark.parametrize(
+    "path, refusal", [("configs/x\0.yaml", "NUL"), ("configs/" + "c" * 300 + ".yaml", "255")]
+)
+def test_a_config_path_with_a_nul_or_an_over_long_name_is_refused(path, refusal):
+    with pytest.raises(UntrustedInputError, match=f"config .*{refusal}"):
+        load_config(path, from_parameter=True)
+
+
+def test_a_compile_target_the_model_lacks_is_reported_with_the_rest(tmp_path):
+    cfg = small_config(tmp_path / "wd")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, {"compile": {"target": "doesnotexist"}, "train.max_epochs": 0})
+    assert "compile.target" in str(err.value) and "doesnotexist" in str(err.value)
+    assert "train.max_epochs" in str(err.value)
+    for target in ("training", "net", "zero_grad"):
+        with pytest.raises(ConfigError, match="compile.target"):
+            load_config(cfg, {"compile": {"target": target}})
+    assert load_config(cfg, {"compile": {"target": "forward"}}).compile.target == "forward"
