@@ -247,9 +247,15 @@ def semantic_problems(
                 )
     experiment_dir = None
     try:
-        experiment_dir = Experiment(trust.check_work_dir(cfg.work_dir), cfg.experiment_name).root
+        experiment = Experiment(trust.check_work_dir(cfg.work_dir), cfg.experiment_name)
     except UntrustedInputError as err:
         add(("work_dir",), str(err))
+    else:
+        experiment_dir = experiment.root
+        try:
+            experiment.check_home()
+        except UntrustedInputError as err:
+            add(("experiment_name",), str(err))
     uris = []
     if cfg.resume not in ("auto", "never"):
         uris.append((("resume",), cfg.resume, "resume checkpoint"))

@@ -17,11 +17,14 @@ tasks and the flow all reach the folder through it. Creating an ``Experiment`` t
 nothing on disk.
 """
 
+import os
 import re
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
+from baton.errors import UntrustedInputError
 from baton.metrics import MetricsLog
 from baton.restarts import RestartLog
 from baton.trust import Trust
@@ -82,6 +85,42 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment({str(self.root)!r})"
+
+    def check_home(self) -> None:
+        """Refuse to make an experiment of a folder that is something else. Reads only.
+
+        A missing or empty folder is a new experiment, one with a manifest an existing
+        one; so is one that holds nothing but the experiment's own entries (a run that
+        stopped before its first manifest). Anything else (a package, someone's data) is
+        not written into.
+
+        Raises:
+            UntrustedInputError: ``root`` is not a folder, or a folder that is not an
+                experiment's; the message says to choose another work_dir or name.
+        """
+        try:
+            mode = os.lstat(self.root).st_mode
+        except FileNotFoundError:
+            return
+        advice = "choose another work_dir or experiment_name"
+        if not stat.S_ISDIR(mode):
+            raise UntrustedInputError(
+                f"experiment folder {str(self.root)!r} exists and is not a folder; {advice}"
+            )
+        own = {
+            *self.store.entry_names,
+            self.metrics.path.name,
+            self.tensorboard_dir.name,
+            self.runs_dir.name,
+        }
+        entries = set(os.listdir(self.root))
+        if self.store.manifest_path.name in entries or entries <= own:
+            return
+        others = ", ".join(sorted(entries - own)[:5])
+        raise UntrustedInputError(
+            f"experiment folder {str(self.root)!r} is not an experiment: it has no "
+            f"manifest.json and holds other files ({others}); {advice}"
+        )
 
     @property
     def retention(self) -> RetentionPolicy:

@@ -187,13 +187,18 @@ class Trust:
     def check_work_dir(self, value: str) -> Path:
         """The absolute folder of all experiments for a configured ``work_dir``.
 
-        Relative paths stay inside the project; absolute ones must lie under the project
-        or an operator's work-dir root.
+        Relative paths stay inside the project (never the project folder itself);
+        absolute ones must lie under the project or an operator's work-dir root.
         """
         path = self.resolve(value, "work_dir")
         if ".." in Path(value).parts:
             raise UntrustedInputError(f"work_dir {value!r} must not contain '..'")
         real = Path(os.path.realpath(path))
+        if real == Path(os.path.realpath(self.project_dir)):
+            raise UntrustedInputError(
+                f"work_dir {value!r} is the project folder: experiments would be written "
+                "among its source files; use a sub-folder such as 'work_dirs'"
+            )
         roots = (self.project_dir, *self.work_dir_roots)
         if not _inside(real, roots):
             raise UntrustedInputError(

@@ -158,3 +158,26 @@ def test_a_compile_target_the_model_lacks_is_reported_with_the_rest(tmp_path):
         with pytest.raises(ConfigError, match="compile.target"):
             load_config(cfg, {"compile": {"target": target}})
     assert load_config(cfg, {"compile": {"target": "forward"}}).compile.target == "forward"
+
+
+# 5. a work dir that is not an experiments folder -----------------------------------
+
+
+def test_the_project_folder_is_not_a_work_dir(tmp_path):
+    with pytest.raises(ConfigError, match="work_dir '.' is the project folder"):
+        load_config(small_config(tmp_path / "wd"), {"work_dir": ".", "experiment_name": "baton"})
+
+
+def test_an_existing_folder_that_is_not_an_experiment_is_refused(tmp_path):
+    cfg = small_config(tmp_path / "wd", name="taken")
+    folder = tmp_path / "wd" / "taken"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not an experiment.*another work_dir or experiment_name"):
+        load_config(cfg)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    (folder / "notes.txt").unlink()  # an empty folder is a fresh experiment
+    load_config(cfg)
+    (folder / "manifest.json").write_text("{}")  # so is one with a manifest
+    (folder / "metrics.jsonl").write_text("")
+    load_config(cfg)
