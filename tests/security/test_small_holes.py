@@ -7,6 +7,7 @@ import pytest
 from baton.checkpoint.ref import CheckpointName
 from baton.config import load_config
 from baton.config_yaml import MAX_NESTING
+from baton.datasets import ImageFolder
 from baton.errors import ConfigError, UntrustedInputError
 from baton.experiment import check_experiment_name
 from baton.markdown import code_block, inline_code, table_cell, text
@@ -14,6 +15,7 @@ from baton.tasks._common import artifact_key
 from baton.tasks.report import summarize
 from baton.tasks.state import RunState
 
+from ..baton.image_folders import make_image_folder
 from ..flows.conftest import small_config
 
 INJECTION = "\n```\n# injected\n[click](http://evil.example)\n\n| a | b |\n"
@@ -181,3 +183,20 @@ def test_an_existing_folder_that_is_not_an_experiment_is_refused(tmp_path):
     (folder / "manifest.json").write_text("{}")  # so is one with a manifest
     (folder / "metrics.jsonl").write_text("")
     load_config(cfg)
+
+
+# 6. image folders ---------------------------------------------------------------------
+
+
+def test_an_image_folder_never_follows_a_link_out_of_the_data_roots(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data" / "images")
+    secret = make_image_folder(tmp_path / "secret", classes=("s",))
+    monkeypatch.setenv("BATON_DATA_ROOTS", str(tmp_path / "data"))
+    ImageFolder(str(data))
+    (data / "z").symlink_to(secret / "s", target_is_directory=True)
+    with pytest.raises(UntrustedInputError, match="outside the project and the data roots"):
+        ImageFolder(str(data))
+    (data / "z").unlink()
+    (data / "a" / "leak.png").symlink_to(secret / "s" / "000.png")
+    with pytest.raises(UntrustedInputError, match="leak.png.*outside"):
+        ImageFolder(str(data))
