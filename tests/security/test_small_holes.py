@@ -10,6 +10,7 @@ from baton.config_yaml import MAX_NESTING
 from baton.datasets import ImageFolder
 from baton.errors import ConfigError, UntrustedInputError
 from baton.experiment import check_experiment_name
+from baton.flows.cli import main
 from baton.markdown import code_block, inline_code, table_cell, text
 from baton.tasks._common import artifact_key
 from baton.tasks.report import summarize
@@ -17,6 +18,7 @@ from baton.tasks.state import RunState
 
 from ..baton.image_folders import make_image_folder
 from ..flows.conftest import small_config
+from .payloads import config_file
 
 INJECTION = "\n```\n# injected\n[click](http://evil.example)\n\n| a | b |\n"
 
@@ -200,3 +202,15 @@ def test_an_image_folder_never_follows_a_link_out_of_the_data_roots(tmp_path, mo
     (data / "a" / "leak.png").symlink_to(secret / "s" / "000.png")
     with pytest.raises(UntrustedInputError, match="leak.png.*outside"):
         ImageFolder(str(data))
+
+
+# 7. the denylist follows where a class is defined ------------------------------------
+
+
+def test_a_class_defined_in_a_denied_module_is_refused_under_any_name(tmp_path, capsys):
+    override = "train_data.dataset={type: torch.utils.data.MapDataPipe}"
+    with pytest.raises(ConfigError, match=r"defined in torch\.utils\.data\.datapipes"):
+        load_config(small_config(tmp_path / "wd"), [override])
+    assert main(["validate", str(config_file(tmp_path)), "--set", override]) == 2
+    assert "defined in torch.utils.data.datapipes" in capsys.readouterr().err
+    assert not (tmp_path / "wd").exists()
