@@ -2,17 +2,22 @@
 checks. Each input is refused at validation as a permanent error naming the bad value,
 and nothing is written; values shown in artifacts cannot inject markdown."""
 
+import errno
+import os
+
 import pytest
 
+from baton.checkpoint import committed, io
 from baton.checkpoint.ref import CheckpointName
+from baton.checkpoint.store import CheckpointStore
 from baton.config import load_config
 from baton.config_yaml import MAX_NESTING
 from baton.datasets import ImageFolder
-from baton.errors import ConfigError, UntrustedInputError
+from baton.errors import CheckpointError, ConfigError, UntrustedInputError
 from baton.experiment import check_experiment_name
 from baton.flows.cli import main
 from baton.markdown import code_block, inline_code, table_cell, text
-from baton.tasks._common import artifact_key
+from baton.tasks._common import PERMANENT_ERRORS, artifact_key
 from baton.tasks.report import summarize
 from baton.tasks.state import RunState
 
@@ -214,3 +219,38 @@ def test_a_class_defined_in_a_denied_module_is_refused_under_any_name(tmp_path, 
     assert main(["validate", str(config_file(tmp_path)), "--set", override]) == 2
     assert "defined in torch.utils.data.datapipes" in capsys.readouterr().err
     assert not (tmp_path / "wd").exists()
+
+
+# 8. a manifest that cannot be read just now --------------------------------------------
+
+
+def test_an_io_error_reading_the_manifest_is_transient_and_changes_nothing(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path / "exp")
+    refs = []
+    for epoch in (1, 2):
+        path = store.target(str(CheckpointName.for_epoch(epoch)))
+        size, digest = io.save({"meta": {"epoch": epoch, "iter": epoch}}, str(path))
+        refs.append(store.commit(str(path), epoch=epoch, iter=epoch, size=size, sha256=digest))
+    store.start_lineage(parent=refs[0], reason="branch", run="run-2")
+    committed.compact(store._files, committed.load(store._files))
+    before = {p.name: p.read_bytes() for p in store.root.iterdir() if p.is_file()}
+    committed._CACHE.clear()  # as a new process would
+
+    real_read = os.read
+
+    def failing_read(fd, n):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(store.manifest_path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", failing_read)
+    for attempt in (store.list, lambda: store.lock().__enter__()):
+        with pytest.raises(CheckpointError, match="manifest.json.*could not be read") as err:
+            attempt()
+        assert not isinstance(err.value, PERMANENT_ERRORS)
+    monkeypatch.setattr(os, "read", real_read)
+    after = {p.name: p.read_bytes() for p in store.root.iterdir() if p.is_file()}
+    assert after == {**before, ".lock": b""}  # the lock's file, and no .corrupt-* copies
+    lineages = store.lineages()
+    assert [(lin.reason, lin.run) for lin in lineages] == [("first", None), ("branch", "run-2")]
+    assert lineages[1].parent == refs[0]
