@@ -273,6 +273,8 @@ def check_regular_file(path: Path, what: str, *, max_bytes: int | None = None) -
         info = os.stat(path)
     except FileNotFoundError:
         raise MissingInputError(f"{what} {str(path)!r} does not exist") from None
+    except ValueError as err:  # os.stat's "embedded null byte"
+        raise UntrustedInputError(f"{what} {_short(str(path))} contains a NUL byte") from err
     except OSError as err:
         raise UntrustedInputError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from err
     if not stat.S_ISREG(info.st_mode):

@@ -155,6 +155,8 @@ def test_work_dir_with_a_nul_or_an_over_long_name_is_refused(tmp_path, overrides
 def test_a_config_path_with_a_nul_or_an_over_long_name_is_refused(path, refusal):
     with pytest.raises(UntrustedInputError, match=f"config .*{refusal}"):
         load_config(path, from_parameter=True)
+    with pytest.raises(ConfigError, match=f"config .*({refusal}|File name too long)"):
+        load_config(path)  # a local `baton run`
 
 
 def test_a_compile_target_the_model_lacks_is_reported_with_the_rest(tmp_path):
