@@ -105,7 +105,8 @@ class Experiment:
         advice = "choose another work_dir or experiment_name"
         if not stat.S_ISDIR(mode):
             raise UntrustedInputError(
-                f"experiment folder {str(self.root)!r} exists and is not a folder; {advice}"
+                f"experiment folder {str(self.root)!r} exists and is not a folder (a link "
+                f"is not followed); {advice}"
             )
         own = {
             *self.store.entry_names,

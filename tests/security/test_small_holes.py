@@ -192,6 +192,10 @@ def test_an_existing_folder_that_is_not_an_experiment_is_refused(tmp_path):
     (folder / "manifest.json").write_text("{}")  # so is one with a manifest
     (folder / "metrics.jsonl").write_text("")
     load_config(cfg)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "wd" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ConfigError, match="is not a folder \\(a link is not followed\\)"):
+        load_config(cfg, {"experiment_name": "linked"})
 
 
 # 6. image folders ---------------------------------------------------------------------
