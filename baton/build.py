@@ -210,6 +210,8 @@ def resolve(type_name: Any, kind: str, trust: Trust | None = None) -> Any:
                 else ""
             )
         )
+    if type_name not in short:
+        _check_defined_in(type_name, obj, trust)
     return obj
 
 
@@ -231,6 +233,21 @@ def _import(dotted: str, trust: Trust) -> Any:
         return getattr(module, attr)
     except AttributeError as err:
         raise ConfigError(f"type {dotted!r}: module {module_name!r} has no {attr!r}") from err
+
+
+def _check_defined_in(dotted: str, obj: Any, trust: Trust) -> None:
+    """An allowed module may re-export what a denied one defines (``torch.utils.data``
+    exports ``MapDataPipe`` of ``torch.utils.data.datapipes``): the module that defines
+    the object must be allowed too, so nothing defined in a denied module is reachable by
+    another name. No exception for torch or baton: what they define lives under their
+    own names, which are allowed unless denied."""
+    defined_in = getattr(obj, "__module__", None)
+    if isinstance(defined_in, str) and not trust.allows_module(defined_in):
+        raise ConfigError(
+            f"type {dotted!r} is defined in {defined_in}, outside the allowed modules "
+            f"({', '.join(trust.module_prefixes())}) or inside a denied one; name a "
+            f"component defined in an allowed module, or {where_to_set('allowed_modules')}"
+        )
 
 
 def _describe(obj: Any) -> str:

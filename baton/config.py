@@ -38,6 +38,7 @@ from baton.checkpoint.store import RetentionPolicy
 from baton.config_checks import (
     build_problems,
     check_checkpoint_location,
+    compile_problems,
     component_problems,
     dedupe,
     pydantic_problems,
@@ -328,6 +329,7 @@ def validate(
         problems += pydantic_problems(err, positions, PipelineConfig)
     found_in_components = component_problems(data, positions, trust)
     problems += found_in_components
+    problems += compile_problems(data, positions, trust)
     if config is not None:
         quotas = quotas or quotas_for(config, trust)
         problems += semantic_problems(config, positions, trust, quotas)

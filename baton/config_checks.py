@@ -9,6 +9,7 @@ model's parameters are counted against its quota.
 """
 
 import difflib
+import inspect
 import types
 import typing
 from collections.abc import Mapping
@@ -184,6 +185,48 @@ def quotas_for(cfg: "PipelineConfig", trust: Trust) -> Quotas:
     return Quotas.from_environment(folder=folder)
 
 
+def compile_problems(data: Mapping, positions: Positions, trust: Trust) -> list[ConfigProblem]:
+    """The method ``compile.target`` names must be one the model's class defines (its
+    ``forward`` or its own method), not an attribute, a submodule or one of ``nn.Module``'s
+    own methods: the strategy replaces ``model.<target>`` by its compiled form. Checked on
+    the class, so it is reported with every other problem, even when the model's
+    arguments are wrong."""
+    section = data.get("compile")
+    model = data.get("model")
+    if not isinstance(section, Mapping) or not isinstance(model, Mapping):
+        return []
+    target = section.get("target", "forward")
+    if not isinstance(target, str):
+        return []  # the schema reports it
+    try:
+        cls = build.resolve(model.get("type"), "model", trust)
+    except ConfigError:
+        return []  # reported with the model's other problems
+    if not inspect.isclass(cls) or target in _compilable_methods(cls):
+        return []
+    path = ("compile", "target")
+    choices = ", ".join(sorted(_compilable_methods(cls))) or "forward"
+    message = (
+        f"{short_repr(target)} is not a method of {cls.__name__} that can be compiled; "
+        f"name one of {choices}"
+    )
+    return [ConfigProblem(dotted(path), message, *locate(path, positions))]
+
+
+def _compilable_methods(cls: type) -> set[str]:
+    """Public functions defined by ``cls`` or its bases below ``nn.Module``, and forward."""
+    names = set()
+    for base in cls.__mro__:
+        if base in (torch.nn.Module, object):
+            break
+        names |= {
+            name
+            for name, value in vars(base).items()
+            if inspect.isfunction(value) and not name.startswith("_")
+        }
+    return names
+
+
 def semantic_problems(
     cfg: "PipelineConfig", positions: Positions, trust: Trust, quotas: Quotas | None = None
 ) -> list[ConfigProblem]:
@@ -234,9 +277,15 @@ def semantic_problems(
                 )
     experiment_dir = None
     try:
-        experiment_dir = Experiment(trust.check_work_dir(cfg.work_dir), cfg.experiment_name).root
+        experiment = Experiment(trust.check_work_dir(cfg.work_dir), cfg.experiment_name)
     except UntrustedInputError as err:
         add(("work_dir",), str(err))
+    else:
+        experiment_dir = experiment.root
+        try:
+            experiment.check_home()
+        except UntrustedInputError as err:
+            add(("experiment_name",), str(err))
     uris = []
     if cfg.resume not in ("auto", "never"):
         uris.append((("resume",), cfg.resume, "resume checkpoint"))

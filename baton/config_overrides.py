@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from baton.config_yaml import MAX_OVERRIDES, MAX_STRING, load_bounded, short_repr
+from baton.config_yaml import MAX_NESTING, MAX_OVERRIDES, MAX_STRING, load_bounded, short_repr
 from baton.errors import ConfigError
 
 # The run's settings that are parameters of their own (flow parameters, CLI flags).
@@ -65,14 +65,22 @@ def apply_overrides(data: dict, overrides: Mapping[str, Any] | Iterable[str]) ->
     into lists (``param_scheduler.0.end=3``). Values are checked by the schema afterwards.
 
     Raises:
-        ConfigError: A malformed override or a path through a non-container.
+        ConfigError: A malformed override, a key path deeper than a config may nest, or a
+            path through a non-container.
     """
     result = json.loads(json.dumps(data, default=str))
     pairs = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
     for key, value in pairs.items():
         parts = str(key).split(".")
         if not key or any(not p for p in parts):
-            raise ConfigError(f"override key {key!r} is empty or has an empty part")
+            raise ConfigError(f"override key {short_repr(key)} is empty or has an empty part")
+        if len(parts) > MAX_NESTING:
+            # The value would nest deeper than a config file may; refused before the walk
+            # builds it (a deep enough one would end in a RecursionError, a retried fault).
+            raise ConfigError(
+                f"override key {short_repr(key)} has {len(parts)} parts, deeper than "
+                f"{MAX_NESTING} levels; a config nests at most {MAX_NESTING} levels deep"
+            )
         target: Any = result
         for depth, part in enumerate(parts[:-1]):
             target = _step_into(target, part, parts[: depth + 1], create=True)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from baton.errors import DataError
 from baton.kinds import DataPath, Slot
+from baton.trust import Trust
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 # Problems listed in one error before the rest are counted.
@@ -48,6 +49,8 @@ class ImageFolder(Dataset):
     Raises:
         DataError: ``root`` is not a folder, has no class folders, a class folder has
             no images, or (with ``check_files``) a file is not a readable image.
+        UntrustedInputError: A class folder or an image is a link that leads outside
+            the project and the operator's data roots (``Trust.check_data_path``).
     """
 
     def __init__(
@@ -72,7 +75,7 @@ class ImageFolder(Dataset):
             else _class_folders(self.root)
         )
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
-        self.samples = _scan(self.root, self.classes, self.extensions)
+        self.samples = _scan(self.root, self.classes, self.extensions, Trust.from_environment())
         self.targets = [target for _, target in self.samples]
         if check_files:
             _check_images([path for path, _ in self.samples])
@@ -148,7 +151,9 @@ def _class_folders(root: str) -> list[str]:
     return classes
 
 
-def _scan(root: str, classes: list[str], extensions: tuple[str, ...]) -> list[tuple[str, int]]:
+def _scan(
+    root: str, classes: list[str], extensions: tuple[str, ...], trust: Trust
+) -> list[tuple[str, int]]:
     samples: list[tuple[str, int]] = []
     missing, empty = [], []
     for index, name in enumerate(classes):
@@ -156,14 +161,20 @@ def _scan(root: str, classes: list[str], extensions: tuple[str, ...]) -> list[tu
         if not os.path.isdir(folder):
             missing.append(folder)
             continue
+        # The root was checked when the config was; a class folder or an image may still
+        # be a link, and must lead inside the data roots too.
+        trust.check_data_path(folder, f"ImageFolder at {root!r}: class folder")
         found = []
-        # Symbolic links to folders are not followed (a link must not pull in the whole
-        # disk) and only regular files count: a FIFO named x.png would block the reader.
+        # Symbolic links to folders below a class folder are not followed (a link must
+        # not pull in the whole disk) and only regular files count: a FIFO named x.png
+        # would block the reader.
         for parent, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for file in sorted(files):
                 path = os.path.join(parent, file)
                 if file.lower().endswith(extensions) and os.path.isfile(path):
+                    if os.path.islink(path):
+                        trust.check_data_path(path, f"ImageFolder at {root!r}: image")
                     found.append((path, index))
         if not found:
             empty.append(folder)

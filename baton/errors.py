@@ -68,6 +68,12 @@ class ManifestVersionError(CheckpointError):
     """The manifest was written by a newer baton; it is left untouched."""
 
 
+class ManifestReadError(CheckpointError):
+    """The manifest could not be read just now (an I/O error, a permission, no memory):
+    a fault of the moment, not damage, so it is left untouched and never rebuilt from the
+    checkpoint files; a retry reads it again."""
+
+
 class TrainingDivergedError(BatonError):
     """Training produced a non-finite metric (NaN or infinity); nothing was committed from
     the diverged state, and the checkpoints committed before it are intact."""

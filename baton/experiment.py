@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from baton.checkpoint.io import write_text_atomic
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
-from baton.errors import RetentionConflictError
+from baton.errors import RetentionConflictError, UntrustedInputError
 from baton.metrics import MetricsLog
 from baton.restarts import RestartLog
 from baton.trust import Trust
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 def check_experiment_name(name: str) -> str:
     """Return ``name`` if it is a safe folder name, else raise ``ValueError`` saying why."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ValueError(
             f"experiment_name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' "
             "or '-', starting with a letter or digit, with no path separators and no '..'"
@@ -92,6 +92,43 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment({str(self.root)!r})"
+
+    def check_home(self) -> None:
+        """Refuse to make an experiment of a folder that is something else. Reads only.
+
+        A missing or empty folder is a new experiment, one with a manifest an existing
+        one; so is one that holds nothing but the experiment's own entries (a run that
+        stopped before its first manifest). Anything else (a package, someone's data) is
+        not written into.
+
+        Raises:
+            UntrustedInputError: ``root`` is not a folder, or a folder that is not an
+                experiment's; the message says to choose another work_dir or name.
+        """
+        try:
+            mode = os.lstat(self.root).st_mode
+        except FileNotFoundError:
+            return
+        advice = "choose another work_dir or experiment_name"
+        if not stat.S_ISDIR(mode):
+            raise UntrustedInputError(
+                f"experiment folder {str(self.root)!r} exists and is not a folder (a link "
+                f"is not followed); {advice}"
+            )
+        own = {
+            *self.store.entry_names,
+            self.metrics.path.name,
+            self.tensorboard_dir.name,
+            self.runs_dir.name,
+        }
+        entries = set(os.listdir(self.root))
+        if self.store.manifest_path.name in entries or entries <= own:
+            return
+        others = ", ".join(sorted(entries - own)[:5])
+        raise UntrustedInputError(
+            f"experiment folder {str(self.root)!r} is not an experiment: it has no "
+            f"manifest.json and holds other files ({others}); {advice}"
+        )
 
     @property
     def retention(self) -> RetentionPolicy:

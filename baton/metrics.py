@@ -11,6 +11,8 @@ import math
 import time
 from pathlib import Path
 
+from baton.markdown import table_cell
+
 # Keys of a record that are not metrics.
 _NOT_METRICS = ("time", "kind", "epoch", "iter")
 
@@ -60,6 +62,7 @@ def history_table(history: list[dict], *, markdown: bool = False) -> str:
     header = ["epoch", *keys]
     rows = [[str(r["epoch"]), *(_cell(r.get(k), markdown) for k in keys)] for r in history]
     if markdown:
+        header = [table_cell(h) for h in header]
         lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -69,5 +72,9 @@ def history_table(history: list[dict], *, markdown: bool = False) -> str:
 
 def _cell(value, markdown: bool) -> str:
     if markdown:
-        return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+        return (
+            f"{value:.4f}"
+            if isinstance(value, float)
+            else ("" if value is None else table_cell(value))
+        )
     return f"{math.nan if value is None else value:.4f}"

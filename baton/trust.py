@@ -105,6 +105,9 @@ _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,127}")
 # Config files are small; anything larger is refused before it is read.
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
+# The longest file or folder name Linux file systems take (NAME_MAX), in bytes.
+MAX_NAME_BYTES = 255
+
 
 def where_to_set(setting: str) -> str:
     """One sentence naming where an operator sets ``setting``."""
@@ -198,29 +201,47 @@ class Trust:
 
     # paths ---------------------------------------------------------------------------
 
-    def resolve(self, value: str | os.PathLike) -> Path:
-        """``value`` as an absolute path: relative ones are relative to the project."""
+    def resolve(self, value: str | os.PathLike, what: str = "path") -> Path:
+        """``value`` as an absolute path: relative ones are relative to the project.
+
+        Raises:
+            UntrustedInputError: ``value`` starts with ``~``, holds a NUL byte, or has a
+                name longer than the file system takes (these would fail later, retried).
+        """
         text = os.fspath(value)
         if text.startswith("file://"):
             text = text[len("file://") :]
         if text.startswith("~"):
             raise UntrustedInputError(
-                f"path {text!r} starts with '~'; give a path relative to the project or an "
+                f"{what} {text!r} starts with '~'; give a path relative to the project or an "
                 "absolute one"
             )
+        if "\0" in text:
+            raise UntrustedInputError(f"{what} {_short(text)} contains a NUL byte; remove it")
+        for name in Path(text).parts:
+            if len(os.fsencode(name)) > MAX_NAME_BYTES:
+                raise UntrustedInputError(
+                    f"{what} {_short(text)} has a name of {len(os.fsencode(name))} bytes, "
+                    f"longer than {MAX_NAME_BYTES} (NAME_MAX); use shorter names"
+                )
         path = Path(text)
         return path if path.is_absolute() else self.project_dir / path
 
     def check_work_dir(self, value: str) -> Path:
         """The absolute folder of all experiments for a configured ``work_dir``.
 
-        Relative paths stay inside the project; absolute ones must lie under the project
-        or an operator's work-dir root.
+        Relative paths stay inside the project (never the project folder itself);
+        absolute ones must lie under the project or an operator's work-dir root.
         """
-        path = self.resolve(value)
+        path = self.resolve(value, "work_dir")
         if ".." in Path(value).parts:
             raise UntrustedInputError(f"work_dir {value!r} must not contain '..'")
         real = Path(os.path.realpath(path))
+        if real == Path(os.path.realpath(self.project_dir)):
+            raise UntrustedInputError(
+                f"work_dir {value!r} is the project folder: experiments would be written "
+                "among its source files; use a sub-folder such as 'work_dirs'"
+            )
         if self.deployment_work_dir is not None:
             if real != Path(os.path.realpath(self.deployment_work_dir)):
                 raise UntrustedInputError(
@@ -252,7 +273,7 @@ class Trust:
         if "://" in uri and not uri.startswith("file://"):
             self.check_scheme(uri, what)
             return uri
-        path = self.resolve(uri)
+        path = self.resolve(uri, what)
         real = Path(os.path.realpath(path))
         roots = [*self.checkpoint_roots]
         if experiment_dir is not None:
@@ -269,7 +290,7 @@ class Trust:
 
     def check_config_path(self, value: str) -> Path:
         """A config named by a flow parameter: a YAML file in ``configs/`` or a config root."""
-        path = self.resolve(value)
+        path = self.resolve(value, "config")
         if path.suffix not in (".yaml", ".yml"):
             raise UntrustedInputError(
                 f"config {value!r} is not a .yaml file; name a file in configs/, or pass the "
@@ -287,7 +308,7 @@ class Trust:
 
     def check_data_path(self, value: str, what: str) -> Path:
         """A data folder or file a dataset reads: inside the project or a data root."""
-        path = self.resolve(value)
+        path = self.resolve(value, what)
         real = Path(os.path.realpath(path))
         if not _inside(real, (self.project_dir, *self.data_roots)):
             raise UntrustedInputError(
@@ -303,6 +324,8 @@ def check_regular_file(path: Path, what: str, *, max_bytes: int | None = None) -
         info = os.stat(path)
     except FileNotFoundError:
         raise MissingInputError(f"{what} {str(path)!r} does not exist") from None
+    except ValueError as err:  # os.stat's "embedded null byte"
+        raise UntrustedInputError(f"{what} {_short(str(path))} contains a NUL byte") from err
     except OSError as err:
         raise UntrustedInputError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from err
     if not stat.S_ISREG(info.st_mode):
@@ -448,6 +471,12 @@ def deployment_environment(deployment: str | None) -> Iterator[None]:
 def _root(project: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return Path(os.path.realpath(path if path.is_absolute() else project / path))
+
+
+def _short(text: str) -> str:
+    """``repr(text)`` cut to 60 characters, to quote a bad value in a message."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= 60 else quoted[:57] + "..."
 
 
 def _under(dotted: str, prefixes: Iterable[str]) -> bool:

@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from baton.errors import ConfigError
 from baton.flows.pool import checked_run, work_dir_of
+from baton.markdown import inline_code, table_cell
 from baton.tasks import evaluate, load_checkpoint, validate_config
 from baton.tasks._common import artifact_key, permanent_errors_end_the_run
 from baton.trust import deployment_environment
@@ -17,11 +18,13 @@ NO_VAL_DATA = "the config has no val_data to evaluate on; add a val_data section
 
 @task(name="publish-evaluation", cache_policy=NO_CACHE)
 def publish_evaluation(experiment_name: str, checkpoint: str, metrics: dict[str, float]) -> None:
-    """A markdown artifact with the checkpoint's validation metrics."""
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    """A markdown artifact with the checkpoint's validation metrics (the path and the
+    names escaped: the run form chooses the path)."""
+    rows = "\n".join(f"| {table_cell(k)} | {v:.4f} |" for k, v in sorted(metrics.items()))
     create_markdown_artifact(
         key=artifact_key(experiment_name, "evaluation"),
-        markdown=f"# Evaluation of `{checkpoint}`\n\n| metric | value |\n|---|---|\n{rows}\n",
+        markdown=f"# Evaluation of {inline_code(checkpoint)}\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n",
     )
 
 

@@ -2,6 +2,7 @@
 artifact keys."""
 
 import contextlib
+import hashlib
 import logging
 import re
 from collections.abc import Iterator
@@ -96,9 +97,13 @@ def _stop_flow_retries() -> None:
 
 
 def artifact_key(experiment_name: str, suffix: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits, dashes) for an experiment."""
-    slug = re.sub(r"[^a-z0-9]+", "-", experiment_name.lower()).strip("-") or "experiment"
-    return f"{slug}-{suffix}"
+    """A Prefect artifact key (lowercase letters, digits, dashes) for an experiment:
+    a readable slug of the name plus a short hash of the exact name, so experiments whose
+    names differ only in case or punctuation (``digits_mlp``, ``Digits.MLP``) never share
+    (and overwrite) each other's artifacts."""
+    slug = re.sub(r"[^a-z0-9]+", "-", experiment_name.lower()).strip("-")[:48].strip("-")
+    digest = hashlib.sha256(experiment_name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{slug or 'experiment'}-{digest}-{suffix}"
 
 
 def in_run() -> bool:

@@ -5,6 +5,7 @@ import asyncio
 import contextvars
 import functools
 import time
+import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +22,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 
 from baton.checkpoint import io
 from baton.experiment import Experiment
+from baton.markdown import code_block, inline_code, text
 from baton.metrics import history_table
 from baton.tasks._common import artifact_key, in_run, run_logger
 from baton.tasks.state import RunState, config_of
@@ -134,7 +136,7 @@ class EpochReporter:
             acreate_table_artifact(
                 key=artifact_key(self.name, "metrics"),
                 table=rows,
-                description=f"per-epoch metrics of {self.name}",
+                description=f"per-epoch metrics of {text(self.name)}",
             ),
             self._progress(progress),
         ]
@@ -144,8 +146,8 @@ class EpochReporter:
             calls.append(
                 acreate_link_artifact(
                     key=artifact_key(self.name, "checkpoint"),
-                    link=ref.uri if not io.is_local(ref.uri) else f"file://{ref.uri}",
-                    link_text=ref.uri.rsplit("/", 1)[-1],
+                    link=_link(ref.uri),
+                    link_text=text(ref.uri.rsplit("/", 1)[-1]),
                     description=f"epoch {ref.epoch}, iteration {ref.iter}, "
                     f"sha256 {ref.sha256[:12]}",
                 )
@@ -155,10 +157,18 @@ class EpochReporter:
     async def _progress(self, progress: float) -> None:
         if self._progress_id is None:
             self._progress_id = await acreate_progress_artifact(
-                progress=progress, description=f"training {self.name}"
+                progress=progress, description=f"training {text(self.name)}"
             )
         else:
             await aupdate_progress_artifact(self._progress_id, progress)
+
+
+def _link(uri: str) -> str:
+    """A checkpoint's URI as a link target: Prefect writes a link artifact as the markdown
+    ``[text](link)``, so a path's parentheses, spaces and newlines are percent-encoded."""
+    if io.is_local(uri):
+        return "file://" + urllib.parse.quote(uri)
+    return urllib.parse.quote(uri, safe=":/@%?=&#~+,;")
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
@@ -171,7 +181,9 @@ def summarize(config: dict[str, Any], state: RunState, started: float, note: str
     store = experiment.store
     checkpoints = store.list()
     best = store.best(policy.best_metric, policy.best_mode) if policy.best_metric else None
-    lines = [f"# {cfg.experiment_name}", ""]
+    # Every value from the config (the work_dir in paths, a metric name) is escaped: the
+    # run form chooses them, and the UI renders this as markdown.
+    lines = [f"# {text(cfg.experiment_name)}", ""]
     if note:
         lines += [note, ""]
     lines += [
@@ -181,7 +193,7 @@ def summarize(config: dict[str, Any], state: RunState, started: float, note: str
     ]
     if best is not None:
         value = best.metrics[policy.best_metric]
-        lines.append(f"- best {policy.best_metric}: **{value:.4f}** (epoch {best.epoch})")
+        lines.append(f"- best {text(policy.best_metric)}: **{value:.4f}** (epoch {best.epoch})")
     for key in ("train/loss", "val/loss", "val/accuracy"):
         series = [r[key] for r in history if key in r]
         if series:
@@ -190,9 +202,10 @@ def summarize(config: dict[str, Any], state: RunState, started: float, note: str
         lines += ["", history_table(history, markdown=True)]
     lines += ["", "## Checkpoints", ""]
     lines += [
-        f"- `{r.uri}` epoch {r.epoch}, iter {r.iter}, sha256 `{r.sha256[:12]}`" for r in checkpoints
+        f"- {inline_code(r.uri)} epoch {r.epoch}, iter {r.iter}, sha256 {inline_code(r.sha256[:12])}"
+        for r in checkpoints
     ]
-    lines += ["", "## Resolved config", "", "```yaml", cfg.to_yaml().rstrip(), "```"]
+    lines += ["", "## Resolved config", "", code_block(cfg.to_yaml().rstrip(), "yaml")]
     markdown = "\n".join(lines)
     if in_run():
         create_markdown_artifact(

@@ -16,6 +16,7 @@ Every function here expects its caller to hold :func:`manifest_lock` for the fol
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,12 @@ from baton.checkpoint import io, manifest
 from baton.checkpoint.files import ExperimentFiles
 from baton.checkpoint.manifest import MANIFEST_VERSION
 from baton.checkpoint.ref import CheckpointName
-from baton.errors import CheckpointError, CheckpointWriteError, ManifestVersionError
+from baton.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    ManifestReadError,
+    ManifestVersionError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,35 @@ _CACHE: dict[Path, _Cached] = {}
 
 class _Changed(Exception):
     """The manifest changed while being read; read it again."""
+
+
+# Errors of opening a manifest file that say what the file is (a link, a socket, a device
+# without a driver): damage, rebuilt under the lock. Every other OSError is a fault of the
+# moment (EIO, EACCES, ENOMEM...): rebuilding then would lose every lineage's name and
+# parent, so it is raised as ManifestReadError and retried instead.
+_NOT_A_REGULAR_FILE = frozenset({errno.ELOOP, errno.ENXIO, errno.ENODEV})
+
+
+def _read_manifest_file(path: Path) -> bytes:
+    """The bytes of the snapshot or the journal.
+
+    Raises:
+        _Changed: The file went away after it was seen (replaced by a compaction).
+        ManifestReadError: It could not be read now; nothing was changed.
+        OSError: It is not a regular file (damage, for the caller to rebuild).
+    """
+    try:
+        return manifest.read_regular_file(path)
+    except FileNotFoundError:
+        raise _Changed from None
+    except OSError as err:
+        if err.errno in _NOT_A_REGULAR_FILE:
+            raise
+        raise ManifestReadError(
+            f"{path} could not be read ({err.strerror or err}); it was left as it is and "
+            "the run may be retried; if this persists, check the disk and the file's "
+            "permissions"
+        ) from err
 
 
 # reading ------------------------------------------------------------------------------
@@ -134,11 +169,7 @@ def _read_files(files: ExperimentFiles) -> tuple[manifest.ManifestState, int, tu
         _Changed: The files were compacted while being read.
     """
     try:
-        text = (
-            manifest.read_regular_file(files.manifest_path)
-            if files.manifest_path.exists()
-            else None
-        )
+        text = _read_manifest_file(files.manifest_path) if files.manifest_path.exists() else None
         if text is None and not os.path.lexists(files.journal_path):
             empty = manifest.ManifestState()
             empty.pending = "compact"  # the first writer creates both files
@@ -146,7 +177,7 @@ def _read_files(files: ExperimentFiles) -> tuple[manifest.ManifestState, int, tu
         if text is None:
             raise ValueError("there is a journal but no manifest.json")
         state = manifest.read_snapshot(json.loads(text))
-    except ManifestVersionError:
+    except (ManifestVersionError, ManifestReadError):
         raise
     except (OSError, ValueError, KeyError, TypeError, CheckpointError) as err:
         return state_from_files(files, f"{files.manifest_path} is unreadable ({err})"), 0, None
@@ -158,7 +189,9 @@ def _read_files(files: ExperimentFiles) -> tuple[manifest.ManifestState, int, tu
         state.pending = "compact"
         return state, 0, None
     try:
-        data = manifest.read_regular_file(files.journal_path)
+        data = _read_manifest_file(files.journal_path)
+    except ManifestReadError:
+        raise
     except (OSError, CheckpointError) as err:
         return state_from_files(files, f"{files.journal_path} is unreadable ({err})"), 0, None
     return _apply_journal(files, state, data, (st.st_dev, st.st_ino))

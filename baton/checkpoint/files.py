@@ -63,6 +63,12 @@ class ExperimentFiles:
         """The file the training process holds an ``flock`` on."""
         return self.root / ".lock"
 
+    @property
+    def entry_names(self) -> frozenset[str]:
+        """The names of the store's own entries in the experiment folder."""
+        paths = (self.checkpoint_dir, self.manifest_path, self.journal_path, self.lock_path)
+        return frozenset(path.name for path in paths)
+
     def path_for(self, name: CheckpointName | str) -> Path:
         """Path of a checkpoint file with this name."""
         return self.checkpoint_dir / str(name)

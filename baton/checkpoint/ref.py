@@ -87,7 +87,7 @@ class CheckpointName:
     def parse(cls, name: str) -> "CheckpointName | None":
         """Parse a file name; ``None`` when it does not follow the scheme."""
         lineage, rest = cls.split_lineage(name)
-        match = _NAME_RE.match(rest)
+        match = _NAME_RE.fullmatch(rest)
         if match is None:
             return None
         return cls(match["kind"], int(match["number"]), lineage)
@@ -95,7 +95,7 @@ class CheckpointName:
     @staticmethod
     def split_lineage(filename: str) -> tuple[int, str]:
         """``("L3-epoch_0002.pth")`` -> ``(3, "epoch_0002.pth")``; no prefix is lineage 1."""
-        match = _LINEAGE_RE.match(filename)
+        match = _LINEAGE_RE.fullmatch(filename)
         if match is None:
             return 1, filename
         return int(match["lineage"]), match["rest"]

@@ -77,6 +77,12 @@ class CheckpointStore:
         """The manifest's journal: records committed since the snapshot."""
         return self._files.journal_path
 
+    @property
+    def entry_names(self) -> frozenset[str]:
+        """The names of the store's own entries in the experiment folder (checkpoints/,
+        the manifest and its journal, the lock)."""
+        return self._files.entry_names
+
     def path_for(self, name: CheckpointName | str) -> Path:
         """Path of a checkpoint file with this name."""
         return self._files.path_for(name)

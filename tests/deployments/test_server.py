@@ -19,6 +19,7 @@ import pytest
 
 from baton import pipeline as pl
 from baton.config import validate
+from baton.tasks._common import artifact_key
 
 from ..flows.conftest import small_config
 from ..flows.helpers import assert_same_training_result, final_checkpoint, flaky
@@ -232,7 +233,7 @@ def test_run_from_the_ui_form_completes(server, tmp_path):
     assert (experiment / "manifest.json").exists()
     assert len(list((experiment / "checkpoints").glob("epoch_*.pth"))) == 4
     keys = set(server.artifacts(run_id))
-    assert {"from-ui-checkpoint", "from-ui-metrics", "from-ui-summary"} <= keys
+    assert {artifact_key("from-ui", s) for s in ("checkpoint", "metrics", "summary")} <= keys
 
 
 def test_a_bad_parameter_is_refused_by_the_server(server):

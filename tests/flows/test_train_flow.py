@@ -8,6 +8,7 @@ from prefect.client.orchestration import get_client
 from baton import pipeline as pl
 from baton.config import validate
 from baton.flows.train import train_pipeline
+from baton.tasks._common import artifact_key
 
 from ..baton.helpers import HALVING_PLATEAU
 from .conftest import small_config
@@ -51,9 +52,10 @@ def test_flow_completes_with_checkpoints_metrics_and_artifacts(prefect_harness, 
 
     found = asyncio.run(artifacts())
     keys = {a.key for a in found if a.key}
-    assert {"artifact-check-checkpoint", "artifact-check-metrics", "artifact-check-summary"} <= keys
+    assert {artifact_key("artifact-check", s) for s in ("checkpoint", "metrics", "summary")} <= keys
     newest_link = max(
-        (a for a in found if a.key == "artifact-check-checkpoint"), key=lambda a: a.created
+        (a for a in found if a.key == artifact_key("artifact-check", "checkpoint")),
+        key=lambda a: a.created,
     )
     assert "epoch_0004.pth" in newest_link.data
     # TensorBoard: one event file for the run, every epoch's scalars in it
