@@ -60,11 +60,20 @@ class RestartBound:
 
 @dataclass(frozen=True)
 class Restart:
-    """One automatic restart: when, which run, and the crashed run it continues."""
+    """One automatic restart: when, which run, and the crashed run it continues (its
+    name, shown in messages, and its id, which tells two runs of one name apart)."""
 
     time: datetime
     run: str
     continues: str
+    continues_id: str | None = None
+
+    def same_crash(self, continues: str, continues_id: str | None) -> bool:
+        """Whether this restart continued the crashed run ``continues_id`` (or, for a
+        record or a claim without an id, the run called ``continues``)."""
+        if self.continues_id is not None and continues_id is not None:
+            return self.continues_id == continues_id
+        return self.continues == continues
 
 
 class RestartLog:
@@ -87,7 +96,12 @@ class RestartLog:
         try:
             records = json.loads(self.path.read_text(encoding="utf-8"))["restarts"]
             return [
-                Restart(datetime.fromisoformat(r["time"]), str(r["run"]), str(r["continues"]))
+                Restart(
+                    datetime.fromisoformat(r["time"]),
+                    str(r["run"]),
+                    str(r["continues"]),
+                    str(r["continues_id"]) if r.get("continues_id") else None,
+                )
                 for r in records
             ]
         except FileNotFoundError:
@@ -99,7 +113,13 @@ class RestartLog:
             ) from err
 
     def claim(
-        self, run: str, continues: str, bound: RestartBound, now: datetime | None = None
+        self,
+        run: str,
+        continues: str,
+        bound: RestartBound,
+        now: datetime | None = None,
+        *,
+        continues_id: str | None = None,
     ) -> int:
         """Record that ``run`` restarts the crashed run ``continues``, within ``bound``.
 
@@ -117,10 +137,11 @@ class RestartLog:
         """
         now = now or datetime.now(UTC)
         continues = continues[:200]  # a run's parameter: bounded before it is stored
+        continues_id = continues_id[:200] if continues_id else None
         recent = [r for r in self.restarts() if now - r.time < bound.window]
         if any(r.run == run for r in recent):
             return len(recent)
-        earlier = next((r for r in recent if r.continues == continues), None)
+        earlier = next((r for r in recent if r.same_crash(continues, continues_id)), None)
         if earlier is not None:
             raise RestartRefusedError(
                 f"crashed run {continues!r} was already restarted by run {earlier.run!r}; "
@@ -139,9 +160,11 @@ class RestartLog:
                 f"{', '.join(r.continues for r in recent)}), the limit (BATON_RESTART_LIMIT="
                 f"{bound.limit}); find the cause in its runs/ logs, then start it by hand"
             )
-        recent.append(Restart(now, run, continues))
+        recent.append(Restart(now, run, continues, continues_id))
         records = [
-            {"time": r.time.isoformat(), "run": r.run, "continues": r.continues} for r in recent
+            {"time": r.time.isoformat(), "run": r.run, "continues": r.continues}
+            | ({"continues_id": r.continues_id} if r.continues_id else {})
+            for r in recent
         ]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, json.dumps({"restarts": records}, indent=1) + "\n")

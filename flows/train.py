@@ -273,7 +273,9 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
                     f"{experiment.name!r}; start the run by hand"
                 )
             bound = RestartBound.from_env()
-            count = experiment.restarts.claim(str(flow_run.get_id()), crashed.name, bound)
+            count = experiment.restarts.claim(
+                str(flow_run.get_id()), crashed.name, bound, continues_id=str(crashed.id)
+            )
             print(f"automatic restart {count}/{bound.limit} of crashed run {crashed.name!r}")
             run_id = _origin(crashed)
         state = prepare(cfg, find_resume_point(cfg, run_id))

@@ -83,3 +83,18 @@ def test_a_crashed_run_is_restarted_once_however_many_runs_claim_it(tmp_path):
     assert [r.run for r in log.restarts()] == ["run-1"]  # the refusals spent nothing
     assert log.claim("run-1", "fox", bound, now=NOON + timedelta(minutes=2)) == 1  # a flow retry
     assert log.claim("run-5", "owl", bound, now=NOON + timedelta(minutes=3)) == 2
+
+
+def test_two_crashed_runs_of_one_name_are_told_apart_by_their_ids(tmp_path):
+    """Prefect's run names are not unique: the restart of one 'fox' must not refuse the
+    restart of another 'fox'; the same id claimed by another run still is."""
+    log = RestartLog(tmp_path / "runs" / "restarts.json")
+    bound = RestartBound(limit=3)
+    assert log.claim("run-1", "fox", bound, now=NOON, continues_id="id-1") == 1
+    assert log.claim("run-2", "fox", bound, now=NOON, continues_id="id-2") == 2
+    with pytest.raises(RestartRefusedError, match="already restarted by run 'run-1'"):
+        log.claim("run-3", "fox", bound, now=NOON, continues_id="id-1")
+    assert [(r.continues, r.continues_id) for r in log.restarts()] == [
+        ("fox", "id-1"),
+        ("fox", "id-2"),
+    ]
