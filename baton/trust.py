@@ -242,6 +242,12 @@ class Trust:
                 f"work_dir {value!r} is the project folder: experiments would be written "
                 "among its source files; use a sub-folder such as 'work_dirs'"
             )
+        package = _enclosing_package(real, Path(os.path.realpath(self.project_dir)))
+        if package is not None:
+            raise UntrustedInputError(
+                f"work_dir {value!r} is inside the Python package {str(package)!r}: experiments "
+                "would be written among its source files; use a sub-folder such as 'work_dirs'"
+            )
         if self.deployment_work_dir is not None:
             if real != Path(os.path.realpath(self.deployment_work_dir)):
                 raise UntrustedInputError(
@@ -477,6 +483,19 @@ def _short(text: str) -> str:
     """``repr(text)`` cut to 60 characters, to quote a bad value in a message."""
     quoted = repr(text)
     return quoted if len(quoted) <= 60 else quoted[:57] + "..."
+
+
+def _enclosing_package(path: Path, project: Path) -> Path | None:
+    """The outermost folder between ``project`` (excluded) and ``path`` (included) that is a
+    Python package (holds ``__init__.py``), or None; only folders inside the project count."""
+    if not path.is_relative_to(project):
+        return None
+    folder = project
+    for part in path.relative_to(project).parts:
+        folder = folder / part
+        if (folder / "__init__.py").exists():
+            return folder
+    return None
 
 
 def _under(dotted: str, prefixes: Iterable[str]) -> bool:

@@ -179,6 +179,14 @@ def test_the_project_folder_is_not_a_work_dir(tmp_path):
         load_config(small_config(tmp_path / "wd"), {"work_dir": ".", "experiment_name": "baton"})
 
 
+@pytest.mark.parametrize("work_dir", ["baton", "baton/checkpoint", "tests/security"])
+def test_a_python_package_is_not_a_work_dir(tmp_path, work_dir):
+    """work_dir: baton with a fresh experiment name would write baton/<name>/ among the
+    engine's source files."""
+    with pytest.raises(ConfigError, match=f"work_dir '{work_dir}' is inside the Python package"):
+        load_config(small_config(tmp_path / "wd"), {"work_dir": work_dir})
+
+
 def test_an_existing_folder_that_is_not_an_experiment_is_refused(tmp_path):
     cfg = small_config(tmp_path / "wd", name="taken")
     folder = tmp_path / "wd" / "taken"
