@@ -317,7 +317,7 @@ def build_problems(
     """Build model, loss and optimizer on the meta device: no memory, no data, but every
     constructor runs, so a negative size or a bad learning rate is found now. The model's
     parameters and buffers are counted against the operator's quota, and the checkpoints
-    the run would keep against the experiment's bytes (lazy parameters have no size yet:
+    the run would keep against the experiment's bytes; so are the loss's (lazy parameters have no size yet:
     they are counted when the pipeline is built, see ``Quotas.check_model``)."""
     quotas = quotas or quotas_for(cfg, trust)
     problems = []
@@ -343,9 +343,14 @@ def build_problems(
                 if message:
                     problems.append(ConfigProblem(dotted(path), message, *locate(path, positions)))
         try:
-            build.build(cfg.loss, "loss", trust=trust)
+            loss = build.build(cfg.loss, "loss", trust=trust)
         except Exception as err:
             add(("loss",), err)
+        else:
+            # A loss is a module too (an Embedding of 1e10 rows is one): the same quota.
+            message = quotas.model_problem(loss, "loss")
+            if message:
+                problems.append(ConfigProblem("loss", message, *locate(("loss",), positions)))
         if model is not None:
             try:
                 build.build(

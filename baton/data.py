@@ -114,6 +114,9 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 class SyntheticClassification(TensorPairDataset):
     """Gaussian blobs, one per class: a tiny dataset for tests.
 
+    Its size is bounded (at most 2**20 samples of 1,024 features, 4 GiB), since a config
+    from the Run form chooses it and it is built in memory.
+
     Args:
         num_samples: Number of samples.
         num_features: Input size.
@@ -123,9 +126,9 @@ class SyntheticClassification(TensorPairDataset):
 
     def __init__(
         self,
-        num_samples: Annotated[int, Field(ge=1)] = 256,
-        num_features: Annotated[int, Field(ge=1)] = 8,
-        num_classes: Annotated[int, Field(ge=1)] = 3,
+        num_samples: Annotated[int, Field(ge=1, le=1 << 20)] = 256,
+        num_features: Annotated[int, Field(ge=1, le=1024)] = 8,
+        num_classes: Annotated[int, Field(ge=1, le=1024)] = 3,
         seed: Annotated[int, Field(ge=0)] = 0,
     ):
         generator = torch.Generator().manual_seed(seed)

@@ -186,14 +186,14 @@ class Quotas:
 
     # checks -----------------------------------------------------------------------------
 
-    def model_problem(self, model: nn.Module) -> str | None:
-        """The refusal for a model over ``max_parameters`` (parameters and buffers that are
-        not lazy), else ``None``."""
+    def model_problem(self, model: nn.Module, what: str = "model") -> str | None:
+        """The refusal for a model (or the loss, ``what``) over ``max_parameters``
+        (parameters and buffers that are not lazy), else ``None``."""
         count = count_parameters(model)
         if count <= self.max_parameters:
             return None
         return self.refusal(
-            f"model has {count:,} parameters", "max_parameters", "use a smaller model"
+            f"{what} has {count:,} parameters", "max_parameters", f"use a smaller {what}"
         )
 
     def check_model(self, model: nn.Module) -> None:

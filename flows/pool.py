@@ -94,10 +94,15 @@ def check_work_pool(work_pool: str) -> dict[str, str]:
     return {"work_pool": work_pool}
 
 
-def check_this_run(run: FlowRun | None) -> str | None:
-    """Refuse a flow run that carries job variables of its own or runs on a pool whose
-    template lets them through; return the run's deployment as ``<flow>/<deployment>``
-    (None for a run that has no deployment, such as ``baton run``).
+def check_this_run(run: FlowRun | None, *, retries: int = 0) -> str | None:
+    """Refuse a flow run that carries job variables or retries of its own, or runs on a
+    pool whose template lets job variables through; return the run's deployment as
+    ``<flow>/<deployment>`` (None for a run that has no deployment, such as ``baton run``).
+
+    Args:
+        run: The flow run, as the server has it.
+        retries: The flow's own ``retries``: a run may not ask for more (the API takes an
+            ``empirical_policy`` with any number, and Prefect's engine keeps it).
 
     Raises:
         UntrustedInputError: With the reason and what to do instead (a permanent error:
@@ -111,11 +116,30 @@ def check_this_run(run: FlowRun | None) -> str | None:
             "a run may set none: the command, environment and folder of its process are the "
             "operator's (the work pool's template and the worker's environment)"
         )
+    asked = run.empirical_policy.retries if run.empirical_policy else None
+    if asked is not None and asked > retries:
+        raise UntrustedInputError(
+            f"this run asks for {asked} flow retries, more than the flow's own {retries}; "
+            "create runs without an empirical_policy"
+        )
     if run.deployment_id is None:
         return None
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment(run.deployment_id)
-        flow = client.read_flow(run.flow_id)
+        try:
+            deployment = client.read_deployment(run.deployment_id)
+        except ObjectNotFound:
+            raise UntrustedInputError(
+                f"this run's deployment {run.deployment_id} no longer exists; start the run "
+                "from a deployment that does"
+            ) from None
+        if run.flow_id != deployment.flow_id:
+            # The flow-run API takes any flow id beside a deployment's: the deployment's
+            # own flow names its folder, never the run's.
+            raise UntrustedInputError(
+                "this run names another flow than its deployment's; start it from the "
+                "deployment (its Run form or `prefect deployment run`)"
+            )
+        flow = client.read_flow(deployment.flow_id)
         if run.work_pool_name:
             reasons = unsafe_template(client.read_work_pool(run.work_pool_name).base_job_template)
             if reasons:
@@ -123,15 +147,15 @@ def check_this_run(run: FlowRun | None) -> str | None:
     return f"{flow.name}/{deployment.name}"
 
 
-def checked_run() -> tuple[FlowRun | None, str | None]:
-    """This flow run as the server has it, checked by :func:`check_this_run`, and its
-    deployment (``None, None`` outside a flow run)."""
+def checked_run(*, retries: int = 0) -> tuple[FlowRun | None, str | None]:
+    """This flow run as the server has it, checked by :func:`check_this_run` against the
+    flow's own ``retries``, and its deployment (``None, None`` outside a flow run)."""
     run_id = flow_run.get_id()
     if not run_id:
         return None, None
     with get_client(sync_client=True) as client:
         this = client.read_flow_run(UUID(str(run_id)))
-    return this, check_this_run(this)
+    return this, check_this_run(this, retries=retries)
 
 
 def work_dir_of(deployment: str | None, work_dir: str | None) -> str | None:

@@ -118,10 +118,14 @@ def _being_cancelled() -> bool:
     return this is not None and this.state is not None and this.state.is_cancelling()
 
 
+# A flow retry starts again from the newest checkpoint; a run may not ask for more.
+FLOW_RETRIES = 1
+
+
 @flow(
     name="train-pipeline",
     flow_run_name=_run_name,
-    retries=1,
+    retries=FLOW_RETRIES,
     retry_delay_seconds=0,
     log_prints=True,
 )
@@ -155,7 +159,7 @@ def train_pipeline(
         "fork": fork,
     }
     with permanent_errors_end_the_run():
-        this, deployment = checked_run()
+        this, deployment = checked_run(retries=FLOW_RETRIES)
         with deployment_environment(deployment):
             crashed = None
             if restart_of:

@@ -63,6 +63,28 @@ def test_an_embedding_of_ten_billion_rows_is_refused_at_validation(tmp_path):
     assert "model has 80,000,000,000 parameters" in _problems(err)["model"]
 
 
+def test_a_loss_with_ten_billion_parameters_is_refused_at_validation(tmp_path):
+    """A loss is a module as well, built on the device when the pipeline is built."""
+    cfg = small_pipeline(tmp_path)
+    cfg["loss"] = {"type": "torch.nn.Embedding", "num_embeddings": 10**10, "embedding_dim": 16}
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert "loss has 160,000,000,000 parameters" in _problems(err)["loss"]
+
+
+def test_a_synthetic_dataset_is_bounded_at_validation(tmp_path):
+    cfg = small_pipeline(tmp_path)
+    cfg["train_data"]["dataset"] = {
+        "type": "SyntheticClassification",
+        "num_samples": 10**18,
+        "num_features": 10**6,
+    }
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    problems = _problems(err)
+    assert {"train_data.dataset.num_samples", "train_data.dataset.num_features"} <= set(problems)
+
+
 def test_the_parameters_quota_comes_from_the_environment(tmp_path, monkeypatch):
     cfg = small_pipeline(tmp_path)  # 195 parameters
     monkeypatch.setenv("BATON_MAX_PARAMETERS", "194")

@@ -12,12 +12,14 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
+from prefect.client.schemas.objects import FlowRun
 from prefect.workers.process import ProcessWorker
 
 from baton.errors import UntrustedInputError
-from baton.flows.pool import unsafe_template
+from baton.flows.pool import check_this_run, unsafe_template
 from baton.trust import Trust
 
 from ..deployments.test_server import (
@@ -71,6 +73,18 @@ def test_prefects_default_template_is_unsafe_and_batons_is_not():
     # a fixed env mapping is extended by a run's env where Prefect does not validate it
     fixed_env = {"job_configuration": {"env": {"A": "1"}}, "variables": {"properties": {}}}
     assert len(unsafe_template(fixed_env)) == 2
+
+
+def test_a_run_cannot_ask_for_more_retries_than_its_flow():
+    """The API takes any empirical_policy, and Prefect's engine keeps a run's retries: a
+    transient error would then be retried as often as the run's creator asked."""
+    policy = {"retries": 1_000_000_000, "retry_delay": 0}
+    run = FlowRun(flow_id=uuid4(), empirical_policy=policy)
+    with pytest.raises(UntrustedInputError, match="asks for 1000000000 flow retries, more than"):
+        check_this_run(run, retries=1)
+    assert (
+        check_this_run(FlowRun(flow_id=uuid4(), empirical_policy={"retries": 1}), retries=1) is None
+    )
 
 
 def _project(tmp_path: Path, table: str = "") -> Path:
@@ -162,32 +176,46 @@ def test_job_variables_are_refused_by_the_server_and_have_no_effect(server, tmp_
         assert all(key in response.text for key in job_variables), response.text
     assert _runs_of(server, UI) == before
 
-    # A run created without its deployment's validation (the flow-run API, not the form):
-    # the job configuration has nothing for its job variables to fill, and the flow
-    # refuses the run.
+    # Runs created without their deployment's validation (the flow-run API, not the form):
+    # the job configuration has nothing for job variables to fill, and the flow refuses a
+    # run with job variables, with more retries than its own, or naming another flow.
     payload = {
         "command": f"/bin/sh -c 'touch {marker}'",
         "env": _interpreter_payload(marker),
         "working_dir": str(tmp_path),
     }
-    response = server.http.post(
-        "/flow_runs/",
-        json={
-            "flow_id": dep["flow_id"],
-            "deployment_id": dep["id"],
-            "work_pool_name": POOL,
-            "parameters": parameters,
-            "job_variables": payload,
-            "state": {"type": "SCHEDULED"},
-        },
-    )
-    assert response.status_code == 201, response.text
-    run_id = response.json()["id"]
-    server.serve_once()
-    run = server.run(run_id)
-    assert run["state"]["type"] == "FAILED", run["state"]
-    assert "this run sets job variables (command, env, working_dir)" in run["state"]["message"]
-    assert run["run_count"] == 1
+
+    def bypass(**fields) -> str:
+        response = server.http.post(
+            "/flow_runs/",
+            json={
+                "flow_id": dep["flow_id"],
+                "deployment_id": dep["id"],
+                "work_pool_name": POOL,
+                "parameters": parameters,
+                "state": {"type": "SCHEDULED"},
+                **fields,
+            },
+        )
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    evaluate_flow = server.deployment(EVALUATE)["flow_id"]
+    runs = {
+        "this run sets job variables (command, env, working_dir)": bypass(job_variables=payload),
+        "asks for 1000 flow retries": bypass(empirical_policy={"retries": 1000, "retry_delay": 0}),
+        "names another flow than its deployment's": bypass(flow_id=evaluate_flow),
+    }
+    worker = server.worker()
+    try:
+        finals = {m: server.wait_state(r, TERMINAL, timeout=300) for m, r in runs.items()}
+    finally:
+        _stop(worker)
+    for message, run_id in runs.items():
+        run = server.run(run_id)
+        assert finals[message] == "FAILED", run["state"]
+        assert message in run["state"]["message"], run["state"]
+        assert run["run_count"] == 1
     assert not marker.exists()
     assert not (server.work_dir(UI) / "jobvars").exists()
 
