@@ -230,6 +230,18 @@ def _collate(samples: list) -> Any:
     return default_collate(samples)
 
 
+def _on_meta(batch: Any, size: int) -> Any:
+    """``batch`` (of one sample) with every tensor replaced by a meta tensor of its dtype
+    and shape, with ``size`` samples; containers as the loop's device transfer keeps them."""
+    if isinstance(batch, torch.Tensor):
+        return torch.empty((size, *batch.shape[1:]), dtype=batch.dtype, device="meta")
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_on_meta(b, size) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _on_meta(v, size) for k, v in batch.items()}
+    return batch
+
+
 class _EpochBatches:
     """The batch sampler of the one DataLoader a ``ResumableLoader`` keeps: it yields
     the keys of the epoch and start last set. A DataLoader fixes its sampler when it is
@@ -331,6 +343,26 @@ class ResumableLoader:
             if isinstance(batch, _Failure):
                 raise batch.error()
             yield batch
+
+    def meta_batch(self) -> Any | None:
+        """The first batch's structure, shapes and dtypes, on the meta device: sample 0
+        read as the loader reads it (its RNGs seeded, the training RNG states put back),
+        collated, with the batch dimension of the first batch. Nothing is allocated for
+        the batch, so a model can be tried on it (see ``Quotas.check_model``).
+
+        Returns:
+            The batch; ``None`` if sample 0 cannot be read (the run reports that when it
+            reaches the sample).
+        """
+        size = min(self.batch_size, len(self.dataset))
+        tensors = getattr(self.dataset, "tensors", None)
+        if tensors is not None:
+            return tuple(_on_meta(t[:1], size) for t in tensors)
+        seed = sample_seeds(self.seed, 0, 1)[0]
+        sample = _SeededSamples(self.dataset)[(0, seed)]
+        if isinstance(sample, _Failure):
+            return None
+        return _on_meta(_collate([sample]), size)
 
     def _dataloader(self) -> DataLoader:
         if self._loader is None:

@@ -9,6 +9,7 @@ taken at any iteration resumes exactly there.
 """
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -214,6 +215,16 @@ def evaluate(
     if sums:
         return {key: total / max(meter.samples, 1) for key, total in sums.items()}
     return meter.result()
+
+
+def forward_input(model: nn.Module, batch: Any) -> Any | None:
+    """What the loops call ``model`` with for ``batch``: the inputs of an ``(inputs,
+    targets)`` pair. ``None`` where the loops do not call the model so: a model with
+    ``train_step`` gets the whole batch and the optimizer wrapper, and a batch of
+    another shape is an error they report when they reach it."""
+    if hasattr(model, "train_step") or not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        return None
+    return batch[0]
 
 
 def _batch_size(batch) -> int:

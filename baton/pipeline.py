@@ -21,7 +21,7 @@ from baton.config import PipelineConfig
 from baton.control import find_resume_point
 from baton.data import ResumableLoader, check_same_classes
 from baton.experiment import Experiment
-from baton.quotas import Quotas
+from baton.quotas import Quotas, has_lazy_parameters
 from baton.steps import (
     evaluate,
     load_weights,
@@ -161,8 +161,16 @@ def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
         wrapper["clip_grad"] = cfg.optim_wrapper.clip_grad.kwargs()
     if cfg.amp:
         wrapper["type"] = "AmpOptimWrapper"
+    model = build.build(cfg.model, "model", trust=trust)
+    # Before the real model sees an input, and before it is placed, compiled or given an
+    # optimizer: lazy parameters are counted on a meta copy run on a batch shaped like
+    # the training data's, without allocating them (Quotas.check_model).
+    example_input = None
+    if has_lazy_parameters(model):
+        example_input = loop.forward_input(model, train_loader.meta_batch())
+    counted = quotas.check_model(model, example_input=example_input)
     strategy.prepare(
-        build.build(cfg.model, "model", trust=trust),
+        model,
         optim_wrapper=wrapper,
         param_scheduler=[dict(s) for s in cfg.param_scheduler] or None,
         compile=cfg.compile
@@ -175,10 +183,9 @@ def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
             "train_micro_batch_size_per_gpu": cfg.train_data.batch_size,
         },
     )
-    # Lazy parameters are counted once materialized (Quotas.check_model); the plan's
-    # bytes follow the model as far as it is known.
-    quotas.check_model(strategy.model)
-    quotas.check_plan(cfg, epoch_length, strategy.model)
+    # The plan's bytes follow the model as far as it is known: with lazy parameters,
+    # the sizes the dry run gave them.
+    quotas.check_plan(cfg, epoch_length, counted)
     loss_fn = build.build(cfg.loss, "loss", trust=trust)
     return Pipeline(cfg, strategy, train_loader, val_loader, loss_fn, max_epochs, max_iters)
 

@@ -18,12 +18,16 @@ runs on. Where each quota is enforced:
   model's parameters and buffers counted on the meta device, the horizon, the loader
   workers, and the checkpoint plan (files and bytes the run would keep at its peak);
 * when a pipeline is built (:mod:`baton.pipeline`), what validation cannot know: the
-  horizon and the plan with the real epoch length, and lazy parameters once the first
-  forward pass has materialized them (before the first backward pass and optimizer step);
+  horizon and the plan with the real epoch length, and lazy parameters, materialized on a
+  meta copy of the model by an input shaped like a training batch (a model that cannot
+  run on meta tensors: right after its first real forward pass, before the first
+  backward pass and optimizer step);
 * before every checkpoint write (:mod:`baton.checkpoint.writer`): the experiment's
   committed files and bytes plus the new one, and the free space left after it.
 """
 
+import copy
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -33,13 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn.parameter import is_lazy
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from baton.errors import QuotaError, UntrustedInputError
+from baton.randomness import cpu_rng_states, set_cpu_rng_states
 from baton.trust import project_dir, pyproject_subtable
 
 if TYPE_CHECKING:
     from baton.config import PipelineConfig
+
+logger = logging.getLogger(__name__)
 
 # --- the defaults, all in one place ---------------------------------------------------
 
@@ -196,29 +203,57 @@ class Quotas:
             f"{what} has {count:,} parameters", "max_parameters", f"use a smaller {what}"
         )
 
-    def check_model(self, model: nn.Module) -> None:
-        """Refuse a built model over ``max_parameters``; if it still has lazy parameters,
-        check again right after the forward pass that materializes them, before any
-        backward pass or optimizer step.
+    def check_model(self, model: nn.Module, *, example_input: Any = None) -> nn.Module:
+        """Refuse a built model over ``max_parameters``, lazy parameters included, before
+        it sees any input.
+
+        Lazy parameters (``nn.LazyLinear``...) get their shapes from the first forward
+        pass, which also allocates them: they are counted on a copy of the model on the
+        meta device, materialized by a forward pass of ``example_input`` (meta tensors,
+        see :meth:`ResumableLoader.meta_batch <baton.data.ResumableLoader.meta_batch>`),
+        so a model too large to allocate is refused without allocating it. Where that
+        dry run cannot be made (no ``example_input``, or a model that fails on meta
+        tensors), they are counted right after the real forward pass that materializes
+        them, before any backward pass or optimizer step. The dry run leaves ``model``
+        and every RNG state as they were: the real model is materialized, with the same
+        random draws, by its first real input.
+
+        Returns:
+            The model as counted: the meta copy when the dry run materialized it (its
+            sizes are those the real model will have), else ``model``.
 
         Raises:
-            QuotaError: The model (as far as it is materialized) is over the quota.
+            QuotaError: The model is over the quota.
         """
-        problem = self.model_problem(model)
-        if problem:
-            raise QuotaError(problem)
         if not has_lazy_parameters(model):
-            return
+            self._refuse_model(model)
+            return model
+        materialized = materialized_on_meta(model, example_input)
+        if materialized is not None:
+            self._refuse_model(
+                materialized,
+                " (its lazy parameters counted on the meta device, for an input shaped like "
+                "a training batch)",
+            )
+            return materialized
+        # No dry run: count what is known now, and the rest once the first real forward
+        # pass has set it (it has then allocated it, but no backward pass nor optimizer
+        # step has run yet).
+        self._refuse_model(model)
 
         def after_forward(module: nn.Module, args: Any, output: Any) -> None:
             if has_lazy_parameters(module):
                 return
             handle.remove()
-            problem = self.model_problem(module)
-            if problem:
-                raise QuotaError(problem + " (counted once its lazy parameters were set)")
+            self._refuse_model(module, " (counted once its lazy parameters were set)")
 
         handle = model.register_forward_hook(after_forward)
+        return model
+
+    def _refuse_model(self, model: nn.Module, how: str = "") -> None:
+        problem = self.model_problem(model)
+        if problem:
+            raise QuotaError(problem + how)
 
     def plan_problems(self, cfg: "PipelineConfig", epoch_length: int | None) -> list[tuple]:
         """``(key path, message)`` for a horizon over ``max_iterations`` and a checkpoint
@@ -365,6 +400,61 @@ def _positive(value: Any, where: str) -> int:
 def has_lazy_parameters(model: nn.Module) -> bool:
     """True while some parameter or buffer of ``model`` has no shape yet."""
     return any(is_lazy(t) for t in (*model.parameters(), *model.buffers()))
+
+
+def materialized_on_meta(model: nn.Module, example_input: Any) -> nn.Module | None:
+    """A copy of ``model`` on the meta device whose lazy parameters a training-mode
+    forward pass of ``example_input`` (meta tensors) has materialized; nothing is
+    allocated, and ``model`` and the RNG states are left as they were.
+
+    Returns:
+        The copy; ``None`` when there is no ``example_input``, when the model fails on
+        meta tensors (a forward pass whose control flow reads the data, an operator with
+        no meta kernel) or leaves lazy parameters unset.
+    """
+    if example_input is None:
+        return None
+    # Meta kernels draw no random numbers, but a forward pass may draw from python's or
+    # numpy's generators itself (stochastic depth, say): the run's states are put back.
+    states = cpu_rng_states()
+    try:
+        replica = _meta_copy(model)
+        replica.train()  # the mode of the first real forward pass (the training loop's)
+        with torch.no_grad():
+            replica(example_input)
+    except Exception as err:  # whatever the model raises on meta tensors: fall back
+        logger.warning(
+            "%s could not run on meta tensors (%s: %s); its lazy parameters are counted "
+            "after its first forward pass",
+            type(model).__name__,
+            type(err).__name__,
+            err,
+        )
+        return None
+    finally:
+        set_cpu_rng_states(states)
+    return None if has_lazy_parameters(replica) else replica
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors of the same
+    shapes and dtypes (lazy ones stay lazy, on the meta device): the real ones are never
+    copied."""
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        memo[id(tensor)] = _on_meta(tensor)
+    return copy.deepcopy(model, memo)
+
+
+def _on_meta(tensor: torch.Tensor) -> torch.Tensor:
+    if isinstance(tensor, UninitializedParameter):
+        return UninitializedParameter(tensor.requires_grad, device="meta", dtype=tensor.dtype)
+    if isinstance(tensor, UninitializedBuffer):
+        return UninitializedBuffer(tensor.requires_grad, device="meta", dtype=tensor.dtype)
+    empty = torch.empty_like(tensor, device="meta")
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(empty, requires_grad=tensor.requires_grad)
+    return empty
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -51,6 +51,27 @@ def test_drop_last_and_no_shuffle():
     assert torch.equal(ResumableLoader(data, 4, shuffle=False).epoch_order(7), torch.arange(10))
 
 
+def test_a_meta_batch_has_the_first_batchs_structure_and_shapes_and_moves_no_rng():
+    class Samples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            noise = torch.rand(())  # a random augmentation, seeded per sample
+            return {"image": torch.full((1, 4, 4), float(i)) + noise, "tags": (i, "x")}, i
+
+    loader = ResumableLoader(Samples(), 4, seed=0)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    (inputs, targets) = loader.meta_batch()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert inputs["image"].device.type == "meta" and inputs["image"].shape == (4, 1, 4, 4)
+    assert inputs["tags"][0].shape == (4,)  # strings stay as the collate left them
+    assert targets.shape == (4,) and targets.dtype == torch.int64
+    tensors = ResumableLoader(SyntheticClassification(num_samples=3), 8).meta_batch()
+    assert [(t.device.type, t.shape) for t in tensors] == [("meta", (3, 8)), ("meta", (3,))]
+
+
 def test_bad_start():
     loader = ResumableLoader(SyntheticClassification(num_samples=10), 4)
     with pytest.raises(ValueError, match="start must be between 0 and 3"):

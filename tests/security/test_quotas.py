@@ -8,18 +8,23 @@ import tracemalloc
 from pathlib import Path
 from uuid import uuid4
 
+import numpy as np
 import pytest
+import torch
 from prefect.client.schemas.objects import FlowRun
+from torch import nn
 
 from baton import pipeline as pl
 from baton.config import load_config
 from baton.errors import ConfigError, QuotaError, UntrustedInputError
 from baton.flows.pool import check_this_run
-from baton.quotas import Quotas
+from baton.quotas import Quotas, count_parameters, has_lazy_parameters
+from baton.randomness import cpu_rng_states, set_cpu_rng_states
 from baton.tasks._common import PERMANENT_ERRORS
 from baton.trust import Trust
 
 from ..baton.helpers import make_strategy, mlp, small_pipeline
+from ..baton.image_folders import make_image_folder
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,15 +113,92 @@ def test_every_problem_is_reported_with_the_quotas(tmp_path):
     assert "must start with" in problems["checkpoint.best_metric"]
 
 
-def test_lazy_parameters_are_counted_after_their_first_forward(tmp_path, monkeypatch):
+def test_lazy_parameters_are_counted_on_the_meta_device_when_the_pipeline_is_built(
+    tmp_path, monkeypatch
+):
     # LazyLinear(8 -> 3) has 27 parameters, unknown until data reaches it
     monkeypatch.setenv("BATON_MAX_PARAMETERS", "20")
     cfg = load_config(small_pipeline(tmp_path, model={"type": "LazyLinear", "out_features": 3}))
+    with pytest.raises(QuotaError, match=r"model has 27 parameters.*counted on the meta device"):
+        pl.build_pipeline(cfg)
+    monkeypatch.setenv("BATON_MAX_PARAMETERS", "27")
     pipeline = pl.build_pipeline(cfg)
+    assert has_lazy_parameters(pipeline.strategy.model)  # the real model is still lazy
+    pl.train_one_epoch(pipeline)
+    assert pipeline.strategy.model.weight.shape == (3, 8)
+
+
+def test_the_checkpoint_plan_counts_the_lazy_parameters_once_sized(tmp_path, monkeypatch):
+    # 4 checkpoints of 64 KiB each without the 27 lazy parameters (262,144 bytes), of
+    # 64 KiB + 27 * 4 * 3 bytes with them (263,440 bytes)
+    monkeypatch.setenv("BATON_MAX_EXPERIMENT_BYTES", "263000")
+    cfg = load_config(small_pipeline(tmp_path, model={"type": "LazyLinear", "out_features": 3}))
+    with pytest.raises(QuotaError, match=r"4 files of about 65,860 bytes each.*max_experiment"):
+        pl.build_pipeline(cfg)
+
+
+def test_lazy_parameters_of_a_model_that_fails_on_meta_are_counted_after_their_first_forward(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("BATON_ALLOWED_MODULES", "tests")
+    monkeypatch.setenv("BATON_MAX_PARAMETERS", "20")
+    model = {"type": "tests.security.lazy_models.GatedLazyLinear", "out_features": 3}
+    pipeline = pl.build_pipeline(load_config(small_pipeline(tmp_path, model=model)))
     with pytest.raises(QuotaError, match=r"model has 27 parameters.*lazy parameters were set"):
         pl.train_one_epoch(pipeline)
     assert pipeline.strategy.iter == 0
     assert pipeline.experiment.store.list() == []
+
+
+def test_the_meta_dry_run_leaves_the_model_and_every_rng_state_as_they_were(tmp_path):
+    def lazy_model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Dropout(0.5), nn.LazyLinear(3))
+
+    model, twin = lazy_model(), lazy_model()
+    states = cpu_rng_states()
+    counted = Quotas.from_environment(folder=tmp_path).check_model(
+        model, example_input=torch.empty(4, 8, device="meta")
+    )
+    assert counted[1].weight.device.type == "meta" and count_parameters(counted) == 27
+    assert has_lazy_parameters(model)
+    after = cpu_rng_states()
+    assert after[0] == states[0] and torch.equal(after[2], states[2])
+    assert all(np.array_equal(a, b) for a, b in zip(after[1], states[1], strict=True))
+    # the real materialization draws what it would have drawn without the dry run
+    inputs = torch.ones(4, 8)
+    first = model(inputs)
+    set_cpu_rng_states(states)
+    assert torch.equal(first, twin(inputs)) and torch.equal(model[1].weight, twin[1].weight)
+
+
+def small_cnn_on_images(work_dir: Path, num_classes: int) -> dict:
+    """SmallCNN, whose head is a LazyLinear, on an image folder of 12x12 grayscale PNGs."""
+    cfg = small_pipeline(work_dir)
+    cfg["model"] = {"type": "SmallCNN", "num_classes": num_classes, "channels": 4, "image_size": 12}
+    folder = make_image_folder(work_dir / "images" / "train")
+    dataset = {"type": "ImageFolder", "root": str(folder), "mode": "L"}
+    cfg["train_data"] = {"dataset": dataset, "batch_size": 8}
+    del cfg["val_data"]
+    return cfg
+
+
+def test_lazy_parameters_over_the_quota_are_refused_before_anything_is_allocated(tmp_path):
+    # 4e9 classes from 288 features: 1,156,000,000,000 parameters, 4.6 TB of weights, all
+    # in the LazyLinear that only the first forward pass would materialize
+    cfg = load_config(small_cnn_on_images(tmp_path, 4_000_000_000))
+    pl.build_pipeline(load_config(small_cnn_on_images(tmp_path, 3)))  # warm imports, caches
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(QuotaError) as err:
+        pl.build_pipeline(cfg)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    message = str(err.value)
+    assert "model has 1,156,000,000,386 parameters, more than the quota of" in message
+    assert "(max_parameters); use a smaller model, " + WHERE.replace("\\", "") in message
+    assert "lazy parameters counted on the meta device" in message
+    assert isinstance(err.value, PERMANENT_ERRORS)
+    assert grown_kib < 256 << 10, f"peak memory grew by {grown_kib} KiB"
+    assert not (tmp_path / "exp").exists()  # no experiment folder, no checkpoint
 
 
 def test_loader_workers_are_at_most_the_quota(tmp_path, monkeypatch):
