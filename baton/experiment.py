@@ -117,6 +117,7 @@ class Experiment:
             )
         own = {
             *self.store.entry_names,
+            self.record_path.name,
             self.metrics.path.name,
             self.tensorboard_dir.name,
             self.runs_dir.name,

@@ -187,6 +187,16 @@ def test_a_python_package_is_not_a_work_dir(tmp_path, work_dir):
         load_config(small_config(tmp_path / "wd"), {"work_dir": work_dir})
 
 
+def test_a_folder_with_only_the_retention_record_is_an_experiment(tmp_path):
+    """The retention record is written under the lock before the first checkpoint: a run
+    that stopped then (or a task in a fresh process) still finds its experiment."""
+    cfg = small_config(tmp_path / "wd", name="recorded")
+    folder = tmp_path / "wd" / "recorded"
+    folder.mkdir(parents=True)
+    (folder / "experiment.json").write_text("{}")
+    load_config(cfg)
+
+
 def test_an_existing_folder_that_is_not_an_experiment_is_refused(tmp_path):
     cfg = small_config(tmp_path / "wd", name="taken")
     folder = tmp_path / "wd" / "taken"
