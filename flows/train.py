@@ -146,7 +146,7 @@ def train_pipeline(
         overrides: Dotted-key overrides, e.g. train.max_epochs=20 or optim_wrapper.optimizer.lr=0.01.
         experiment_name: Overrides the config's experiment_name (the folder checkpoints go to).
         resume: 'auto' (newest valid checkpoint), 'never', or a checkpoint path; default: the config's.
-        work_dir: Overrides the config's work_dir.
+        work_dir: Overrides the config's work_dir; a deployment's runs keep their experiments in its own folder (leave empty).
         restart_of: Set by the restart automation: the id of the crashed run this continues. Leave empty.
         fork: True continues from the checkpoint even where the config changes the run
             (data, optimizer, schedule, seed...), recorded as a fork; default: the config's.
