@@ -123,6 +123,10 @@ def _continue_run(pipeline: Pipeline, meta: dict, check: resume_policy.ResumeChe
     running = meta.get(RUNNING_METRICS_KEY)
     if strategy.step_in_epoch and running:
         pipeline.meter.load_state_dict(running)
+    if check.horizon_move is not None:
+        check.horizon_move.retake_steps(
+            strategy.param_schedulers, _plateau_view(meta.get("metrics") or {})
+        )
     if check.fork is not None:
         resume_policy.fast_forward_schedulers(strategy, pipeline.epoch_length)
         pipeline.forks.append(check.fork)
@@ -255,10 +259,17 @@ def _step_plateau_schedulers(pipeline: Pipeline, metrics: dict[str, float]) -> N
     after_an_epoch = strategy.epoch > 0 and strategy.step_in_epoch == 0
     if not schedulers or not after_an_epoch or pipeline.scored_epoch == strategy.epoch:
         return
-    named = {**{k.removeprefix("val/"): v for k, v in metrics.items()}, **metrics}
+    named = _plateau_view(metrics)
     for scheduler in schedulers:
         scheduler.step(named)
     pipeline.scored_epoch = strategy.epoch
+
+
+def _plateau_view(metrics: dict[str, float]) -> dict[str, float]:
+    """The validation metrics as a plateau scheduler's ``monitor`` names them: mmengine's
+    names (``loss``) and baton's (``val/loss``)."""
+    val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+    return {**{k.removeprefix("val/"): v for k, v in val.items()}, **val}
 
 
 def replay(pipeline: Pipeline, stop_at: int, *, validated: bool = False) -> None:

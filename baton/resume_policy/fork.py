@@ -12,6 +12,7 @@ from baton.checkpoint import io
 from baton.checkpoint.content import ACCUMULATED_GRADS_KEY
 from baton.checkpoint.ref import CheckpointRef
 from baton.errors import ResumeConfigError
+from baton.resume_policy.horizon import HorizonMove, move_horizon
 from baton.resume_policy.keys import (
     RUN,
     START,
@@ -41,6 +42,8 @@ class ResumeCheck:
         self.name = Path(io.local_path(ref.uri) if io.is_local(ref.uri) else ref.uri).name
         self.fork: dict | None = None
         self.fork_changes: list[ConfigChange] = []
+        # Schedulers across a moved horizon: steps to take again once they are loaded.
+        self.horizon_move: HorizonMove | None = None
 
     def __call__(self, checkpoint: dict) -> None:
         cfg = self.pipeline.config
@@ -65,7 +68,13 @@ class ResumeCheck:
             )
         refused = [c for c in changes if c.kind is RUN]
         horizon = self._horizon_problem(meta, saved, changes)
+        move = None if refused else self._move_horizon(checkpoint, meta, changes)
+        if move is not None and move.problems:
+            horizon = " ".join(filter(None, (horizon, self._schedulers_problem(move, changes))))
         if not refused and horizon is None:
+            if move is not None:
+                checkpoint["param_schedulers"] = move.states
+                self.horizon_move = move
             return
         if not cfg.fork:
             if horizon is not None and not refused:
@@ -95,6 +104,36 @@ class ResumeCheck:
             at_iter=int(meta.get("iter", 0)),
             old_max=int(old_max),
             new_max=self.pipeline.max_iters,
+        )
+
+    def _move_horizon(
+        self, checkpoint: dict, meta: dict, changes: list[ConfigChange]
+    ) -> HorizonMove | None:
+        """The saved scheduler states at the new horizon, when the horizon moved and the
+        run has iterations left to train (see :mod:`baton.resume_policy.horizon`)."""
+        schedulers = getattr(self.pipeline.strategy, "param_schedulers", None)
+        states = checkpoint.get("param_schedulers")
+        if (
+            not schedulers
+            or not isinstance(states, list)
+            or len(states) != len(schedulers)
+            or not all(isinstance(state, dict) for state in states)
+            or not any(c.key.startswith("train.max_") for c in changes)
+            or int(meta.get("iter", 0)) >= self.pipeline.max_iters
+        ):
+            return None
+        epoch_end = int(meta.get("epoch", 0)) > 0 and int(meta.get("step_in_epoch", 0)) == 0
+        validated = any(key.startswith("val/") for key in meta.get("metrics") or {})
+        return move_horizon(states, schedulers, epoch_end=epoch_end, validated=validated)
+
+    def _schedulers_problem(self, move: HorizonMove, changes: list[ConfigChange]) -> str:
+        moved = "; ".join(str(c) for c in changes if c.key.startswith("train.max_"))
+        return (
+            f"moving the horizon ({moved}) cannot continue exactly: "
+            f"{'; '.join(move.problems)}. Keep the horizon, or continue from {self.name} "
+            "with the new horizon on purpose with a fork (baton run --fork, the flow's fork "
+            "parameter, or fork: true), which is recorded in every checkpoint it writes; "
+            "to extend runs exactly, give such schedulers their T_max, total_steps or end"
         )
 
     def _fork(

@@ -136,6 +136,14 @@ class _ParamScheduler:
         if self._global_step == 0:
             _warn_step_order(self.optimizer)
         self._global_step += 1
+        self._take_step()
+
+    def _take_step(self) -> None:
+        """Write the value of the current global step, if it falls in ``[begin, end)``.
+
+        A resume that raises the horizon takes again the step that the old ``end`` skipped
+        (:mod:`baton.resume_policy.horizon`), without counting it a second time.
+        """
         if self.begin <= self._global_step < self.end:
             self.last_step += 1
             for index, (group, value) in enumerate(
