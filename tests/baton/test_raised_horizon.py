@@ -171,3 +171,17 @@ def test_milestone_8_fires_after_a_raise_from_3_to_10_epochs(tmp_path):
     straight, _ = pl.run(config(tmp_path / "straight", schedulers, {"max_epochs": 10}))
     assert raised.strategy.optim_wrapper.get_lr() == straight.strategy.optim_wrapper.get_lr()
     assert raised.strategy.param_schedulers[0].end == 10
+
+
+def test_a_skipped_step_that_a_later_scheduler_followed_is_refused(tmp_path):
+    # At epoch 3 the first run's MultiStepLR stopped (its end defaulted to 3) and the
+    # ExponentialLR after it stepped; a run to 6 takes milestone 3 first, then the decay.
+    schedulers = [
+        {"type": "MultiStepLR", "milestones": [3], "gamma": 0.5},
+        {"type": "ExponentialLR", "gamma": 0.9, "end": 100},
+    ]
+    pl.run(config(tmp_path, schedulers, {"max_epochs": 3}))
+    with pytest.raises(ResumeConfigError, match=r"param_scheduler\.0 \(MultiStepLR\).*order"):
+        pl.run(config(tmp_path, schedulers, {"max_epochs": 6}))
+    forked, _ = pl.run(config(tmp_path, schedulers, {"max_epochs": 6}, fork=True))
+    assert forked.forks
