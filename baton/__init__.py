@@ -21,6 +21,7 @@ from baton.errors import (
     CheckpointWriteError,
     ConfigError,
     ExperimentLockedError,
+    ExperimentMovedError,
     ResumeConfigError,
     UnsafeCheckpointError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointWriteError",
     "ConfigError",
     "ExperimentLockedError",
+    "ExperimentMovedError",
     "OptimWrapper",
     "ResumeConfigError",
     "RetentionPolicy",

@@ -34,6 +34,13 @@ class ExperimentLockedError(BatonError):
     """Another process holds the experiment's lock."""
 
 
+class ExperimentMovedError(BatonError):
+    """The experiment folder a run holds was moved or deleted while the run trained: the
+    run stops before its next write, so that nothing is written at the old path (no
+    second half of the experiment there). The message says where the folder is now, when
+    it can tell, and how to resume it there."""
+
+
 class ConfigError(BatonError, ValueError):
     """A pipeline config is invalid. ``problems`` lists every problem found."""
 
