@@ -22,6 +22,7 @@ from baton.errors import (
     ConfigError,
     ExperimentLockedError,
     ExperimentMovedError,
+    ExperimentNotWritableError,
     ResumeConfigError,
     UnsafeCheckpointError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "ExperimentLockedError",
     "ExperimentMovedError",
+    "ExperimentNotWritableError",
     "OptimWrapper",
     "ResumeConfigError",
     "RetentionPolicy",

@@ -41,6 +41,12 @@ class ExperimentMovedError(BatonError):
     it can tell, and how to resume it there."""
 
 
+class ExperimentNotWritableError(BatonError):
+    """The experiment folder cannot be written (a read-only folder or disk, no permission):
+    a run cannot take its lock, so it starts nothing. Not a fault of the moment: retrying
+    fails the same way until the folder is made writable."""
+
+
 class ConfigError(BatonError, ValueError):
     """A pipeline config is invalid. ``problems`` lists every problem found."""
 

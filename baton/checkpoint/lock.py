@@ -10,6 +10,7 @@ writer of the run checks the identity first (:func:`check_in_place`, one ``stat`
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -18,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baton.checkpoint.files import ExperimentFiles
-from baton.errors import ExperimentLockedError, ExperimentMovedError
+from baton.errors import ExperimentLockedError, ExperimentMovedError, ExperimentNotWritableError
+
+# errno values that say the folder cannot be written, now or on a retry
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,24 @@ def _where_now(fd: int) -> Path | None:
 
 
 @contextlib.contextmanager
+def _opened_lock_file(files: ExperimentFiles) -> Iterator:
+    try:
+        files.root.mkdir(parents=True, exist_ok=True)
+        handle = open(files.lock_path, "a+")  # noqa: SIM115 (closed below)
+    except OSError as err:
+        if err.errno not in _NOT_WRITABLE:
+            raise
+        raise ExperimentNotWritableError(
+            f"experiment folder {str(files.root)!r} cannot be written "
+            f"({os.strerror(err.errno)}): a run writes its lock, checkpoints and logs there, "
+            "so nothing was started. Make the folder writable for this user (or remount its "
+            "disk read-write), or train elsewhere with another work_dir"
+        ) from err
+    with handle:
+        yield handle
+
+
+@contextlib.contextmanager
 def experiment_lock(files: ExperimentFiles, *, wait: bool = False) -> Iterator[None]:
     """Hold the exclusive ``flock`` on ``root/.lock``, with this process's pid written in
     it so that a refused run can say who holds it, and the folder's identity remembered
@@ -112,9 +134,9 @@ def experiment_lock(files: ExperimentFiles, *, wait: bool = False) -> Iterator[N
 
     Raises:
         ExperimentLockedError: Another process holds it and ``wait`` is False.
+        ExperimentNotWritableError: The folder (or the lock file) cannot be written.
     """
-    files.root.mkdir(parents=True, exist_ok=True)
-    with open(files.lock_path, "a+") as handle:
+    with _opened_lock_file(files) as handle:
         flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
         try:
             fcntl.flock(handle.fileno(), flags)

@@ -1,11 +1,15 @@
 """An experiment folder moved or deleted while its run trains: the run stops at its next
 write with a clear error, writes nothing at the old path, and the moved folder resumes
-where it is now, bitwise equal to a run that was never disturbed."""
+where it is now, bitwise equal to a run that was never disturbed. And a folder that cannot
+be written is a clear, permanent error."""
+
+import errno
 
 import pytest
 
-from baton import ExperimentMovedError
+from baton import ExperimentMovedError, ExperimentNotWritableError
 from baton import pipeline as pl
+from baton.checkpoint import lock
 from baton.tasks._common import PERMANENT_ERRORS
 
 from .helpers import assert_bitwise_equal
@@ -69,3 +73,28 @@ def test_a_moved_experiment_stops_at_the_first_iteration_checkpoint_after_the_mo
     assert ref.iter == 16 and not (tmp_path / "wd" / "base").exists()
     straight, _ = pl.run(cfg.model_copy(update={"work_dir": str(tmp_path / "straight")}))
     assert_bitwise_equal(weights(moved), weights(straight))
+
+
+def test_a_read_only_experiment_folder_is_a_clear_permanent_error(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, "train.max_epochs=1")
+    pl.run(cfg)
+    root = tmp_path / "wd" / "base"
+    (root / ".lock").unlink()
+    before = sorted(p.name for p in root.rglob("*"))
+    real_open = open
+
+    def read_only(path, *args, **kwargs):
+        # the suite may run as root, whom a chmod does not stop: the disk says what a
+        # read-only folder says
+        if str(path) == str(root / ".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(lock, "open", read_only, raising=False)
+    with pytest.raises(ExperimentNotWritableError) as caught:
+        pl.run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_epochs": 2})}))
+    message = str(caught.value)
+    assert f"'{root}' cannot be written (Permission denied)" in message
+    assert "Make the folder writable" in message
+    assert isinstance(caught.value, PERMANENT_ERRORS)
+    assert sorted(p.name for p in root.rglob("*")) == before
