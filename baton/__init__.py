@@ -21,6 +21,8 @@ from baton.errors import (
     CheckpointWriteError,
     ConfigError,
     ExperimentLockedError,
+    ExperimentMovedError,
+    ExperimentNotWritableError,
     ResumeConfigError,
     UnsafeCheckpointError,
 )
@@ -40,6 +42,8 @@ __all__ = [
     "CheckpointWriteError",
     "ConfigError",
     "ExperimentLockedError",
+    "ExperimentMovedError",
+    "ExperimentNotWritableError",
     "OptimWrapper",
     "ResumeConfigError",
     "RetentionPolicy",

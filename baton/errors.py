@@ -34,6 +34,19 @@ class ExperimentLockedError(BatonError):
     """Another process holds the experiment's lock."""
 
 
+class ExperimentMovedError(BatonError):
+    """The experiment folder a run holds was moved or deleted while the run trained: the
+    run stops before its next write, so that nothing is written at the old path (no
+    second half of the experiment there). The message says where the folder is now, when
+    it can tell, and how to resume it there."""
+
+
+class ExperimentNotWritableError(BatonError):
+    """The experiment folder cannot be written (a read-only folder or disk, no permission):
+    a run cannot take its lock, so it starts nothing. Not a fault of the moment: retrying
+    fails the same way until the folder is made writable."""
+
+
 class ConfigError(BatonError, ValueError):
     """A pipeline config is invalid. ``problems`` lists every problem found."""
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from baton.checkpoint.io import write_text_atomic
+from baton.checkpoint.lock import in_place
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.errors import RetentionConflictError, UntrustedInputError
 from baton.metrics import MetricsLog
@@ -74,7 +75,7 @@ class Experiment:
         self.name = check_experiment_name(name)
         self.root = self.work_dir / self.name
         self.store = CheckpointStore(self.root, retention=retention)
-        self.metrics = MetricsLog(self.root / "metrics.jsonl")
+        self.metrics = MetricsLog(self.root / "metrics.jsonl", before_write=self.check_in_place)
         self.restarts = RestartLog(self.runs_dir / "restarts.json")
 
     @classmethod
@@ -130,6 +131,21 @@ class Experiment:
             f"experiment folder {str(self.root)!r} is not an experiment: it has no "
             f"manifest.json and holds other files ({others}); {advice}"
         )
+
+    def check_in_place(self) -> None:
+        """Refuse to write when the folder at :attr:`root` is no longer the one this
+        process locked (moved or deleted while the run trained): every writer of a run
+        calls it first, so that nothing creates a second half of the experiment at the
+        old path. Nothing is checked without the lock.
+
+        Raises:
+            ExperimentMovedError: Saying where the folder is now and how to resume it.
+        """
+        self.store.check_in_place()
+
+    def in_place(self) -> bool:
+        """:meth:`check_in_place` as a boolean."""
+        return in_place(self.root)
 
     @property
     def retention(self) -> RetentionPolicy:
@@ -246,6 +262,7 @@ class Experiment:
         run that creates the experiment); call it under the experiment's lock. Rotation
         applies it from the next commit on; ``baton ckpt prune`` applies it now."""
         record = {"version": 1, "retention": policy.as_record()}
+        self.check_in_place()
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.record_path, json.dumps(record, indent=1) + "\n")
         self.store.retention = policy.normalised()

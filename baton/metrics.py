@@ -9,6 +9,7 @@ crash cut short.
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from baton.markdown import table_cell
@@ -18,13 +19,22 @@ _NOT_METRICS = ("time", "kind", "epoch", "iter")
 
 
 class MetricsLog:
-    """The ``metrics.jsonl`` of one experiment (see the module docstring)."""
+    """The ``metrics.jsonl`` of one experiment (see the module docstring).
 
-    def __init__(self, path: str | Path) -> None:
+    Args:
+        path: The file.
+        before_write: Called before each record is written; it raises to refuse the write
+            (the experiment's check that its folder is still where the run locked it).
+    """
+
+    def __init__(self, path: str | Path, *, before_write: Callable[[], None] | None = None):
         self.path = Path(path)
+        self._before_write = before_write
 
     def append(self, kind: str, record: dict) -> None:
         """Append one record (``kind`` is ``'epoch'`` or ``'iteration'``)."""
+        if self._before_write is not None:
+            self._before_write()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"time": time.time(), "kind": kind, **record}, sort_keys=True)
         with open(self.path, "a", encoding="utf-8") as handle:

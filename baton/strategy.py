@@ -58,10 +58,18 @@ ACCUMULATED_GRADS_KEY = content.ACCUMULATED_GRADS_KEY
 
 
 class _LazyFileHandler(logging.FileHandler):
-    """A file handler that creates its folder and file on the first record only."""
+    """A file handler that creates its folder and file on the first record only; not
+    while ``in_place`` says the experiment's folder was moved away (the records would
+    make a folder at the old path)."""
 
-    def __init__(self, filename: str, mode: str):
+    def __init__(self, filename: str, mode: str, in_place=lambda: True):
         super().__init__(filename, mode, encoding="utf-8", delay=True)
+        self._in_place = in_place
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None and not self._in_place():
+            return  # the run stops with ExperimentMovedError; the log stays with the folder
+        super().emit(record)
 
     def _open(self):
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +150,7 @@ class SingleDeviceStrategy:
         logger = logging.Logger(f"baton.strategy.{self.experiment.name}", log_level)
         logger.parent = logging.getLogger("baton")
         log_file = log_file or str(Path(self.log_dir) / f"{self._timestamp}.log")
-        handler = _LazyFileHandler(log_file, file_mode)
+        handler = _LazyFileHandler(log_file, file_mode, self.experiment.in_place)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
         return logger

@@ -6,6 +6,7 @@ so it is shared by retries, flow retries and new processes.
 """
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -76,4 +77,29 @@ class KillingMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+class MovingMLP(MLP):
+    """An MLP whose training forward number ``move_at`` moves the experiment folder
+    ``folder`` to ``to`` (``os.rename``), or deletes it when ``to`` is empty, as a user
+    tidying up disks would while the run trains. It happens once: ``done`` (a file)
+    records it, so a run of the same config at the new place trains undisturbed."""
+
+    def __init__(self, *args, move_at: int, folder: str, to: str = "", done: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.move_at = move_at
+        self.folder, self.destination, self.done = Path(folder), to, Path(done)
+        self.forwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.forwards += 1
+            if self.forwards == self.move_at and not self.done.exists():
+                self.done.write_text("moved")
+                if self.destination:
+                    Path(self.destination).parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(self.folder, self.destination)
+                else:
+                    shutil.rmtree(self.folder)
         return super().forward(x)

@@ -122,6 +122,9 @@ class ManifestState:
         self.lineages: dict[int, dict] = {}
         self.entries: dict[int, dict] = {}  # seq -> entry, in commit order
         self.by_path: dict[str, int] = {}
+        # lineage -> its entries' seqs, in commit order: rotation looks at its lineage's
+        # kept entries only, so a commit's cost does not grow with the other lineages
+        self.by_lineage: dict[int, dict[int, None]] = {}
         self.outside: list[dict] = []
         self.records = 0
         self.problem: str | None = None  # the files on disk could not be read as they are
@@ -179,16 +182,27 @@ class ManifestState:
         entry_ref(entry, Path("/"))  # checks the types and ranges, as a reference would
         replaced = self.by_path.pop(path, None)
         if replaced is not None:
-            self.entries.pop(replaced, None)
+            self._forget(replaced)
         self.entries[seq] = entry
         self.by_path[path] = seq
+        self.by_lineage.setdefault(entry["lineage"], {})[seq] = None
         self.next_seq = max(self.next_seq, seq + 1)
 
     def drop(self, seq: int) -> dict | None:
-        entry = self.entries.pop(seq, None)
+        entry = self._forget(seq)
         if entry is not None and self.by_path.get(entry["path"]) == seq:
             del self.by_path[entry["path"]]
         return entry
+
+    def _forget(self, seq: int) -> dict | None:
+        entry = self.entries.pop(seq, None)
+        if entry is not None:
+            self.by_lineage.get(entry["lineage"], {}).pop(seq, None)
+        return entry
+
+    def lineage_entries(self, lineage: int) -> list[dict]:
+        """The entries of ``lineage``, in commit order (without a scan of the others)."""
+        return [self.entries[seq] for seq in self.by_lineage.get(lineage, ())]
 
     def apply(self, record: dict) -> None:
         op = record.get("op")

@@ -91,12 +91,12 @@ class RetentionPolicy:
 
 
 def rotation_drops(policy: RetentionPolicy, state: manifest.ManifestState, new: dict) -> list[int]:
-    """The ``seq`` of every entry that committing ``new`` under ``policy`` drops."""
-    own = [
-        e
-        for e in state.entries.values()
-        if e["lineage"] == new["lineage"] and e["path"] != new["path"]
-    ] + [new]
+    """The ``seq`` of every entry that committing ``new`` under ``policy`` drops. It looks
+    at the committing lineage's entries only (what rotation kept of it), never at the
+    whole manifest, and at none without ``keep_last``."""
+    if policy.keep_last is None:
+        return []
+    own = [e for e in state.lineage_entries(new["lineage"]) if e["path"] != new["path"]] + [new]
     return lineage_drops(policy, own, keep={new["seq"]} | state.parent_seqs())
 
 

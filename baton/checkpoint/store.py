@@ -29,7 +29,7 @@ from baton.checkpoint import committed, integrity, manifest
 from baton.checkpoint.files import ExperimentFiles
 from baton.checkpoint.integrity import CheckedEntry, StoreCheck
 from baton.checkpoint.lineage import Lineage, check_target, latest_in, lineages_of, parent_record
-from baton.checkpoint.lock import experiment_lock
+from baton.checkpoint.lock import check_in_place, experiment_lock
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.checkpoint.retention import (
     RetentionPolicy,
@@ -104,6 +104,16 @@ class CheckpointStore:
 
     def _ref(self, entry: dict) -> CheckpointRef:
         return manifest.entry_ref(entry, self.checkpoint_dir)
+
+    def check_in_place(self) -> None:
+        """Refuse to write when this process holds the experiment's lock and the folder at
+        :attr:`root` is no longer the one it locked (see :func:`baton.checkpoint.lock.
+        check_in_place`): one ``stat``, done before every write of a run.
+
+        Raises:
+            ExperimentMovedError: The folder was moved or deleted while the run trained.
+        """
+        check_in_place(self.root)
 
     # queries --------------------------------------------------------------------------
 
@@ -256,6 +266,7 @@ class CheckpointStore:
         """
         own = self._files.own_name(parent.uri) if parent is not None else None
         with committed.manifest_lock(self.root):
+            self.check_in_place()
             state = committed.writable(self._files)
             lineage_id = (state.head or 0) + 1
             record = {
@@ -319,6 +330,7 @@ class CheckpointStore:
         Raises:
             CheckpointOutsideError: ``uri`` is not a file inside this store's folder.
             CheckpointError: The file is another lineage's committed checkpoint.
+            ExperimentMovedError: The folder was moved or deleted while the run trained.
         """
         name = self._files.own_name(uri)
         if name is None:
@@ -327,6 +339,7 @@ class CheckpointStore:
                 "checkpoints are committed to its manifest"
             )
         with committed.manifest_lock(self.root):
+            self.check_in_place()
             state = committed.writable(self._files)
             if state.head is None:
                 first = {"id": 1, "started": time.time(), "reason": "first", "parent": None}

@@ -51,7 +51,10 @@ class CheckpointWriter:
 
         Raises:
             QuotaError: The write would exceed an operator's quota; nothing was written.
+            ExperimentMovedError: The experiment's folder was moved or deleted while the
+                run trained; nothing was written.
         """
+        store.check_in_place()
         self.check_room(store, checkpoint, target)
         size, digest = io.save(checkpoint, target)
         return self._commit(store, target, checkpoint["meta"], size, digest)
@@ -62,7 +65,10 @@ class CheckpointWriter:
 
         Raises:
             QuotaError: The write would exceed an operator's quota; nothing was started.
+            ExperimentMovedError: The experiment's folder was moved or deleted while the
+                run trained; nothing was started.
         """
+        store.check_in_place()
         self.check_room(store, checkpoint, target)
         meta = checkpoint["meta"]
         writing = io.save_in_background(checkpoint, target)

@@ -6,7 +6,9 @@ listed in :data:`KEY_CLASSES` (a test checks that every key of the schema is the
 
 * **free to change** (:attr:`KeyClass.FREE`): where the experiment lives, the horizon,
   validation, logging, checkpointing and retention. They change when and what is
-  measured or kept, not what is trained; a resume applies them.
+  measured or kept, not what is trained; a resume applies them. Validation's keys
+  (:data:`VALIDATION_KEYS`) change the run when a scheduler follows validation metrics
+  (a plateau scheduler): :func:`steering_keys` says which free keys steer a config.
 * **changes the run** (:attr:`KeyClass.RUN`): anything that trains differently (data,
   batching, loss, optimizer, schedules, accumulation, clipping, seed, precision). A
   resume that changes one is refused, with each changed key and its old and new value.
@@ -36,13 +38,16 @@ from baton.resume_policy.keys import (
     KEY_CLASSES,
     RUN,
     START,
+    VALIDATION_KEYS,
     ConfigChange,
     KeyClass,
     classify,
     compare,
     horizon_problem,
     needs_epoch_boundary,
+    reads_validation,
     schema_keys,
+    steering_keys,
 )
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "KEY_CLASSES",
     "RUN",
     "START",
+    "VALIDATION_KEYS",
     "ConfigChange",
     "KeyClass",
     "ResumeCheck",
@@ -58,5 +64,7 @@ __all__ = [
     "fast_forward_schedulers",
     "horizon_problem",
     "needs_epoch_boundary",
+    "reads_validation",
     "schema_keys",
+    "steering_keys",
 ]

@@ -1,6 +1,10 @@
 """The resume policy's table: the class of every config key, and the comparison of a
 checkpoint's config with the current one (:mod:`baton.resume_policy` explains the classes).
 
+The table gives each key's class when nothing that trains reads it; a few keys steer
+training only in some configs (validation, when a scheduler follows validation metrics:
+:func:`steering_keys`), and :func:`compare` classifies them by the configs it compares.
+
 Two rules sit on top of the table: a fork that changes the data or the seed starts at an
 epoch's end (:func:`needs_epoch_boundary`), and a moved horizon with gradient accumulation
 may not continue exactly (:func:`horizon_problem`).
@@ -15,7 +19,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ValidationError
 
+from baton import build
 from baton.config import PipelineConfig
+from baton.errors import ConfigError
 
 
 class KeyClass(enum.Enum):
@@ -54,6 +60,7 @@ KEY_CLASSES: dict[str, KeyClass] = {
     "train_data.persistent_workers": FREE,
     "train_data.prefetch_factor": FREE,
     # Validation measures the model; it draws no random numbers and changes no weight.
+    # Unless a scheduler follows its metrics: then VALIDATION_KEYS change the run.
     "val_data.dataset": FREE,
     "val_data.batch_size": FREE,
     "val_data.shuffle": FREE,
@@ -95,6 +102,19 @@ KEY_CLASSES: dict[str, KeyClass] = {
     "amp": RUN,
 }
 
+# What validation measures and when: free keys, except where a scheduler reads validation
+# metrics (ReduceOnPlateau, any scheduler with ``need_val_args``): another dataset, batch
+# size (the mean loss is summed in another order), order, dropped tail or interval gives it
+# other metrics, so it changes the learning rate. How the loader reads (workers, pinning,
+# prefetching) gives the same batches in the same order: free in every config.
+VALIDATION_KEYS = (
+    "val_data.dataset",
+    "val_data.batch_size",
+    "val_data.shuffle",
+    "val_data.drop_last",
+    "train.val_interval",
+)
+
 _ORDER = {FREE: 0, RUN: 1, START: 2}
 _UNSET = "(unset)"
 
@@ -122,19 +142,49 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def classify(key: str) -> KeyClass:
+def reads_validation(config: Mapping) -> bool:
+    """True when a scheduler of ``config`` (a resolved config, as a dict) follows
+    validation metrics (``need_val_args``, as mmengine marks ReduceOnPlateau). A scheduler
+    type that cannot be resolved here is taken to read them: the safe answer."""
+    schedulers = config.get("param_scheduler") or []
+    if isinstance(schedulers, Mapping):
+        schedulers = [schedulers]
+    for scheduler in schedulers:
+        try:
+            cls = build.resolve(scheduler.get("type"), "scheduler")
+        except (ConfigError, AttributeError):
+            return True
+        if getattr(cls, "need_val_args", False):
+            return True
+    return False
+
+
+def steering_keys(*configs: Mapping) -> frozenset[str]:
+    """The keys the table calls free that steer training in any of ``configs``: the
+    validation keys (:data:`VALIDATION_KEYS`) when a scheduler reads validation metrics."""
+    if any(reads_validation(c) for c in configs):
+        return frozenset(VALIDATION_KEYS)
+    return frozenset()
+
+
+def classify(key: str, *, steering: frozenset[str] = frozenset()) -> KeyClass:
     """The class of a leaf key: that of the nearest table key above it (or itself).
 
     A key naming a whole section (``val_data`` switched on or off) takes the strictest
     class of the keys in it. A key the table does not know changes the run: that is
     the safe answer for a key added to the schema and forgotten here.
+
+    Args:
+        steering: Free keys that steer training in the configs compared
+            (:func:`steering_keys`): they, and the leaves under them, change the run.
     """
     parts = key.split(".")
     for end in range(len(parts), 0, -1):
-        found = KEY_CLASSES.get(".".join(parts[:end]))
+        prefix = ".".join(parts[:end])
+        found = KEY_CLASSES.get(prefix)
         if found is not None:
-            return found
-    inside = [c for k, c in KEY_CLASSES.items() if k.startswith(key + ".")]
+            return RUN if found is FREE and prefix in steering else found
+    inside = [classify(k, steering=steering) for k in KEY_CLASSES if k.startswith(key + ".")]
     return max(inside, key=_ORDER.__getitem__) if inside else RUN
 
 
@@ -201,19 +251,23 @@ def _resolved(saved: Mapping) -> dict:
 
 
 def compare(saved: Mapping, current: Mapping) -> list[ConfigChange]:
-    """Every leaf that differs between a checkpoint's config and the current one.
+    """Every leaf that differs between a checkpoint's config and the current one, each
+    classified by the table and by what the two configs' schedulers read
+    (:func:`steering_keys`).
 
     Args:
         saved: The checkpoint's ``meta['config']``.
         current: The resolved config of this run (``model_dump(mode='json')``).
     """
     found: list[tuple[str, Any, Any]] = []
-    _diff(_resolved(saved), dict(current), "", found)
+    saved = _resolved(saved)
+    _diff(saved, dict(current), "", found)
+    steering = steering_keys(saved, current)
     changes = []
     for key, before, after in found:
         if key == "randomness.seed" and after is None:
             continue  # no seed configured: the run goes on with the one it drew
-        changes.append(ConfigChange(key, before, after, classify(key)))
+        changes.append(ConfigChange(key, before, after, classify(key, steering=steering)))
     return changes
 
 

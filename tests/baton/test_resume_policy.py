@@ -11,8 +11,20 @@ import torch
 
 from baton import ResumeConfigError
 from baton import pipeline as pl
-from baton.resume_policy import FREE, KEY_CLASSES, RUN, START, classify, compare, schema_keys
+from baton.resume_policy import (
+    FREE,
+    KEY_CLASSES,
+    RUN,
+    START,
+    VALIDATION_KEYS,
+    classify,
+    compare,
+    reads_validation,
+    schema_keys,
+    steering_keys,
+)
 
+from .helpers import HALVING_PLATEAU
 from .test_pipeline import cfg_for
 
 MULTISTEP = [{"type": "MultiStepLR", "milestones": [3], "gamma": 0.5}]
@@ -262,3 +274,118 @@ def test_a_fork_from_a_checkpoint_without_optimizer_state_records_a_fresh_optimi
     fork = later(tmp_path, no_optimizer, "optim_wrapper.optimizer.lr=0.05", fork=True)
     p = forked(fork, source)
     assert p.forks[-1]["optimizer_state"] == "fresh"
+
+
+# --- keys that steer training: the table is checked against what training reads ----------
+
+PLATEAU = [{**HALVING_PLATEAU, "end": 100}]
+SCHEDULER_KINDS = {"steps": MULTISTEP, "plateau": PLATEAU}
+
+# A changed value for every key the table calls free, applied on resume: each must leave
+# training bitwise equal under every scheduler kind where it stays free. A free key added
+# to the schema without a value here fails test_every_free_key_has_a_value_to_try.
+FREE_CHANGES = {
+    "train.val_interval": "2",
+    "train.log_interval": "3",
+    "val_data.dataset": "{type: SyntheticClassification, seed: 2}",
+    "val_data.batch_size": "16",
+    "val_data.shuffle": "true",
+    "val_data.drop_last": "true",
+    "val_data.num_workers": "1",
+    "val_data.pin_memory": "true",
+    "val_data.persistent_workers": "true",
+    "val_data.prefetch_factor": "3",
+    "train_data.num_workers": "1",
+    "train_data.pin_memory": "true",
+    "train_data.persistent_workers": "true",
+    "train_data.prefetch_factor": "3",
+    "checkpoint.interval": "2",
+    "checkpoint.interval_iters": "5",
+    "checkpoint.save_optimizer": "false",
+    "checkpoint.async_save": "true",
+}
+# Free keys tried elsewhere: where the experiment lives and which checkpoint starts the run
+# (test_store_integrity, test_moved_experiment, test_store_lineage), the horizon (the
+# horizon's own tests), retention (fixed by the experiment: test_ownership).
+FREE_ELSEWHERE = {
+    "experiment_name",
+    "work_dir",
+    "resume",
+    "fork",
+    "train.max_epochs",
+    "train.max_iters",
+    "checkpoint.keep_last",
+    "checkpoint.keep_best",
+    "checkpoint.best_metric",
+    "checkpoint.best_mode",
+}
+# Keys that go with another one (a loader's worker options need workers).
+COMPANIONS = {
+    "val_data.persistent_workers": ("val_data.num_workers=1",),
+    "val_data.prefetch_factor": ("val_data.num_workers=1",),
+    "train_data.persistent_workers": ("train_data.num_workers=1",),
+    "train_data.prefetch_factor": ("train_data.num_workers=1",),
+}
+
+
+def test_every_free_key_has_a_value_to_try():
+    free = {k for k in KEY_CLASSES if classify(k) is FREE}
+    assert free == set(FREE_CHANGES) | FREE_ELSEWHERE
+
+
+def test_a_scheduler_that_reads_validation_makes_validation_change_the_run():
+    assert steering_keys(later(Path("/tmp"), param_scheduler=MULTISTEP).model_dump()) == set()
+    plateau = later(Path("/tmp"), param_scheduler=PLATEAU).model_dump(mode="json")
+    assert steering_keys(plateau) == set(VALIDATION_KEYS)
+    for key in VALIDATION_KEYS:
+        assert classify(key) is FREE and classify(key, steering=steering_keys(plateau)) is RUN
+    assert classify("val_data", steering=steering_keys(plateau)) is RUN
+    assert classify("val_data.num_workers", steering=steering_keys(plateau)) is FREE
+    # a scheduler type that cannot be resolved is taken to read validation: the safe answer
+    assert reads_validation({"param_scheduler": [{"type": "nowhere.Scheduler"}]})
+
+
+def _free_cases():
+    for kind, schedule in SCHEDULER_KINDS.items():
+        steering = steering_keys({"param_scheduler": schedule})
+        for key, value in FREE_CHANGES.items():
+            if classify(key, steering=steering) is FREE:
+                yield pytest.param(kind, key, value, id=f"{kind}-{key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "key", "value"), list(_free_cases()))
+def test_a_free_key_changed_on_resume_trains_bitwise_equal(tmp_path, kind, key, value):
+    # The horizon stays at 4 epochs: the run resumed at epoch 2 differs from the straight
+    # one only by the free key.
+    schedule = SCHEDULER_KINDS[kind]
+    straight, _ = pl.run(later(tmp_path, param_scheduler=schedule))
+    [epoch_2] = [r for r in straight.strategy.checkpoints.list() if r.epoch == 2]
+    extra = (*COMPANIONS.get(key, ()), f"{key}={value}")
+    changed = later(tmp_path, *extra, param_scheduler=schedule, resume=epoch_2.uri)
+    resumed, _ = pl.run(changed)
+    assert resumed.strategy.epoch == 4
+    assert resumed.strategy.optim_wrapper.get_lr() == straight.strategy.optim_wrapper.get_lr()
+    for name, tensor in straight.strategy.model.state_dict().items():
+        assert torch.equal(resumed.strategy.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    "change", ["val_data.dataset.seed=2", "val_data.batch_size=16", "train.val_interval=2"]
+)
+def test_with_a_plateau_scheduler_validation_changes_are_refused_or_forked(tmp_path, change):
+    source = first_two_epochs(tmp_path, param_scheduler=PLATEAU)
+    key, new = change.split("=")
+    message = refusal(later(tmp_path, change, param_scheduler=PLATEAU))
+    assert f"{key}: " in message and f"-> {new}" in message
+    p, ref = pl.run(later(tmp_path, change, param_scheduler=PLATEAU, fork=True))
+    assert p.strategy.epoch == 4
+    [record] = meta_of(ref)["forks"]
+    assert record["sha256"] == source.sha256
+    assert [c["key"] for c in record["changes"]] == [key]
+    assert p.strategy.checkpoints.head().reason == "fork"
+    # the same change under a schedule that reads no validation is free, as before
+    steps = tmp_path / "steps"
+    first_two_epochs(steps, param_scheduler=MULTISTEP)
+    q, ref = pl.run(later(steps, change, param_scheduler=MULTISTEP))
+    assert q.strategy.epoch == 4 and "forks" not in meta_of(ref)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from baton import pipeline as pl
-from baton.checkpoint import io
+from baton.checkpoint import io, manifest
 from baton.checkpoint.ref import CheckpointName
+from baton.checkpoint.retention import rotation_drops
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import load_config
 from baton.flows.cli import main
@@ -216,3 +217,57 @@ def test_a_best_metric_the_pipeline_does_not_produce_is_refused_before_any_commi
     with pytest.raises(ConfigError, match=r"'val/acc' is not a metric.*val/accuracy, val/loss"):
         pl.run(cfg)
     assert CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name).list() == []
+
+
+class _CountingEntries(dict):
+    """A manifest's entries that count how many a reader visits."""
+
+    visited = 0
+
+    def values(self):
+        for value in super().values():
+            _CountingEntries.visited += 1
+            yield value
+
+    def __iter__(self):
+        for key in super().__iter__():
+            _CountingEntries.visited += 1
+            yield key
+
+    def __getitem__(self, key):
+        _CountingEntries.visited += 1
+        return super().__getitem__(key)
+
+
+def test_rotation_visits_only_what_its_lineage_keeps():
+    # An old lineage of 10,000 entries (kept whole) and a new one rotated to 2: a commit of
+    # the new one looks at the new lineage's few entries, not at the whole manifest.
+    state = manifest.ManifestState()
+    state.add_lineage({"id": 1, "reason": "first"})
+    state.add_lineage({"id": 2, "reason": "fresh"})
+
+    def entry(lineage: int, n: int) -> dict:
+        name = f"L{lineage}-iter_{n:06d}.pth" if lineage > 1 else f"iter_{n:06d}.pth"
+        return {
+            "seq": state.next_seq,
+            "path": f"checkpoints/{name}",
+            "lineage": lineage,
+            "epoch": 0,
+            "iter": n,
+            "size": 1,
+            "sha256": "0" * 64,
+            "metrics": {},
+        }
+
+    for n in range(1, 10_001):
+        state.apply({"op": "commit", "entry": entry(1, n), "drop": []})
+    state.entries = _CountingEntries(state.entries)
+    policy = RetentionPolicy(keep_last=2)
+    for n in range(1, 50):
+        new = entry(2, n)
+        _CountingEntries.visited = 0
+        drop = rotation_drops(policy, state, new)
+        assert _CountingEntries.visited <= 3, "a commit scanned other lineages' entries"
+        state.apply({"op": "commit", "entry": new, "drop": drop})
+    assert [e["iter"] for e in state.lineage_entries(2)] == [48, 49]
+    assert len(state.lineage_entries(1)) == 10_000

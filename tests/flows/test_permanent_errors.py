@@ -108,3 +108,29 @@ def test_evaluate_reports_bad_input_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         _one_line(err)
         assert re.search(expected, err), err
+
+
+def test_a_moved_experiment_fails_once_and_resumes_where_it_is_now(prefect_harness, tmp_path):
+    old, new = tmp_path / "wd" / "moving", tmp_path / "elsewhere" / "moving"
+    model = {
+        "type": "tests.faults.MovingMLP",
+        "in_features": 8,
+        "num_classes": 3,
+        "hidden": [16],
+        "move_at": 12,  # inside epoch 2, after epoch 1 was committed
+        "folder": str(old),
+        "to": str(new),
+        "done": str(tmp_path / "moved"),
+    }
+    cfg = small_config(tmp_path / "wd", name="moving", model=model)
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_failed() and f"moved to '{new}'" in state.message
+    flow_run, task_runs = _runs(state.state_details.flow_run_id)
+    assert flow_run.run_count == 1, "the flow retried at the old path"
+    failed = [t for t in task_runs if t.state.is_failed()]
+    assert [(t.name, t.run_count) for t in failed] == [("save-checkpoint-epoch-2", 1)]
+    assert not old.exists(), "the run wrote a second half at the old path"
+
+    moved = train_pipeline(config={**cfg, "work_dir": str(new.parent)}, return_state=True)
+    assert moved.is_completed() and not old.exists()
+    assert CheckpointStore(new).latest().epoch == cfg["train"]["max_epochs"]
