@@ -126,6 +126,7 @@ def _continue_run(pipeline: Pipeline, meta: dict, check: resume_policy.ResumeChe
     if check.fork is not None:
         resume_policy.fast_forward_schedulers(strategy, pipeline.epoch_length)
         pipeline.forks.append(check.fork)
+        pipeline.pending_fork = check
         logger.warning(
             "forked %s from %s at epoch %d: %s",
             pipeline.config.experiment_name,
@@ -333,6 +334,9 @@ def save(
     cfg = pipeline.config
     _refuse_diverged(pipeline, metrics)
     _check_best_metric(cfg, metrics)
+    if pipeline.pending_fork is not None:
+        pipeline.pending_fork.start_lineage()
+        pipeline.pending_fork = None
     record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
     if name is None:
         # Keyed by both: a fork to another epoch length reaches an iteration count again.

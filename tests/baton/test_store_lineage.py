@@ -122,11 +122,15 @@ def test_a_resume_from_the_newest_checkpoint_continues_its_lineage(tmp_path):
 def test_a_retry_of_the_same_run_continues_its_own_lineage(tmp_path):
     pl.run(small(tmp_path, "train.max_epochs=2"))
     cfg = small(tmp_path, "train.max_epochs=2", resume="never")
-    assert pl.find_resume_point(cfg, run_id="run-a") is None
+    plan = pl.plan_resume(cfg, run_id="run-a")
+    assert plan.checkpoint is None
+    plan.record(cfg)  # once the run is prepared
     store = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name)
     ref = commit(store, 1)
     assert pl.find_resume_point(cfg, run_id="run-a") == ref  # a retry of run-a
-    assert pl.find_resume_point(cfg, run_id="run-b") is None  # another run: another lineage
+    plan = pl.plan_resume(cfg, run_id="run-b")  # another run: another lineage
+    assert plan.checkpoint is None
+    plan.record(cfg)
     assert [lin.run for lin in store.lineages()] == [None, "run-a", "run-b"]
 
 
