@@ -179,6 +179,7 @@ def train_one_epoch(
             interval
             and strategy.iter % interval == 0
             and strategy.step_in_epoch < pipeline.epoch_length
+            and not _committed_here(pipeline, CheckpointName.for_iter(strategy.iter))
         ):
             save(
                 pipeline,
@@ -197,6 +198,18 @@ def train_one_epoch(
         meter=pipeline.meter,
     )
     return {f"train/{k}": v for k, v in metrics.items()}
+
+
+def _committed_here(pipeline: Pipeline, name: CheckpointName) -> bool:
+    """Whether the run's lineage committed ``name`` at the current position already: a
+    retried task trains its epoch again from the epoch's start (exactly, so the state is
+    the one committed), and writing it again would commit an older position after newer
+    ones. A fork not yet recorded has no checkpoint of its own."""
+    if pipeline.pending_fork is not None:
+        return False
+    strategy = pipeline.strategy
+    found = strategy.checkpoints.committed_at(str(name), epoch=strategy.epoch, iter=strategy.iter)
+    return found is not None
 
 
 def train_until_stopped(pipeline: Pipeline, stop: StopRequest, *, progress=None) -> dict:

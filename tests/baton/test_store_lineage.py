@@ -220,3 +220,23 @@ def test_a_best_metric_the_pipeline_does_not_produce_is_refused_before_any_commi
     with pytest.raises(ConfigError, match=r"'val/acc' is not a metric.*val/accuracy, val/loss"):
         pl.run(cfg)
     assert CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name).list() == []
+
+
+def test_rotation_keeps_the_newest_positions_not_the_newest_commits(tmp_path):
+    # An older position committed late (a stretch trained again, a background save that
+    # finishes after the next iteration checkpoint) never displaces a newer one.
+    store = CheckpointStore(tmp_path / "exp", retention=RetentionPolicy(keep_last=2))
+    for it in (37, 38, 39):
+        commit_iter(store, it)
+    commit_iter(store, 18)
+    assert sorted(r.iter for r in store.list()) == [18, 38, 39]  # the one just committed stays
+    commit_iter(store, 40)
+    assert sorted(r.iter for r in store.list()) == [39, 40]
+    assert store.latest().iter == 40
+
+
+def commit_iter(store: CheckpointStore, it: int):
+    path = store.target(str(CheckpointName.for_iter(it)))
+    epoch = it // 18  # 18 iterations per epoch
+    size, digest = io.save({"meta": {"epoch": epoch, "iter": it}}, str(path))
+    return store.commit(str(path), epoch=epoch, iter=it, size=size, sha256=digest)
