@@ -8,14 +8,17 @@ decisions are written once:
   in the background (:func:`plan_after_epoch`); a rebuilt pipeline replays them
   (:func:`baton.steps.replay`);
 - which checkpoint a run continues from, and which lineage its commits go to
-  (:func:`find_resume_point`).
+  (:func:`plan_resume`), recorded only once every check has passed
+  (:meth:`ResumePlan.record`).
 """
 
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 from baton.checkpoint import io
 from baton.checkpoint.lineage import Lineage
@@ -98,17 +101,74 @@ def train_to_horizon(
     return state
 
 
+class NewLineage(BaseModel):
+    """A lineage a run will start (see :class:`ResumePlan`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reason: Literal["fresh", "branch"]
+    parent: CheckpointRef | None = None  # the checkpoint it continues
+    run: str | None = None  # the run that starts it, so that a retry of that run continues it
+
+
+class ResumePlan(BaseModel):
+    """Where a run continues from, and what it records once every check has passed.
+
+    Deciding reads only. The checks that may still refuse the run come after (loading the
+    checkpoint: the model, the resume policy, a safe load); only then does :meth:`record`
+    write the experiment's retention (``experiment.json``, for a new experiment) and the new
+    lineage, so that a refused run leaves the experiment as it found it. Small and frozen:
+    it travels between tasks (``find-resume-point`` -> ``prepare``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    checkpoint: CheckpointRef | None = None
+    lineage: NewLineage | None = None  # None: the run's commits go to the newest lineage
+
+    def record(self, cfg: "PipelineConfig", experiment: Experiment | None = None) -> None:
+        """Record the plan: the experiment's retention (:meth:`Experiment.fix_retention`)
+        and the new lineage, if any. Call it under the experiment's lock, once the pipeline
+        is restored from :attr:`checkpoint` (or built fresh), before the run's first commit.
+
+        Raises:
+            RetentionConflictError: The experiment's retention changed meanwhile.
+        """
+        experiment = experiment or Experiment.of(cfg)
+        experiment.fix_retention(cfg.checkpoint.retention())
+        if self.lineage is not None:
+            experiment.store.start_lineage(
+                parent=self.lineage.parent,
+                reason=self.lineage.reason,
+                run=self.lineage.run,
+                config_hash=cfg.config_hash,
+                config=_dump(cfg),
+            )
+
+
 def find_resume_point(
     cfg: "PipelineConfig",
     *,
     run_id: str | None = None,
     experiment: Experiment | None = None,
 ) -> CheckpointRef | None:
-    """The checkpoint a run of ``cfg`` continues from, by its resume policy; it also
-    records which lineage the run's commits go to. Call it under the experiment's lock.
+    """The checkpoint a run of ``cfg`` continues from (:func:`plan_resume`); writes nothing."""
+    return plan_resume(cfg, run_id=run_id, experiment=experiment).checkpoint
 
-    First the run is held to the experiment's retention (:meth:`Experiment.fix_retention`):
-    a run that asks for another is refused before anything is written.
+
+def plan_resume(
+    cfg: "PipelineConfig",
+    *,
+    run_id: str | None = None,
+    experiment: Experiment | None = None,
+) -> ResumePlan:
+    """The checkpoint a run of ``cfg`` continues from, by its resume policy, and the lineage
+    its commits will go to. Reads only: the run records the plan
+    (:meth:`ResumePlan.record`) once the checkpoint is loaded and every check has passed.
+    Call it under the experiment's lock.
+
+    First the run is held to the experiment's retention (:meth:`Experiment.check_retention`):
+    a run that asks for another is refused.
 
     - ``'auto'``: the newest valid checkpoint of the newest lineage *compatible with the
       run's config* (``None`` if there is none); the run continues that lineage. A
@@ -133,45 +193,36 @@ def find_resume_point(
         CheckpointCorruptError: The named committed checkpoint no longer verifies.
     """
     experiment = experiment or Experiment.of(cfg)
-    experiment.fix_retention(cfg.checkpoint.retention())
+    experiment.check_retention(cfg.checkpoint.retention())
     store = experiment.store
     head = store.head()
     own_retry = run_id is not None and head is not None and head.run == run_id
     if cfg.resume == "auto":
-        return store.latest() if cfg.fork else _newest_compatible(cfg, experiment, run_id)
+        if cfg.fork:
+            return ResumePlan(checkpoint=store.latest())
+        return _newest_compatible(cfg, experiment, run_id)
     if cfg.resume == "never":
         if own_retry:
-            return store.latest()
+            return ResumePlan(checkpoint=store.latest())
         if head is None and run_id is None:
-            return None  # an empty experiment: the first commit starts lineage 1
+            return ResumePlan()  # an empty experiment: the first commit starts lineage 1
         if head is not None and not head.checkpoints and not (head.parent or head.parent_outside):
-            return None  # the newest lineage is still empty and fresh: use it
-        store.start_lineage(
-            reason="fresh", run=run_id, config_hash=cfg.config_hash, config=_dump(cfg)
-        )
-        return None
+            return ResumePlan()  # the newest lineage is still empty and fresh: use it
+        return ResumePlan(lineage=NewLineage(reason="fresh", run=run_id))
     uri = checked_checkpoint(experiment, cfg.resume, "resume checkpoint")
     committed = store.find(uri) or store.find(cfg.resume)
     if committed is not None:
         store.verify(committed)
         if own_retry and _same(head.parent, committed):
-            return store.latest() or committed
-        if not _same(store.latest(), committed):
-            store.start_lineage(
-                parent=committed,
-                reason="branch",
-                run=run_id,
-                config_hash=cfg.config_hash,
-                config=_dump(cfg),
-            )
-        return committed
+            return ResumePlan(checkpoint=store.latest() or committed)
+        if _same(store.latest(), committed):
+            return ResumePlan(checkpoint=committed)
+        branch = NewLineage(reason="branch", parent=committed, run=run_id)
+        return ResumePlan(checkpoint=committed, lineage=branch)
     ref = CheckpointRef.of_file(uri)
     if own_retry and head.parent_outside == uri:
-        return store.latest() or ref
-    store.start_lineage(
-        parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash, config=_dump(cfg)
-    )
-    return ref
+        return ResumePlan(checkpoint=store.latest() or ref)
+    return ResumePlan(checkpoint=ref, lineage=NewLineage(reason="branch", parent=ref, run=run_id))
 
 
 def _dump(cfg: "PipelineConfig") -> dict:
@@ -180,7 +231,7 @@ def _dump(cfg: "PipelineConfig") -> dict:
 
 def _newest_compatible(
     cfg: "PipelineConfig", experiment: Experiment, run_id: str | None
-) -> CheckpointRef | None:
+) -> ResumePlan:
     """Auto-resume: the newest checkpoint of the newest lineage whose config the run may
     continue without a fork (see :func:`find_resume_point`).
 
@@ -208,17 +259,14 @@ def _newest_compatible(
                 lineage.id,
             )
         if lineage is lineages[-1]:
-            return ref
+            return ResumePlan(checkpoint=ref)
         if ref is None:
-            store.start_lineage(
-                reason="fresh", run=run_id, config_hash=cfg.config_hash, config=current
-            )
-            return None
-        store.start_lineage(
-            parent=ref, reason="branch", run=run_id, config_hash=cfg.config_hash, config=current
+            return ResumePlan(lineage=NewLineage(reason="fresh", run=run_id))
+        return ResumePlan(
+            checkpoint=ref, lineage=NewLineage(reason="branch", parent=ref, run=run_id)
         )
-        return ref
-    return store.latest()  # none compatible: the resume refuses, naming the differences
+    # None compatible: the resume refuses, naming the differences.
+    return ResumePlan(checkpoint=store.latest())
 
 
 def _changes(lineage: Lineage, ref: CheckpointRef | None, current: dict) -> list[ConfigChange]:

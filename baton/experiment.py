@@ -215,37 +215,25 @@ class Experiment:
             f"baton ckpt retention {self.root} --keep-last N"
         )
 
-    def fix_retention(self, asked: RetentionPolicy) -> RetentionPolicy:
-        """Hold a run to the retention the experiment was created with; call it under the
-        experiment's lock, before the run writes anything.
+    def check_retention(self, asked: RetentionPolicy) -> RetentionPolicy:
+        """Hold a run to the retention the experiment was created with, writing nothing:
+        the store applies it from now on. :meth:`fix_retention` records it once the run's
+        checks have all passed.
 
-        A new experiment records ``asked``. One made before baton recorded retention
-        adopts ``asked`` too (the first run's), and says so in the log. Otherwise
-        ``asked`` must be the recorded policy: a run adds to an experiment and cannot
-        change which of its earlier checkpoints rotation deletes (an operator can:
+        A new experiment, or one made before baton recorded retention, takes ``asked``.
+        Otherwise ``asked`` must be the recorded policy: a run adds to an experiment and
+        cannot change which of its earlier checkpoints rotation deletes (an operator can:
         :meth:`set_retention`, ``baton ckpt retention``).
 
         Returns:
-            The experiment's retention, which the store now applies.
+            The experiment's retention.
 
         Raises:
             RetentionConflictError: ``asked`` differs from the recorded policy.
         """
         asked = asked.normalised()
         recorded = self.recorded_retention()
-        if recorded is None:
-            if self.store.manifest_path.exists() or self.store.journal_path.exists():
-                logger.warning(
-                    "experiment %s records no retention (made before baton recorded it): "
-                    "adopting this run's, %s; later runs must ask for the same, or an "
-                    "operator changes it with `baton ckpt retention %s`",
-                    self.name,
-                    asked,
-                    self.root,
-                )
-            self.set_retention(asked)
-            return asked
-        if recorded != asked:
+        if recorded is not None and recorded != asked:
             raise RetentionConflictError(
                 f"experiment {self.name} keeps {recorded} (its retention, fixed when it was "
                 f"created), and this run asks for {asked}: a run cannot change which "
@@ -254,8 +242,37 @@ class Experiment:
                 f"experiment's retention: baton ckpt retention {self.root} "
                 f"{retention_flags(asked)}"
             )
-        self.store.retention = recorded
-        return recorded
+        self.store.retention = asked
+        return asked
+
+    def fix_retention(self, asked: RetentionPolicy) -> RetentionPolicy:
+        """:meth:`check_retention`, then record ``asked`` in ``experiment.json`` if the
+        experiment records none yet; call it under the experiment's lock, once the run's
+        checks have passed (a refused run writes nothing), before its first commit.
+
+        An experiment made before baton recorded retention adopts ``asked`` (the first
+        run's), and says so in the log.
+
+        Returns:
+            The experiment's retention, which the store now applies.
+
+        Raises:
+            RetentionConflictError: ``asked`` differs from the recorded policy.
+        """
+        asked = self.check_retention(asked)
+        if self.recorded_retention() is not None:
+            return asked
+        if self.store.manifest_path.exists() or self.store.journal_path.exists():
+            logger.warning(
+                "experiment %s records no retention (made before baton recorded it): "
+                "adopting this run's, %s; later runs must ask for the same, or an "
+                "operator changes it with `baton ckpt retention %s`",
+                self.name,
+                asked,
+                self.root,
+            )
+        self.set_retention(asked)
+        return asked
 
     def set_retention(self, policy: RetentionPolicy) -> None:
         """Record ``policy`` as the experiment's retention (an operator's command, or the

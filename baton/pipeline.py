@@ -12,13 +12,14 @@ import importlib
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from baton import build, control, loop, randomness
 from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig
-from baton.control import find_resume_point
+from baton.control import find_resume_point, plan_resume
 from baton.data import ResumableLoader, check_same_classes
 from baton.experiment import Experiment
 from baton.quotas import Quotas, has_lazy_parameters
@@ -35,6 +36,9 @@ from baton.steps import (
 from baton.strategy import SingleDeviceStrategy
 from baton.trust import Trust
 
+if TYPE_CHECKING:
+    from baton.resume_policy import ResumeCheck
+
 # This module is the library's way into a pipeline (``from baton import pipeline as pl``):
 # the steps (baton.steps) and the resume decision (baton.control) are importable from here.
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "evaluate",
     "find_resume_point",
     "load_weights",
+    "plan_resume",
     "preload",
     "replay",
     "restore",
@@ -77,6 +82,9 @@ class Pipeline:
     meter: loop.EpochMeter = field(default_factory=loop.EpochMeter)
     # The forks in this run's ancestry (see resume); every checkpoint records them.
     forks: list[dict] = field(default_factory=list)
+    # A fork resumed but not yet recorded: its lineage starts at its first save, so that a
+    # fork refused or stopped before it commits anything leaves no lineage behind.
+    pending_fork: "ResumeCheck | None" = None
     # The global random generators' states as this run sees them, between its steps.
     rng: randomness.TrainingGenerators = field(default_factory=randomness.TrainingGenerators)
 
@@ -267,8 +275,9 @@ def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
     """Train a whole pipeline in this process, resuming as the config says."""
     experiment = Experiment.of(cfg)
     with experiment.lock():
-        ref = find_resume_point(cfg, experiment=experiment)
-        pipeline = restore(cfg, ref, experiment=experiment)
+        plan = control.plan_resume(cfg, experiment=experiment)
+        pipeline = restore(cfg, plan.checkpoint, experiment=experiment)
+        plan.record(cfg, experiment)  # every check passed: a refused run changed nothing
         steps = _InProcess(pipeline)
         control.train_to_horizon(cfg, pipeline, steps)
-    return pipeline, steps.ref or ref
+    return pipeline, steps.ref or plan.checkpoint

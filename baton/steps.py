@@ -130,6 +130,7 @@ def _continue_run(pipeline: Pipeline, meta: dict, check: resume_policy.ResumeChe
     if check.fork is not None:
         resume_policy.fast_forward_schedulers(strategy, pipeline.epoch_length)
         pipeline.forks.append(check.fork)
+        pipeline.pending_fork = check
         logger.warning(
             "forked %s from %s at epoch %d: %s",
             pipeline.config.experiment_name,
@@ -182,6 +183,7 @@ def train_one_epoch(
             interval
             and strategy.iter % interval == 0
             and strategy.step_in_epoch < pipeline.epoch_length
+            and not _committed_here(pipeline, CheckpointName.for_iter(strategy.iter))
         ):
             save(
                 pipeline,
@@ -200,6 +202,18 @@ def train_one_epoch(
         meter=pipeline.meter,
     )
     return {f"train/{k}": v for k, v in metrics.items()}
+
+
+def _committed_here(pipeline: Pipeline, name: CheckpointName) -> bool:
+    """Whether the run's lineage committed ``name`` at the current position already: a
+    retried task trains its epoch again from the epoch's start (exactly, so the state is
+    the one committed), and writing it again would commit an older position after newer
+    ones. A fork not yet recorded has no checkpoint of its own."""
+    if pipeline.pending_fork is not None:
+        return False
+    strategy = pipeline.strategy
+    found = strategy.checkpoints.committed_at(str(name), epoch=strategy.epoch, iter=strategy.iter)
+    return found is not None
 
 
 def train_until_stopped(pipeline: Pipeline, stop: StopRequest, *, progress=None) -> dict:
@@ -344,6 +358,9 @@ def save(
     cfg = pipeline.config
     _refuse_diverged(pipeline, metrics)
     _check_best_metric(cfg, metrics)
+    if pipeline.pending_fork is not None:
+        pipeline.pending_fork.start_lineage()
+        pipeline.pending_fork = None
     record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
     if name is None:
         # Keyed by both: a fork to another epoch length reaches an iteration count again.

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from baton import pipeline as pl
+from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig, validate
+from baton.errors import CheckpointError
 from baton.experiment import Experiment
 from baton.tasks._common import run_logger
 from baton.trust import Trust
@@ -127,15 +129,42 @@ def _matches(live: _Live, cfg: PipelineConfig, state: RunState) -> bool:
     )
 
 
+def _resumable_in_epoch(cfg: PipelineConfig, state: RunState) -> CheckpointRef | None:
+    """The run's newest valid checkpoint inside the epoch after ``state`` (its iteration
+    checkpoints), if it wrote one with this config: a retried epoch continues from there
+    instead of training and committing those iterations again (retention may already have
+    deleted ``state.checkpoint`` for them)."""
+    store = Experiment.of(cfg).store
+    head = store.head()
+    if head is None:
+        return None
+    end = (state.epoch + 1) * state.epoch_length
+    for ref in reversed(head.checkpoints):
+        if ref.epoch != state.epoch or not state.iter < ref.iter < end:
+            continue
+        if not store.is_valid(ref):
+            continue
+        try:
+            written_by = io.load_meta(ref.uri).get("config_hash")
+        except (CheckpointError, OSError):
+            continue
+        if written_by == cfg.config_hash:  # not another run's (a fork's source line)
+            return ref
+    return None
+
+
 def live_pipeline(
     cfg: PipelineConfig,
     state: RunState | None,
     *,
     checkpoint: CheckpointRef | None = None,
+    within_epoch: bool = False,
 ) -> tuple[pl.Pipeline, bool]:
     """The pipeline at ``state``'s position: the live one if clean, else rebuilt.
 
-    Without a state, a new pipeline is built from ``checkpoint`` (or from scratch).
+    Without a state, a new pipeline is built from ``checkpoint`` (or from scratch). With
+    ``within_epoch`` (a task that trains the epoch after ``state``), a rebuilt pipeline may
+    stand further inside that epoch, at the run's newest iteration checkpoint there.
 
     Returns:
         ``(pipeline, reused)``.
@@ -150,8 +179,9 @@ def live_pipeline(
         stale = _LIVE.pop(_key(cfg), None)
     if stale is not None:
         _stop_workers(stale.pipeline)  # a failed epoch's workers may be dead or mid-batch
-    if state is None:
-        pipeline = pl.restore(cfg, checkpoint)
+    inside = _resumable_in_epoch(cfg, state) if state is not None and within_epoch else None
+    if state is None or inside is not None:
+        pipeline = pl.restore(cfg, inside or checkpoint)
     else:
         evaluated = any(key.startswith("val/") for key in state.metrics)
         pipeline = pl.restore(cfg, checkpoint, to_iter=state.iter, evaluated=evaluated)
@@ -172,13 +202,18 @@ def using(cfg: PipelineConfig, pipeline: pl.Pipeline) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def live_step(config: dict | PipelineConfig, state: RunState) -> Iterator[pl.Pipeline]:
-    """The live pipeline at ``state``'s position (rebuilt if need be), held for one step:
-    what every task that changes the pipeline does first."""
+def live_step(
+    config: dict | PipelineConfig, state: RunState, *, within_epoch: bool = False
+) -> Iterator[pl.Pipeline]:
+    """The live pipeline at ``state``'s position (rebuilt if need be; see
+    :func:`live_pipeline` for ``within_epoch``), held for one step: what every task that
+    changes the pipeline does first."""
     cfg = config_of(config)
-    pipeline, reused = live_pipeline(cfg, state)
+    pipeline, reused = live_pipeline(cfg, state, within_epoch=within_epoch)
     if not reused:
         origin = state.checkpoint.uri if state.checkpoint else "scratch"
+        if pipeline.strategy.iter != state.iter:
+            origin = f"iteration {pipeline.strategy.iter} of epoch {state.epoch + 1}"
         run_logger().info("rebuilt the pipeline from %s", origin)
     with using(cfg, pipeline):
         yield pipeline

@@ -50,7 +50,9 @@ def train_epoch(config: dict[str, Any], state: RunState, epoch: int) -> RunState
     """
     if epoch != state.epoch + 1:
         raise ValueError(f"state is at epoch {state.epoch}; cannot train epoch {epoch}")
-    with live_step(config, state) as pipeline, deferred_termination() as stop:
+    # A retry continues from the epoch's newest iteration checkpoint: what the failed
+    # attempt committed is never trained and committed again.
+    with live_step(config, state, within_epoch=True) as pipeline, deferred_termination() as stop:
         try:
             metrics = pl.train_until_stopped(
                 pipeline, stop, progress=_progress_printer(state, epoch)

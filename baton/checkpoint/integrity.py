@@ -5,6 +5,7 @@ holding the experiment's lock writes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,5 +106,10 @@ def repair(files: ExperimentFiles) -> None:
     torn journal line, rebuild an unreadable manifest."""
     with committed.manifest_lock(files.root):
         state = committed.load(files)
-        if state.problem is not None or state.pending is not None:
+        # An experiment with no manifest yet has nothing to repair: its first commit
+        # writes the manifest (a run refused before that leaves none behind).
+        unborn = not os.path.lexists(files.manifest_path) and not os.path.lexists(
+            files.journal_path
+        )
+        if state.problem is not None or (state.pending is not None and not unborn):
             committed.writable(files)

@@ -100,13 +100,25 @@ def rotation_drops(policy: RetentionPolicy, state: manifest.ManifestState, new: 
     return lineage_drops(policy, own, keep={new["seq"]} | state.parent_seqs())
 
 
+def position(entry: dict) -> tuple[int, int, int]:
+    """Where an entry stands in its lineage: its epoch and iteration, then its commit order
+    (``seq``) among entries at one position."""
+    return (entry["epoch"], entry["iter"], entry["seq"])
+
+
 def lineage_drops(policy: RetentionPolicy, own: list[dict], *, keep: set[int]) -> list[int]:
     """The ``seq`` of every entry of one lineage (``own``, in commit order) that ``policy``
     drops; the entries in ``keep`` stay whatever the policy says. The one rule of rotation,
-    used by a commit and by an operator's prune (:meth:`CheckpointStore.prune`)."""
+    used by a commit and by an operator's prune (:meth:`CheckpointStore.prune`).
+
+    ``keep_last`` keeps the newest by position (:func:`position`), not by commit order:
+    an older position committed late (a background save that finishes after the next
+    iteration checkpoint, a stretch trained again) never displaces a newer one, so
+    rotation never deletes a checkpoint newer than one ``keep_last`` keeps."""
     if policy.keep_last is None:
         return []
-    keep = {e["seq"] for e in own[-policy.keep_last :]} | keep
+    newest = sorted(own, key=position)[-policy.keep_last :]
+    keep = {e["seq"] for e in newest} | keep
     if policy.keep_best and policy.best_metric:
         metric = policy.best_metric
         scored = [e for e in own if manifest.finite(e["metrics"].get(metric))]

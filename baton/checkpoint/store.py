@@ -224,6 +224,24 @@ class CheckpointStore:
         seq = state.by_path.get(f"{manifest.CHECKPOINTS}/{name}")
         return self._ref(state.entries[seq]) if seq is not None else None
 
+    def committed_at(self, filename: str, *, epoch: int, iter: int) -> CheckpointRef | None:
+        """The newest lineage's valid checkpoint saved under the bare name ``filename`` at
+        this position (``epoch``, ``iter``), if it committed one: a run that trains a
+        stretch again (a retried task) does not commit it a second time."""
+        with committed.manifest_lock(self.root):
+            state = self._load()
+            prefixed, _ = CheckpointName.split_lineage(filename)
+            lineage = state.head or 1
+            name = filename if prefixed != 1 else CheckpointName.in_lineage(filename, lineage)
+            seq = state.by_path.get(f"{manifest.CHECKPOINTS}/{name}")
+            entry = state.entries[seq] if seq is not None else None
+        if entry is None or entry["lineage"] != lineage:
+            return None
+        if (entry["epoch"], entry["iter"]) != (epoch, iter):
+            return None
+        ref = self._ref(entry)
+        return ref if self._problem(ref) is None else None
+
     def check(self) -> StoreCheck:
         """Every committed checkpoint verified, all from one committed state.
 

@@ -167,7 +167,6 @@ class ResumeCheck:
         if relaid:
             # The epoch count is what carries over: the fork trains the epochs after it.
             meta["iter"] = epoch * pipeline.epoch_length
-        self._start_fork_lineage()
         meta.setdefault("accumulation", {})["inner_count"] = int(meta.get("iter", 0))
         seed = pipeline.config.randomness.seed
         if seed is not None:
@@ -187,10 +186,12 @@ class ResumeCheck:
             "optimizer_state": "kept" if same_kind else "fresh",
         }
 
-    def _start_fork_lineage(self) -> None:
+    def start_lineage(self) -> None:
         """A fork writes a lineage of its own (``baton ckpt list`` shows it as a fork):
         its checkpoints never overwrite or reorder those of the line it continues, and
-        auto-resume follows it from then on."""
+        auto-resume follows it from then on. Started by the fork's first save
+        (``baton.steps.save``), once every check has passed: a refused or stopped fork
+        leaves no lineage."""
         store = self.pipeline.strategy.checkpoints
         source = store.find(self.ref.uri)
         head = store.head()

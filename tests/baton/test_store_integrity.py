@@ -188,10 +188,11 @@ def test_hand_edited_entries_outside_the_experiment_are_reported_never_followed(
     assert out.count("OUTSIDE") == 2 and "secret.pth" not in out.split("OUTSIDE")[0]
 
     with store.lock():
-        commit(store, 2)  # rotation (keep_last=1) drops everything else of lineage 1
+        # rotation (keep_last=1, the newest by position) drops everything else of lineage 1
+        commit(store, 10)
     assert tree(outside.parent) == before
     assert (store.checkpoint_dir / "link.pth").is_symlink()  # not deleted either
-    assert [r.epoch for r in store.list()] == [2]
+    assert [r.epoch for r in store.list()] == [10]
 
 
 def test_a_first_format_entry_outside_the_experiment_is_reported(tmp_path, outside):

@@ -123,11 +123,15 @@ def test_a_resume_from_the_newest_checkpoint_continues_its_lineage(tmp_path):
 def test_a_retry_of_the_same_run_continues_its_own_lineage(tmp_path):
     pl.run(small(tmp_path, "train.max_epochs=2"))
     cfg = small(tmp_path, "train.max_epochs=2", resume="never")
-    assert pl.find_resume_point(cfg, run_id="run-a") is None
+    plan = pl.plan_resume(cfg, run_id="run-a")
+    assert plan.checkpoint is None
+    plan.record(cfg)  # once the run is prepared
     store = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name)
     ref = commit(store, 1)
     assert pl.find_resume_point(cfg, run_id="run-a") == ref  # a retry of run-a
-    assert pl.find_resume_point(cfg, run_id="run-b") is None  # another run: another lineage
+    plan = pl.plan_resume(cfg, run_id="run-b")  # another run: another lineage
+    assert plan.checkpoint is None
+    plan.record(cfg)
     assert [lin.run for lin in store.lineages()] == [None, "run-a", "run-b"]
 
 
@@ -271,3 +275,23 @@ def test_rotation_visits_only_what_its_lineage_keeps():
         state.apply({"op": "commit", "entry": new, "drop": drop})
     assert [e["iter"] for e in state.lineage_entries(2)] == [48, 49]
     assert len(state.lineage_entries(1)) == 10_000
+
+
+def test_rotation_keeps_the_newest_positions_not_the_newest_commits(tmp_path):
+    # An older position committed late (a stretch trained again, a background save that
+    # finishes after the next iteration checkpoint) never displaces a newer one.
+    store = CheckpointStore(tmp_path / "exp", retention=RetentionPolicy(keep_last=2))
+    for it in (37, 38, 39):
+        commit_iter(store, it)
+    commit_iter(store, 18)
+    assert sorted(r.iter for r in store.list()) == [18, 38, 39]  # the one just committed stays
+    commit_iter(store, 40)
+    assert sorted(r.iter for r in store.list()) == [39, 40]
+    assert store.latest().iter == 40
+
+
+def commit_iter(store: CheckpointStore, it: int):
+    path = store.target(str(CheckpointName.for_iter(it)))
+    epoch = it // 18  # 18 iterations per epoch
+    size, digest = io.save({"meta": {"epoch": epoch, "iter": it}}, str(path))
+    return store.commit(str(path), epoch=epoch, iter=it, size=size, sha256=digest)

@@ -21,6 +21,7 @@ RUNNER = """
 import json, sys
 from baton import tasks
 from baton.checkpoint.ref import CheckpointRef
+from baton.control import ResumePlan
 name, payload = sys.argv[1], json.loads(sys.stdin.read())
 task = getattr(tasks, name)
 args = payload["args"]
@@ -28,6 +29,8 @@ if "state" in payload:
     args["state"] = tasks.RunState.model_validate(payload["state"])
 if payload.get("checkpoint") is not None:
     args["checkpoint"] = CheckpointRef.model_validate(payload["checkpoint"])
+if isinstance(args.get("checkpoint"), dict):  # a plan, as Prefect would validate it
+    args["checkpoint"] = ResumePlan.model_validate(args["checkpoint"])
 result = task.fn(**args)
 print("RESULT" + json.dumps(result.model_dump(mode="json") if hasattr(result, "model_dump") else result))
 """
@@ -59,9 +62,10 @@ def test_every_task_in_its_own_process(tmp_path):
         env,
         args={"config": small_config(tmp_path / "wd", **{"train.max_epochs": 2})},
     )
-    checkpoint = call("find_resume_point", env, args={"config": cfg})
-    assert checkpoint is None
-    state = call("prepare", env, args={"config": cfg, "checkpoint": None})
+    plan = call("find_resume_point", env, args={"config": cfg})
+    assert plan == {"checkpoint": None, "lineage": None}
+    # the plan travels to prepare, which records it once the pipeline is built
+    state = call("prepare", env, args={"config": cfg, "checkpoint": plan})
     for epoch in (1, 2):
         state = call("train_epoch", env, args={"config": cfg, "epoch": epoch}, state=state)
         state = call("evaluate", env, args={"config": cfg, "epoch": epoch}, state=state)

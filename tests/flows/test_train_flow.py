@@ -6,6 +6,7 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from baton import pipeline as pl
+from baton.checkpoint.store import CheckpointStore
 from baton.config import validate
 from baton.flows.train import train_pipeline
 from baton.tasks._common import artifact_key
@@ -171,3 +172,45 @@ def test_background_saves_in_the_flow_end_equal_to_foreground_saves(prefect_harn
     foreground = small_config(tmp_path / "fg")
     pl.run(validate(foreground))
     assert_same_training_result(final_checkpoint(background), final_checkpoint(foreground))
+
+
+def test_a_task_retry_never_loses_a_committed_checkpoint(prefect_harness, tmp_path, monkeypatch):
+    # Iteration checkpoints at every iteration, the last two kept; the model fails once at
+    # iteration 13 (inside epoch 2), after iteration checkpoints 9-12 were committed.
+    settings = {"checkpoint.interval_iters": 1, "checkpoint.keep_last": 2}
+    model = flaky(tmp_path, failures=1)
+    cfg = small_config(tmp_path / "wd", model=model, **settings)
+    committed: list = []  # every commit the run reported, in order
+    original = CheckpointStore.commit
+
+    def commit(store, uri, **kwargs):
+        ref = original(store, uri, **kwargs)
+        committed.append(ref)
+        kept = {(r.uri, r.sha256): r for lin in store.lineages() for r in lin.checkpoints}
+        position = {(r.epoch, r.iter) for r in kept.values()}
+        for earlier in committed:
+            if (earlier.uri, earlier.sha256) in kept:
+                continue
+            # Gone: only as retention's keep_last (2) displaced it by newer positions.
+            newer = [p for p in position if p > (earlier.epoch, earlier.iter)]
+            assert len(newer) >= 2, f"{earlier.uri} vanished; kept {sorted(position)}"
+        assert max((r.epoch, r.iter) for r in committed) in position  # the newest stays
+        return ref
+
+    monkeypatch.setattr(CheckpointStore, "commit", commit)
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_completed()
+    assert (tmp_path / "budget").read_text() == "1"
+    positions = [(r.epoch, r.iter) for r in committed]
+    # A replay never commits again what was committed: every position once, in order.
+    assert positions == sorted(set(positions))
+    assert (1, 12) in positions  # committed before the failure
+    store = CheckpointStore(f"{cfg['work_dir']}/{cfg['experiment_name']}")
+    assert [r.iter for r in store.list()] == [31, 32]  # the newest by position
+    monkeypatch.undo()
+    (tmp_path / "spent").write_text("99")
+    plain = small_config(
+        tmp_path / "reference", model={**model, "budget": str(tmp_path / "spent")}, **settings
+    )
+    pl.run(validate(plain))
+    assert_same_training_result(final_checkpoint(plain), final_checkpoint(cfg))
