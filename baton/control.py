@@ -126,10 +126,14 @@ class ResumePlan(BaseModel):
     checkpoint: CheckpointRef | None = None
     lineage: NewLineage | None = None  # None: the run's commits go to the newest lineage
 
-    def record(self, cfg: "PipelineConfig", experiment: Experiment | None = None) -> None:
+    def record(
+        self, cfg: "PipelineConfig", experiment: Experiment | None = None, *, fork: bool = False
+    ) -> None:
         """Record the plan: the experiment's retention (:meth:`Experiment.fix_retention`)
         and the new lineage, if any. Call it under the experiment's lock, once the pipeline
         is restored from :attr:`checkpoint` (or built fresh), before the run's first commit.
+        ``fork``: the restore forked (the resume policy found changes and the run forks), so
+        a branch from an older checkpoint is recorded as the fork it is.
 
         Raises:
             RetentionConflictError: The experiment's retention changed meanwhile.
@@ -137,9 +141,10 @@ class ResumePlan(BaseModel):
         experiment = experiment or Experiment.of(cfg)
         experiment.fix_retention(cfg.checkpoint.retention())
         if self.lineage is not None:
+            reason = "fork" if fork and self.lineage.reason == "branch" else self.lineage.reason
             experiment.store.start_lineage(
                 parent=self.lineage.parent,
-                reason=self.lineage.reason,
+                reason=reason,
                 run=self.lineage.run,
                 config_hash=cfg.config_hash,
                 config=_dump(cfg),

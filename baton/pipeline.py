@@ -277,7 +277,8 @@ def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
     with experiment.lock():
         plan = control.plan_resume(cfg, experiment=experiment)
         pipeline = restore(cfg, plan.checkpoint, experiment=experiment)
-        plan.record(cfg, experiment)  # every check passed: a refused run changed nothing
+        # every check passed: a refused run changed nothing
+        plan.record(cfg, experiment, fork=pipeline.pending_fork is not None)
         steps = _InProcess(pipeline)
         control.train_to_horizon(cfg, pipeline, steps)
     return pipeline, steps.ref or plan.checkpoint

@@ -27,7 +27,7 @@ def prepare(config: dict[str, Any], checkpoint: ResumePlan | CheckpointRef | Non
         checkpoint = plan.checkpoint
     pipeline, _ = live_pipeline(cfg, None, checkpoint=checkpoint)
     if plan is not None:
-        plan.record(cfg, pipeline.experiment)
+        plan.record(cfg, pipeline.experiment, fork=pipeline.pending_fork is not None)
     state = RunState.of(pipeline, checkpoint)
     run_logger().info(
         "prepared %s: epoch %d/%d, iteration %d/%d, %d iterations per epoch",

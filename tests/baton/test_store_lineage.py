@@ -295,3 +295,20 @@ def commit_iter(store: CheckpointStore, it: int):
     epoch = it // 18  # 18 iterations per epoch
     size, digest = io.save({"meta": {"epoch": epoch, "iter": it}}, str(path))
     return store.commit(str(path), epoch=epoch, iter=it, size=size, sha256=digest)
+
+
+def test_a_fork_from_an_older_checkpoint_is_listed_as_a_fork(tmp_path):
+    """Its lineage starts as a branch would (from a checkpoint that has later ones), but
+    the run forked: `baton ckpt list` and auto-resume must see a fork."""
+    cfg = small_pipeline(tmp_path, "forked")
+    cfg["train"] = {"max_epochs": 3}
+    pl.run(load_config(cfg))
+    store = CheckpointStore(tmp_path / "forked")
+    first = next(r for r in store.list() if r.epoch == 1)
+    pl.run(load_config(cfg, {"resume": first.uri, "fork": True, "optim_wrapper.optimizer.lr": 0.2}))
+    lineages = CheckpointStore(tmp_path / "forked").lineages()
+    assert [(line.reason, len(line.checkpoints)) for line in lineages] == [
+        ("first", 3),
+        ("fork", 2),
+    ]
+    assert lineages[1].parent.sha256 == first.sha256
