@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from baton.data import DigitsDataset, ResumableLoader, SyntheticClassification
+from baton.data import (
+    DigitsDataset,
+    ResumableLoader,
+    SyntheticClassification,
+    TensorPairDataset,
+    _SeededSamples,
+)
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
@@ -42,6 +48,58 @@ def test_generic_dataset_path_matches_tensor_path():
     slow = list(ResumableLoader(Plain(), 6, seed=0).iter_epoch(1))
     for a, b in zip(fast, slow, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+class _Shifted(SyntheticClassification):
+    """A tensor dataset that augments in ``__getitem__``: what it says is what must train."""
+
+    def __getitem__(self, index):
+        inputs, target = super().__getitem__(index)
+        return inputs + 1.0, target
+
+
+class _Flattened(TensorPairDataset):
+    """A tensor dataset whose samples are not its tensors' rows."""
+
+    def __getitem__(self, index):
+        inputs, target = super().__getitem__(index)
+        return inputs.flatten(), target
+
+
+def test_a_tensor_dataset_that_overrides_getitem_trains_on_what_getitem_returns():
+    data = _Shifted(num_samples=20)
+    inputs, targets = data.tensors
+    loader = ResumableLoader(data, 6, seed=0)
+    batches = list(loader.iter_epoch(1))
+    for index, (x, y) in zip(loader.batch_indices(1), batches, strict=True):
+        assert torch.equal(x, inputs[index] + 1.0) and torch.equal(y, targets[index])
+    resumed = list(loader.iter_epoch(1, start=2))
+    for a, b in zip(batches[2:], resumed, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    (meta_inputs, _) = ResumableLoader(
+        _Flattened(torch.zeros(5, 2, 3), torch.zeros(5)), 4
+    ).meta_batch()
+    assert meta_inputs.shape == (4, 6)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        SyntheticClassification(num_samples=20),
+        DigitsDataset("val"),
+        torch.utils.data.TensorDataset(torch.randn(20, 3), torch.arange(20)),
+    ],
+    ids=["SyntheticClassification", "DigitsDataset", "TensorDataset"],
+)
+def test_plain_tensor_datasets_are_sliced_without_reading_samples(data, monkeypatch):
+    def no_reads(self, keys):
+        raise AssertionError("a plain tensor dataset was read sample by sample")
+
+    monkeypatch.setattr(_SeededSamples, "__getitems__", no_reads)
+    loader = ResumableLoader(data, 6, seed=0)
+    for index, batch in zip(loader.batch_indices(0), loader.iter_epoch(0), strict=True):
+        assert all(torch.equal(b, t[index]) for b, t in zip(batch, data.tensors, strict=True))
+    assert [t.shape[1:] for t in loader.meta_batch()] == [t.shape[1:] for t in data.tensors]
 
 
 def test_drop_last_and_no_shuffle():
