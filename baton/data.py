@@ -21,12 +21,14 @@ a worker's traceback. docs/data.md explains the choices (and why not torchdata's
 ``StatefulDataLoader``).
 """
 
+import atexit
 import functools
 import gzip
 import importlib.util
 import random
 import signal
 import traceback
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -397,6 +399,8 @@ class ResumableLoader:
                 # base seed from the global torch RNG: training's RNG would move.
                 generator=torch.Generator().manual_seed(self.seed),
             )
+            if workers:
+                _OPEN_LOADERS.add(self)
         return self._loader
 
     def close(self) -> None:
@@ -407,6 +411,24 @@ class ResumableLoader:
             # DataLoader has no public close. This is what the iterator's __del__ calls;
             # calling it here does not wait for a suspended epoch generator to be freed.
             iterator._shutdown_workers()
+
+
+# Loaders whose worker processes may still run; closed when the interpreter exits.
+_OPEN_LOADERS: "weakref.WeakSet[ResumableLoader]" = weakref.WeakSet()
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
+# Workers ignore SIGTERM (_worker_init), and multiprocessing's exit handler stops daemonic
+# children with SIGTERM and then joins them: a process that ends with a loader still open
+# (an evaluation's live pipeline, a script's global) would wait for its workers forever.
+# atexit runs handlers last in, first out: this one, registered after torch (and with it
+# multiprocessing and the DataLoader's exit flag) was imported, runs before theirs, while
+# the DataLoader can still shut its workers down.
+atexit.register(_close_open_loaders)
 
 
 def check_same_classes(train: Dataset, val: Dataset) -> None:

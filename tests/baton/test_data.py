@@ -1,5 +1,8 @@
 """Deterministic, resumable data order and the shipped datasets."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +157,28 @@ def test_digits_read_directly_equal_scikit_learns_loader():
     expected_data, expected_target = load_digits(return_X_y=True)
     assert np.array_equal(data, expected_data) and data.dtype == expected_data.dtype
     assert np.array_equal(target, expected_target)
+
+
+LOADER_LEFT_OPEN = """
+import torch
+from baton.data import ResumableLoader
+
+class Squares(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i * i)])
+
+loader = ResumableLoader(Squares(), 4, num_workers=2)
+print(sum(len(batch) for batch in loader.iter_epoch(0)))
+"""
+
+
+def test_a_process_that_ends_with_its_loader_open_exits():
+    # Workers ignore SIGTERM, which is how multiprocessing stops them at exit: without the
+    # loader's own exit handler, this process waited for its workers forever.
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER_LEFT_OPEN], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "8", done.stderr[-2000:]
