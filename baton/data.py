@@ -14,18 +14,21 @@ worker processes and random augmentation:
 * worker processes start once and serve every epoch (and every task of a flow run that
   keeps the pipeline live) until :meth:`ResumableLoader.close`.
 
-Tensor datasets are sliced batch by batch (no per-sample Python work). A sample that
+Tensor datasets whose samples are their tensors' rows are sliced batch by batch (no
+per-sample Python work; :func:`sliced_tensors` says which). A sample that
 cannot be read ends the epoch with a :class:`~baton.errors.DataError` naming it, not with
 a worker's traceback. docs/data.md explains the choices (and why not torchdata's
 ``StatefulDataLoader``).
 """
 
+import atexit
 import functools
 import gzip
 import importlib.util
 import random
 import signal
 import traceback
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,7 +36,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 from pydantic import Field
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
 
 from baton.datasets import ImageFolder
 from baton.errors import DataError
@@ -143,6 +146,21 @@ DATASETS: dict[str, type[Dataset]] = {
     "ImageFolder": ImageFolder,
     "SyntheticClassification": SyntheticClassification,
 }
+
+
+def sliced_tensors(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
+    """The tensors a batch of ``dataset`` can be sliced from, or ``None`` if its samples
+    must be read one by one through its ``__getitem__``.
+
+    Decided by the type, not by a ``tensors`` attribute: slicing is what ``__getitem__``
+    does only for :class:`TensorPairDataset` and torch's ``TensorDataset`` as they are
+    (their subclasses included) when the class keeps their ``__getitem__``. A subclass
+    that augments, crops or relabels in its own ``__getitem__`` is read through it.
+    """
+    getitem = type(dataset).__getitem__
+    if getitem is TensorPairDataset.__getitem__ or getitem is TensorDataset.__getitem__:
+        return dataset.tensors
+    return None
 
 
 def sample_seeds(seed: int, epoch: int, count: int) -> list[int]:
@@ -262,7 +280,8 @@ class ResumableLoader:
     """Batches of a dataset in an order fixed by ``(seed, epoch)``, augmented reproducibly.
 
     Args:
-        dataset: Any map-style dataset; tensor datasets are sliced directly.
+        dataset: Any map-style dataset; tensor datasets that keep their class's
+            ``__getitem__`` are sliced directly (:func:`sliced_tensors`).
         batch_size: Samples per batch.
         shuffle: Shuffle each epoch (deterministically).
         seed: Seed of the shuffle and of every sample's RNGs.
@@ -332,7 +351,7 @@ class ResumableLoader:
         if not 0 <= start <= len(self):
             raise ValueError(f"start must be between 0 and {len(self)}, got {start}")
         batches = self.batch_indices(epoch)[start:]
-        tensors = getattr(self.dataset, "tensors", None)
+        tensors = sliced_tensors(self.dataset)
         if tensors is not None:
             for index in batches:
                 yield tuple(t[index] for t in tensors)
@@ -355,7 +374,7 @@ class ResumableLoader:
             reaches the sample).
         """
         size = min(self.batch_size, len(self.dataset))
-        tensors = getattr(self.dataset, "tensors", None)
+        tensors = sliced_tensors(self.dataset)
         if tensors is not None:
             return tuple(_on_meta(t[:1], size) for t in tensors)
         seed = sample_seeds(self.seed, 0, 1)[0]
@@ -380,6 +399,8 @@ class ResumableLoader:
                 # base seed from the global torch RNG: training's RNG would move.
                 generator=torch.Generator().manual_seed(self.seed),
             )
+            if workers:
+                _OPEN_LOADERS.add(self)
         return self._loader
 
     def close(self) -> None:
@@ -390,6 +411,24 @@ class ResumableLoader:
             # DataLoader has no public close. This is what the iterator's __del__ calls;
             # calling it here does not wait for a suspended epoch generator to be freed.
             iterator._shutdown_workers()
+
+
+# Loaders whose worker processes may still run; closed when the interpreter exits.
+_OPEN_LOADERS: "weakref.WeakSet[ResumableLoader]" = weakref.WeakSet()
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
+# Workers ignore SIGTERM (_worker_init), and multiprocessing's exit handler stops daemonic
+# children with SIGTERM and then joins them: a process that ends with a loader still open
+# (an evaluation's live pipeline, a script's global) would wait for its workers forever.
+# atexit runs handlers last in, first out: this one, registered after torch (and with it
+# multiprocessing and the DataLoader's exit flag) was imported, runs before theirs, while
+# the DataLoader can still shut its workers down.
+atexit.register(_close_open_loaders)
 
 
 def check_same_classes(train: Dataset, val: Dataset) -> None:

@@ -11,6 +11,7 @@ from baton.flows.pool import checked_run, work_dir_of
 from baton.markdown import inline_code, table_cell
 from baton.tasks import evaluate, load_checkpoint, validate_config
 from baton.tasks._common import artifact_key, permanent_errors_end_the_run
+from baton.tasks.state import config_of, forget
 from baton.trust import deployment_environment
 
 NO_VAL_DATA = "the config has no val_data to evaluate on; add a val_data section to the config"
@@ -52,6 +53,9 @@ def evaluate_checkpoint(
             if not cfg["val_data"]:
                 raise ConfigError(NO_VAL_DATA)
             state = load_checkpoint(cfg, checkpoint)
-        state = evaluate(cfg, state, state.epoch)
+        try:
+            state = evaluate(cfg, state, state.epoch)
+        finally:
+            forget(config_of(cfg))  # the live pipeline and its loader workers end with the run
     publish_evaluation(cfg["experiment_name"], checkpoint, state.metrics)
     return state.metrics

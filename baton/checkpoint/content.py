@@ -13,6 +13,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from baton import randomness
 from baton.checkpoint import format as ckpt_format
@@ -66,8 +67,16 @@ def load_weights(
 ) -> None:
     """Load the keys that fit; with ``strict``, refuse unless all do.
 
+    A lazy parameter or buffer of ``model`` (``nn.LazyLinear``... before its first forward
+    pass) has no shape to compare: it takes the checkpoint's, as torch's
+    ``LazyModuleMixin`` does when a state dict is loaded into it. The parameter stays the
+    same object, so an optimizer built on it before the load holds the loaded tensor.
+    What the module infers from its input (``in_features``) is checked against that shape
+    by its first forward pass.
+
     Raises:
-        CheckpointMismatchError: ``strict`` and a key is missing, unexpected or mis-shaped.
+        CheckpointMismatchError: ``strict`` and a key is missing, unexpected or mis-shaped,
+            or torch refuses to load a value into the model.
     """
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
@@ -75,7 +84,10 @@ def load_weights(
     mismatched = [
         k
         for k in weights
-        if k in own and isinstance(weights[k], torch.Tensor) and weights[k].shape != own[k].shape
+        if k in own
+        and isinstance(weights[k], torch.Tensor)
+        and not is_lazy(own[k])
+        and weights[k].shape != own[k].shape
     ]
     problems = []
     if missing:
@@ -91,7 +103,10 @@ def load_weights(
             "to load the keys that match"
         )
     usable = {k: v for k, v in weights.items() if k in own and k not in mismatched}
-    model.load_state_dict(usable, strict=False)
+    try:
+        model.load_state_dict(usable, strict=False)
+    except RuntimeError as err:  # a value torch cannot put in the model: so on every retry
+        raise CheckpointMismatchError(f"{source!r} does not fit the model: {err}") from err
     if problems:
         logger.warning("loaded %s partially: %s", source, "; ".join(problems))
 

@@ -265,3 +265,52 @@ def test_saved_files_have_normal_permissions(work_dir):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(ref.uri).st_mode & 0o777 == 0o666 & ~mask
+
+
+class LazyNet(nn.Module):
+    """A linear layer that learns its input size from the first batch, as SmallCNN's head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.LazyLinear(3)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.fc(self.drop(x))
+
+
+def _lazy_strategy(work_dir, name):
+    strategy = SingleDeviceStrategy(
+        work_dir=str(work_dir), experiment_name=name, env_kwargs={"randomness": {"seed": 3}}
+    )
+    strategy.prepare(LazyNet(), optim_wrapper={"optimizer": {"type": "AdamW", "lr": 0.1}})
+    return strategy
+
+
+def _lazy_step(strategy, x):
+    strategy.optim_wrapper.update_params(strategy.model(x).square().mean())
+
+
+@pytest.mark.parametrize("how", ["resume", "load_checkpoint"])
+def test_a_model_with_lazy_parameters_resumes_and_loads_exactly(work_dir, how):
+    # The model and its optimizer are built before the load, with the lazy parameters not
+    # yet sized: the load gives them the checkpoint's shapes, and the optimizer, which
+    # holds the same parameter objects, trains them on.
+    batches = torch.randn(3, 4, 5)
+    straight = _lazy_strategy(work_dir, "straight")
+    for x in batches:
+        _lazy_step(straight, x)
+    first = _lazy_strategy(work_dir, "first")
+    _lazy_step(first, batches[0])
+    ref = first.save_checkpoint("epoch_0001.pth")
+
+    second = _lazy_strategy(work_dir, "second")
+    if how == "load_checkpoint":
+        second.load_checkpoint(ref.uri, strict=True)
+        assert torch.equal(second.model.fc.weight, first.model.fc.weight)
+        return
+    second.resume(ref.uri)
+    for x in batches[1:]:
+        _lazy_step(second, x)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[key], value), key
