@@ -23,13 +23,6 @@ pytestmark = [
 ]
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-# Examples that do not continue yet, each with the reason; remove a line once it passes
-# (strict: an example that starts to pass fails until its line goes).
-KNOWN_BROKEN = {
-    "digits_mlp": "issue 21 point 1: a scheduler without `end` keeps the first run's "
-    "horizon as its end (end=1 after 1 -> 2 epochs, 2 in the straight run)",
-}
-
 # The data folders examples read, and how the test makes each (as the Makefile does).
 EXAMPLE_DATA = {"data/digits_images": write_digits_images}
 
@@ -84,12 +77,7 @@ def run_in_new_process(config: Path, overrides: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "config",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[p.stem], strict=True))
-        if p.stem in KNOWN_BROKEN
-        else p
-        for p in CONFIGS
-    ],
+    CONFIGS,
     ids=[p.stem for p in CONFIGS],
 )
 def test_the_example_continues_in_a_new_process_bitwise(config, tmp_path, data_dir, prefect_env):
