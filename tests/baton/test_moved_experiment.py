@@ -45,10 +45,18 @@ def test_a_moved_experiment_stops_its_run_and_resumes_where_it_is_now(tmp_path, 
     assert f"work_dir={new_place.parent}" in message
     assert isinstance(caught.value, PERMANENT_ERRORS)
     assert not (tmp_path / "wd" / "base").exists(), "the run wrote a second half at the old path"
-    assert sorted(p.name for p in (new_place / "checkpoints").iterdir()) == ["epoch_0001.pth"]
+    moved_files = sorted(p.name for p in (new_place / "checkpoints").iterdir())
+    if async_save:
+        # The background save of epoch 1 may still be writing when the folder moves: its
+        # temporary file moves with the folder, and the save commits nothing.
+        committed = [n for n in moved_files if not n.endswith(".tmp")]
+        assert committed in ([], ["epoch_0001.pth"]), moved_files
+    else:
+        assert moved_files == ["epoch_0001.pth"]
 
     moved, ref = pl.run(cfg.model_copy(update={"work_dir": str(new_place.parent)}))
     assert ref.epoch == 4 and not (tmp_path / "wd" / "base").exists()
+    assert not list((new_place / "checkpoints").glob(".*.tmp")), "a leftover was kept"
     assert [h["epoch"] for h in moved.history] == [1, 2, 3, 4]
     # The same config trained without a move (the move is spent) is the reference.
     straight, _ = pl.run(cfg.model_copy(update={"work_dir": str(tmp_path / "straight")}))

@@ -3,11 +3,13 @@ transient ones are retried. And evaluation reports bad input in one line."""
 
 import asyncio
 import re
+import time
 
 import pytest
 import torch
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from baton.checkpoint.store import CheckpointStore
 from baton.flows.cli import main
@@ -18,14 +20,28 @@ from .conftest import small_config
 pytestmark = pytest.mark.integration
 
 
-def _runs(flow_run_id):
+def _runs(flow_run_id, failed_task: bool = False, timeout: float = 60):
+    """The flow run and its task runs, once each task run has a final state (and, with
+    ``failed_task``, once the failed one is there): task runs and their states reach the
+    server as events, after the flow run's own state. Filtered by the server: an
+    unfiltered read returns the first page only (200 task runs), which a session's
+    harness soon holds more than."""
+
     async def read():
         async with get_client() as client:
             flow_run = await client.read_flow_run(flow_run_id)
-            tasks = await client.read_task_runs()
+            only_this = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            tasks = await client.read_task_runs(flow_run_filter=only_this)
             return flow_run, [t for t in tasks if t.flow_run_id == flow_run_id]
 
-    return asyncio.run(read())
+    deadline = time.monotonic() + timeout
+    while True:
+        flow_run, tasks = asyncio.run(read())
+        final = all(t.state and t.state.is_final() for t in tasks)
+        seen = not failed_task or any(t.state and t.state.is_failed() for t in tasks)
+        if (final and seen) or time.monotonic() > deadline:
+            return flow_run, tasks
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +57,7 @@ def test_a_bad_config_fails_once(prefect_harness, tmp_path, overrides, message):
     state = train_pipeline(config=cfg, overrides=overrides, return_state=True)
     assert state.is_failed()
     assert message in state.message
-    flow_run, task_runs = _runs(state.state_details.flow_run_id)
+    flow_run, task_runs = _runs(state.state_details.flow_run_id, failed_task=True)
     assert flow_run.run_count == 1, "a permanent error was retried by the flow"
     assert len(task_runs) == 1 and task_runs[0].name.startswith("validate-config")
     assert task_runs[0].run_count == 1
@@ -125,7 +141,7 @@ def test_a_moved_experiment_fails_once_and_resumes_where_it_is_now(prefect_harne
     cfg = small_config(tmp_path / "wd", name="moving", model=model)
     state = train_pipeline(config=cfg, return_state=True)
     assert state.is_failed() and f"moved to '{new}'" in state.message
-    flow_run, task_runs = _runs(state.state_details.flow_run_id)
+    flow_run, task_runs = _runs(state.state_details.flow_run_id, failed_task=True)
     assert flow_run.run_count == 1, "the flow retried at the old path"
     failed = [t for t in task_runs if t.state.is_failed()]
     assert [(t.name, t.run_count) for t in failed] == [("save-checkpoint-epoch-2", 1)]
