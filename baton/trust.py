@@ -422,12 +422,17 @@ def check_deployment_name(name: str) -> str:
     return name
 
 
-def _default_folder(project: Path, table: Mapping, environ: Mapping, deployment: str) -> Path:
+def _deployments_base(project: Path, table: Mapping, environ: Mapping) -> Path:
+    """The folder deployments without one of their own write under."""
     base = environ.get(DEPLOYMENTS_WORK_DIR_VARIABLE) or table.get(
         "deployments_work_dir", DEFAULT_DEPLOYMENTS_WORK_DIR
     )
+    return _root(project, base)
+
+
+def _default_folder(project: Path, table: Mapping, environ: Mapping, deployment: str) -> Path:
     flow, name = check_deployment_name(deployment).split("/")
-    return _root(project, base) / flow / name
+    return _deployments_base(project, table, environ) / flow / name
 
 
 def _deployment_folders(project: Path, table: Mapping, environ: Mapping) -> dict[str, Path]:
@@ -438,12 +443,7 @@ def _deployment_folders(project: Path, table: Mapping, environ: Mapping) -> dict
         for name, entry in table.get("deployments", {}).items()
         if entry.get("work_dir")
     }
-    base = _root(
-        project,
-        environ.get(DEPLOYMENTS_WORK_DIR_VARIABLE)
-        or table.get("deployments_work_dir", DEFAULT_DEPLOYMENTS_WORK_DIR),
-    )
-    named = [*folders.items(), ("deployments_work_dir", base)]
+    named = [*folders.items(), ("deployments_work_dir", _deployments_base(project, table, environ))]
     for index, (first, a) in enumerate(named):
         for second, b in named[index + 1 :]:
             if a == b or a.is_relative_to(b) or b.is_relative_to(a):

@@ -54,7 +54,6 @@ class CheckpointWriter:
             ExperimentMovedError: The experiment's folder was moved or deleted while the
                 run trained; nothing was written.
         """
-        store.check_in_place()
         self.check_room(store, checkpoint, target)
         size, digest = io.save(checkpoint, target)
         return self._commit(store, target, checkpoint["meta"], size, digest)
@@ -68,7 +67,6 @@ class CheckpointWriter:
             ExperimentMovedError: The experiment's folder was moved or deleted while the
                 run trained; nothing was started.
         """
-        store.check_in_place()
         self.check_room(store, checkpoint, target)
         meta = checkpoint["meta"]
         writing = io.save_in_background(checkpoint, target)
@@ -83,13 +81,16 @@ class CheckpointWriter:
         return self._pending
 
     def check_room(self, store: CheckpointStore, checkpoint: dict, target: str) -> None:
-        """Refuse a local write that would take the experiment over its files or bytes
+        """Refuse a write into an experiment folder that was moved or deleted while the run
+        trained, and a local write that would take the experiment over its files or bytes
         quota, or leave less free disk than the operator's floor. The size is estimated
         from the checkpoint's tensors (:func:`baton.quotas.estimate_bytes`).
 
         Raises:
+            ExperimentMovedError: The experiment's folder is not the one the run locked.
             QuotaError: Naming the quota and where an operator changes it.
         """
+        store.check_in_place()
         if not io.is_local(target):
             return
         quotas = self._quotas or self._quotas_by_root.get(store.root)
