@@ -20,11 +20,19 @@ from dataclasses import dataclass
 class TrainingInterrupted(BaseException):
     """Raised at an iteration boundary after a termination signal arrived.
 
-    ``checkpoint`` is the reference of the emergency checkpoint written before it went
-    on (``baton.steps.train_until_stopped``), if one was.
+    ``checkpoint`` is the reference of the checkpoint that holds the position it stopped
+    at: the emergency checkpoint written before it went on
+    (``baton.steps.train_until_stopped``), or one committed before. Whoever catches it
+    may add what it knows for the record: ``position`` (completed epochs, completed
+    iterations, the horizon's iterations), ``saved_now`` (the checkpoint was written for
+    this stop) and ``reason`` (why training was asked to stop, when more is known than
+    the signal).
     """
 
     checkpoint = None
+    position: tuple[int, int, int] | None = None
+    saved_now = True
+    reason: str | None = None
 
 
 @dataclass

@@ -6,9 +6,11 @@ hold yet: the event persister's rows, the task-run recorder's states, and the lo
 each in requests of at most one API page.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -88,6 +90,62 @@ class RunRecord:
         )
 
 
+class RecentEvents:
+    """The events this process sent lately, to send again those a server lost.
+
+    A Prefect server that stops (an upgrade, a restart) drops the events it had received
+    but not yet written ("Max flush retries (5) reached, dropping N events"): task-run
+    states, heartbeats. Prefect's client only sends again what the server never
+    confirmed. This keeps every event sent in the last ``window_s`` seconds, and every
+    event sent while the server could not be reached (:meth:`hold`), so that once it
+    answers again :meth:`send_missing` sends again those its database lacks.
+    """
+
+    def __init__(self, window_s: float = 120.0) -> None:
+        self.window_s = window_s
+        self._events: dict[uuid.UUID, tuple[float, Any]] = {}
+        self._held_since: float | None = None
+        self._lock = threading.Lock()
+
+    def add_event(self, event: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._events[event.id] = (now, event)
+            keep_from = now - self.window_s
+            if self._held_since is not None:
+                keep_from = min(keep_from, self._held_since - self.window_s)
+            oldest = next(iter(self._events.values()))[0]
+            if oldest < keep_from:
+                self._events = {k: v for k, v in self._events.items() if v[0] >= keep_from}
+
+    def add_log(self, log: dict[str, Any]) -> None:
+        """Log lines are not kept: the experiment's ``runs/`` folder has them all."""
+
+    def hold(self) -> None:
+        """Keep every event from now on (the server does not answer)."""
+        with self._lock:
+            if self._held_since is None:
+                self._held_since = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def send_missing(self, server_api: Any, send: Any) -> int:
+        """Send again (through ``send``) the kept events the server's database lacks,
+        then stop holding; return how many were sent."""
+        with self._lock:
+            kept = {event.id: event for _, event in self._events.values()}
+            self._held_since = None
+        record = RunRecord()
+        for event in kept.values():
+            record.add_event(event)
+        missing = missing_from(server_api, record)
+        lost = set(missing.events) | {state for _, state in missing.task_run_states.values()}
+        for event_id in sorted(lost, key=lambda i: kept[i].occurred):
+            send(kept[event_id])
+        return len(lost)
+
+
 def missing_from(server_api: Any, record: RunRecord) -> RunRecord:
     """What of ``record`` the server has not written to its database yet (one pass).
 
@@ -164,3 +222,38 @@ def _add_missing_log_lines(server_api: Any, record: RunRecord, missing: RunRecor
         # there now was refused. The count-th line exists iff all of them do.
         if not server_api.read_logs(log_filter=log_filter, offset=count - 1, limit=1):
             missing.log_lines[(field, run_id)] = count
+
+
+@contextlib.contextmanager
+def recording(record: "RunRecord | RecentEvents") -> Iterator[None]:
+    """Note in ``record`` every event and log line Prefect's client sends.
+
+    Through the hooks Prefect itself uses to forward a subprocess's events and logs
+    (its process-pool task runner): the events worker's client override, here the
+    forwarding client, whose queue notes each event and hands it to an events worker
+    that sends it; and the API log sink.
+    """
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.events.worker import EventsWorker, ProcessPoolForwardingEventsClient
+    from prefect.logging.handlers import APILogWorker, set_api_log_sink
+
+    class Ledger:  # the forwarding client's queue
+        def put(self, item: tuple[str, Any]) -> None:
+            _, event = item
+            record.add_event(event)
+            try:
+                EventsWorker.instance(PrefectEventsClient).send(event)
+            except RuntimeError:  # stopped (drained) since it was looked up: a new one
+                EventsWorker.instance(PrefectEventsClient).send(event)
+
+    def sink(log: dict[str, Any]) -> None:
+        record.add_log(log)
+        APILogWorker.instance().send(log)
+
+    EventsWorker.set_client_override(ProcessPoolForwardingEventsClient, event_queue=Ledger())
+    set_api_log_sink(sink)
+    try:
+        yield
+    finally:
+        set_api_log_sink(None)
+        EventsWorker.set_client_override(None)

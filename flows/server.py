@@ -34,11 +34,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from baton.flows.run_record import RunRecord, missing_from
+from baton.flows.run_record import RunRecord, missing_from, recording
 
 STARTUP_TIMEOUT_S = 120.0
 # How long a finished run waits for the server to record it. Normally well under a
@@ -225,41 +224,6 @@ def configured_api_url() -> str | None:
 
 
 @contextlib.contextmanager
-def _recording(record: RunRecord) -> Iterator[None]:
-    """Note in ``record`` every event and log line Prefect's client sends.
-
-    Through the hooks Prefect itself uses to forward a subprocess's events and logs
-    (its process-pool task runner): the events worker's client override, here the
-    forwarding client, whose queue notes each event and hands it to an events worker
-    that sends it; and the API log sink.
-    """
-    from prefect.events.clients import PrefectEventsClient
-    from prefect.events.worker import EventsWorker, ProcessPoolForwardingEventsClient
-    from prefect.logging.handlers import APILogWorker, set_api_log_sink
-
-    class Ledger:  # the forwarding client's queue
-        def put(self, item: tuple[str, Any]) -> None:
-            _, event = item
-            record.add_event(event)
-            try:
-                EventsWorker.instance(PrefectEventsClient).send(event)
-            except RuntimeError:  # stopped (drained) since it was looked up: a new one
-                EventsWorker.instance(PrefectEventsClient).send(event)
-
-    def sink(log: dict[str, Any]) -> None:
-        record.add_log(log)
-        APILogWorker.instance().send(log)
-
-    EventsWorker.set_client_override(ProcessPoolForwardingEventsClient, event_queue=Ledger())
-    set_api_log_sink(sink)
-    try:
-        yield
-    finally:
-        set_api_log_sink(None)
-        EventsWorker.set_client_override(None)
-
-
-@contextlib.contextmanager
 def prefect_api(server: EmbeddedServer | None) -> Iterator[None]:
     """Point this process's Prefect client at ``server`` (no-op without one), and stop
     the server once it has recorded everything sent to it (or after a bounded wait,
@@ -284,7 +248,7 @@ def prefect_api(server: EmbeddedServer | None) -> Iterator[None]:
             temporary_settings(
                 {PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
             ),
-            _recording(record),
+            recording(record),
         ):
             try:
                 yield

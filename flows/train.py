@@ -15,15 +15,18 @@ from typing import Any
 
 from prefect import flow
 from prefect.client.schemas.objects import FlowRun
-from prefect.exceptions import TerminationSignal
+from prefect.context import FlowRunContext
+from prefect.exceptions import Abort, TerminationSignal
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled, Crashed, State
 
 from baton import control
 from baton.errors import RestartRefusedError
 from baton.experiment import Experiment
 from baton.flows.pool import checked_run, read_run, work_dir_of
-from baton.interrupt import StopRequest, deferred_termination
+from baton.flows.run_record import RecentEvents, recording
+from baton.flows.watch import RunWatch
+from baton.interrupt import StopRequest, TrainingInterrupted, deferred_termination
 from baton.restarts import RestartBound
 from baton.tasks import (
     EpochReporter,
@@ -36,7 +39,7 @@ from baton.tasks import (
     train_epoch,
     validate_config,
 )
-from baton.tasks._common import permanent_errors_end_the_run
+from baton.tasks._common import permanent_errors_end_the_run, run_logger
 from baton.tasks.state import config_of, forget
 from baton.trust import deployment_environment
 
@@ -87,28 +90,132 @@ def _run_name() -> str:
     return restart_name(crashed.name if crashed else str(restart_of))
 
 
-def _cancel_ends_cancelled(
+def _stops_end_cleanly(
     fn: Callable[..., RunState | State],
 ) -> Callable[..., RunState | State]:
-    """End the run Cancelled, not Crashed, when its SIGTERM was a cancel (UI, API, CLI).
+    """End a run that stopped on purpose (a cancel, a SIGTERM, its worker gone) in the
+    state that says what happened, with one log line instead of a crash's traceback.
 
-    Prefect tells a cancel from other terminations through a handshake that its own SIGTERM
-    handler must answer; while baton defers the signal to the end of an iteration, its
-    handler is installed instead, so Prefect would report the cancel as a crash, and the
-    restart automation would start the run again. The run's state on the server
-    (Cancelling) says what Prefect's handshake would have said.
+    Prefect tells a cancel from other terminations through a handshake that its own
+    SIGTERM handler must answer; while baton defers the signal to the end of an
+    iteration, its handler is installed instead, so Prefect would report the cancel as
+    a crash, and the restart automation would start the run again. The run's state on
+    the server (Cancelling) says what Prefect's handshake would have said. A deployment's
+    run sets its final state itself and leaves through Prefect's ``Abort`` (one INFO
+    line); a run outside deployments (``baton run``) returns it.
     """
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> RunState | State:
         try:
             return fn(*args, **kwargs)
-        except TerminationSignal:
-            if _being_cancelled():
-                return Cancelled(message="Cancelled after an emergency checkpoint.")
-            raise
+        except TerminationSignal as signalled:
+            stopped = _stop_of(signalled)
+            # A cancel the watch saw is one even if the server's state moved on since.
+            cancelled = _being_cancelled() or (stopped is not None and stopped.reason == "cancel")
+            if _deployment_id() is None or stopped is None:
+                if cancelled:
+                    return Cancelled(message=_stop_message(stopped, "cancel"))
+                raise
+            if cancelled:
+                final = Cancelled(message=_stop_message(stopped, "cancel"))
+            else:
+                final = _interrupted(_stop_message(stopped, stopped.reason or "signal"))
+            accepted = _set_final_state(final)
+            if accepted is None:
+                raise
+            run_logger().info(final.message)
+            abort = Abort(final.message)
+            abort.state = accepted  # Prefect's engine: the API has the final state already
+            raise abort from None
 
     return run
+
+
+def _deployment_id() -> Any:
+    """The deployment this flow run belongs to (None for runs outside deployments)."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    return run.deployment_id if run is not None else None
+
+
+def _stop_of(exc: BaseException) -> TrainingInterrupted | None:
+    """The stop a termination signal ends (the exception it was raised over)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, TrainingInterrupted):
+            return seen
+        seen = seen.__context__
+    return None
+
+
+def _stop_message(stopped: TrainingInterrupted | None, reason: str) -> str:
+    """What happened, in the words of the run's final state."""
+    what = {
+        "cancel": "Cancelled",
+        "worker": "Its worker died; stopped",
+        "signal": "Stopped by SIGTERM (not a cancel)",
+    }.get(reason, "Stopped")
+    if stopped is None or stopped.position is None:
+        return f"{what}."
+    epoch, iteration, max_iters = stopped.position
+    ref = stopped.checkpoint
+    if ref is None:
+        held = "no checkpoint holds it"
+    elif stopped.saved_now:
+        held = f"emergency checkpoint {ref.uri.rsplit('/', 1)[-1]} committed"
+    else:
+        held = f"checkpoint {ref.uri.rsplit('/', 1)[-1]} already holds it"
+    text = f"{what} at iteration {iteration}/{max_iters} (epoch {epoch} done): {held}."
+    if reason != "cancel":
+        text += " baton-restart-crashed-runs continues it from there."
+    return text
+
+
+# The name of the Crashed state a run gives itself when it stopped on purpose (a SIGTERM
+# that is not a cancel, its worker gone) and created its own restart: the restart
+# automation reacts to Crashed-named states only, so it does not create a second one.
+INTERRUPTED = "Interrupted"
+
+
+def _interrupted(message: str) -> State:
+    """The Crashed state of a run that stopped on purpose, its restart created here, so
+    that the restart carries its name from the moment it exists (Prefect's automations
+    cannot name the runs they create). Without a restart (it could not be created), a
+    plain Crashed state: baton-restart-crashed-runs then creates it."""
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            this = client.read_flow_run(flow_run.get_id())
+            theirs = this.parameters or {}
+            restart = client.create_flow_run_from_deployment(
+                this.deployment_id,
+                parameters={**{k: theirs.get(k) for k in _REPEATED}, "restart_of": str(this.id)},
+                name=restart_name(this.name),
+                idempotency_key=f"baton-restart-of-{this.id}",
+            )
+    except Exception as err:
+        run_logger().warning("could not create the restart (%s): the automation will", err)
+        return Crashed(message=message)
+    text = message.replace(
+        "baton-restart-crashed-runs continues it from there.",
+        f"{restart.name} continues it from there.",
+    )
+    return Crashed(name=INTERRUPTED, message=text)
+
+
+def _set_final_state(state: State) -> State | None:
+    """Propose the run's final state to the server: the state it holds now, or None when
+    it could not be set."""
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            result = client.set_flow_run_state(flow_run.get_id(), state)
+    except Exception:
+        return None
+    return result.state if result.status.value == "ACCEPT" else None
 
 
 def _being_cancelled() -> bool:
@@ -129,7 +236,7 @@ FLOW_RETRIES = 1
     retry_delay_seconds=0,
     log_prints=True,
 )
-@_cancel_ends_cancelled
+@_stops_end_cleanly
 def train_pipeline(
     config: str | dict[str, Any] = "configs/digits_mlp.yaml",
     overrides: list[str] | None = None,
@@ -236,7 +343,14 @@ class _FlowSteps:
         return state.epoch, state.finished
 
     def train(self, state: RunState, epoch: int) -> RunState:
-        return train_epoch(self.cfg, state, epoch)
+        result = train_epoch(self.cfg, state, epoch)
+        if isinstance(result, State):  # "Stopped": a SIGTERM ended the epoch early
+            stopped = result.result()
+            interrupted = TrainingInterrupted(result.message)
+            interrupted.checkpoint = stopped.checkpoint
+            interrupted.position = (stopped.epoch, stopped.iter, stopped.max_iters)
+            raise interrupted
+        return result
 
     def evaluate(self, state: RunState, epoch: int) -> RunState:
         return evaluate(self.cfg, state, epoch)
@@ -254,21 +368,84 @@ def _checkpoint_then_stop(cfg: dict[str, Any], stop: StopRequest):
 
     def before_epoch(state: RunState) -> RunState:
         if stop.requested:
-            if state.checkpoint is None or state.checkpoint.iter != state.iter:
+            saved_now = state.checkpoint is None or state.checkpoint.iter != state.iter
+            if saved_now:
                 state = save_checkpoint(cfg, state, state.epoch)
-            stop.check()
+            try:
+                stop.check()
+            except TrainingInterrupted as interrupted:
+                interrupted.checkpoint = state.checkpoint
+                interrupted.position = (state.epoch, state.iter, state.max_iters)
+                interrupted.saved_now = saved_now
+                raise
         return state
 
     return before_epoch
+
+
+@contextlib.contextmanager
+def _watched(experiment: Experiment, reporter_box: list) -> Iterator[RunWatch | None]:
+    """Watch this run from a thread of its own while it trains (deployments' runs:
+    see baton.flows.watch), and send again what the server lost in an outage."""
+    deployment_id = _deployment_id()
+    run_id = flow_run.get_id()
+    if deployment_id is None or run_id is None:
+        yield None
+        return
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.events.worker import EventsWorker
+
+    recent = RecentEvents()
+
+    def after_outage(seconds: float) -> None:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as api:
+            sent = recent.send_missing(api, EventsWorker.instance(PrefectEventsClient).send)
+        if sent:
+            run_logger().info(
+                "sent again %d event(s) the server lost while it was down (%.0f s)", sent, seconds
+            )
+        for reporter in reporter_box:
+            republish = getattr(reporter, "republish", None)
+            if republish is not None:
+                republish()
+
+    watch = RunWatch(
+        run_id,
+        deployment_id,
+        experiment.runs_dir / f"flow-{run_id}.out",
+        on_reconnect=after_outage,
+        on_unreachable=recent.hold,
+    )
+    with recording(recent):
+        watch.start()
+        try:
+            yield watch
+            # The end of the run is recorded only if the server hears it.
+            if watch.unreachable_since is not None:
+                watch.wait_for_server(SERVER_WAIT_S)
+        finally:
+            watch.stop()
+
+
+# How long a run that finished during an outage waits for the server to come back.
+SERVER_WAIT_S = 600.0
 
 
 def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunState:
     """Hold the experiment, resume, train epoch by epoch, checkpoint, report."""
     config = config_of(cfg)
     experiment = Experiment.of(config)
+    reporters: list[EpochReporter] = []
     # A SIGTERM (cancel, preemption) between tasks waits for the current task; inside the
     # training task it waits for the current iteration, then an emergency checkpoint.
-    with experiment.lock(), _run_log_file(experiment), deferred_termination() as stop:
+    with (
+        experiment.lock(),
+        _run_log_file(experiment),
+        deferred_termination() as stop,
+        _watched(experiment, reporters) as watch,
+    ):
         run_id = None
         if crashed is not None:
             if not experiment.ran(str(crashed.id)):
@@ -288,11 +465,15 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
             summarize(cfg, state, started, note="Already complete: nothing left to train.")
             return state
         reporter = EpochReporter(cfg)
+        reporters.append(reporter)
         try:
             steps = _FlowSteps(cfg, reporter)
             before_epoch = _checkpoint_then_stop(cfg, stop)
             state = control.train_to_horizon(config, state, steps, before_epoch=before_epoch)
             summarize(cfg, state, started)
+        except TrainingInterrupted as interrupted:
+            interrupted.reason = watch.reason if watch is not None else None
+            raise
         finally:
             reporter.close()
     return state

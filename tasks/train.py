@@ -6,6 +6,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from prefect.states import Completed, State
+
 from baton import pipeline as pl
 from baton.interrupt import TrainingInterrupted, deferred_termination
 from baton.tasks._common import pipeline_task, run_logger
@@ -42,11 +44,13 @@ def _progress_printer(state: RunState, epoch: int):
 
 
 @pipeline_task("train-epoch", "train-epoch-{epoch}", retries=2)
-def train_epoch(config: dict[str, Any], state: RunState, epoch: int) -> RunState:
+def train_epoch(config: dict[str, Any], state: RunState, epoch: int) -> RunState | State:
     """Train epoch ``epoch`` (1-based) from ``state`` and return the new state.
 
     A SIGTERM (cancel, preemption) is held until the current iteration ends; then an
-    iteration checkpoint is written and committed, and the signal goes on to Prefect.
+    iteration checkpoint is written and committed, the signal goes on to the flow, and
+    the task ends ``Stopped`` (a Completed state: it did what was asked of it), its
+    result the state at the iteration it stopped at.
     """
     if epoch != state.epoch + 1:
         raise ValueError(f"state is at epoch {state.epoch}; cannot train epoch {epoch}")
@@ -58,11 +62,14 @@ def train_epoch(config: dict[str, Any], state: RunState, epoch: int) -> RunState
                 pipeline, stop, progress=_progress_printer(state, epoch)
             )
         except TrainingInterrupted as interrupted:
-            run_logger().warning(
-                "termination requested: emergency checkpoint %s at iteration %d",
-                interrupted.checkpoint.uri,
-                interrupted.checkpoint.iter,
+            ref = interrupted.checkpoint
+            message = (
+                f"stopped at iteration {ref.iter} of epoch {epoch}: emergency checkpoint "
+                f"{ref.uri.rsplit('/', 1)[-1]} committed"
             )
-            raise
+            run_logger().warning("termination requested: %s", message)
+            return Completed(
+                name="Stopped", message=message, data=state.at(pipeline, checkpoint=ref)
+            )
     run_logger().info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return state.at(pipeline, metrics=metrics)

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from ..flows.helpers import assert_same_training_result, final_checkpoint
 from .test_server import ROOT, TERMINAL, Server, _stop, ui_parameters
 
 AUTOMATIONS = ROOT / "deployments" / "automations.yaml"
-HEARTBEAT_WITHIN = 40  # s without a heartbeat before a run is marked Crashed (90 deployed)
+SILENT_WITHIN = 40  # s without a heartbeat before a run is marked Silent (90 deployed)
+CRASH_WITHIN = 15  # s more before a Silent run is marked Crashed (30 deployed)
 RESTART_LIMIT = 1  # the bound the workers get here (3 by default): one run fewer
 
 
@@ -62,28 +64,41 @@ def test_a_restart_is_named_after_the_run_it_continues(crashed, restart):
     assert restart_name(crashed) == restart
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def automated_server(home: Path, **settings: str) -> Iterator[Server]:
+    """A server with the pool, the deployments and deployments/automations.yaml, timers
+    shortened through Prefect's settings and the heartbeat windows."""
     settings = {
         "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S",  # 5 s by default
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # 10 s by default
-        "BATON_RESTART_LIMIT": str(RESTART_LIMIT),
         # the workers' environment, as deployments/README.md starts them
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+        **settings,
     }
     with pytest.MonkeyPatch.context() as patch:
         for name, value in settings.items():
             patch.setenv(name, value)
-        instance = Server(tmp_path_factory.mktemp("prefect_home"))
+        instance = Server(home)
     try:
         instance.create_pool()
         instance.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all")
         automations = _automations()
-        automations["automations"][0]["trigger"]["within"] = HEARTBEAT_WITHIN
+        windows = {"baton-mark-silent-runs": SILENT_WITHIN, "baton-crash-silent-runs": CRASH_WITHIN}
+        for automation in automations["automations"]:
+            if automation["name"] in windows:
+                automation["trigger"]["within"] = windows.pop(automation["name"])
+        assert not windows, f"automations.yaml has no {sorted(windows)}"
         instance.cli("automation", "create", "--from-json", json.dumps(automations))
         yield instance
     finally:
         instance.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect_home")
+    with automated_server(home, BATON_RESTART_LIMIT=str(RESTART_LIMIT)) as instance:
+        yield instance
 
 
 def _flow_run_processes(run_id: str) -> list[int]:

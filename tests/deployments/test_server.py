@@ -77,15 +77,21 @@ class Server:
             # the UI bundle is copied here, not into site-packages
             "PREFECT_UI_STATIC_DIRECTORY": str(home / "ui"),
         }
-        command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        self.ui = ui
+        self.http = httpx.Client(base_url=self.url, timeout=30, transport=_RetryBusyDatabase())
+        self.up()
+
+    def up(self) -> None:
+        """Start the server (again: on the same port and database) and wait until it answers."""
+        port = self.url.rsplit(":", 1)[1].split("/")[0]
+        command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port]
         self.process = subprocess.Popen(
-            [*command, "--analytics-off", "--ui" if ui else "--no-ui"],
+            [*command, "--analytics-off", "--ui" if self.ui else "--no-ui"],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.http = httpx.Client(base_url=self.url, timeout=30, transport=_RetryBusyDatabase())
         deadline = time.time() + 120
         while time.time() < deadline and self.process.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
@@ -93,6 +99,15 @@ class Server:
                     return
             time.sleep(0.3)
         raise RuntimeError(f"prefect server did not start (exit code {self.process.poll()})")
+
+    def down(self) -> None:
+        """Stop the server as an operator would for an upgrade (SIGTERM, then wait)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            _stop(self.process)
 
     def cli(self, *args, timeout=180) -> str:
         out = subprocess.run(

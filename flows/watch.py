@@ -1,0 +1,320 @@
+"""A training flow run watches itself: its worker, its server, its own state.
+
+Prefect delivers a cancel through the worker that started the run, and learns of a dead
+run from its worker or from missing heartbeats. What it leaves open is handled here, by
+one daemon thread of the flow process (:class:`RunWatch`):
+
+- **The worker dies, the machine lives.** The run's output goes through a pipe to the
+  worker; once nobody reads it, Prefect's console handler ends the process at its next
+  log line (rich turns the broken pipe into ``SystemExit``), and the epoch in progress
+  is lost. The watch holds a reader of its own on those pipes, so that a write never
+  breaks; when this process's parent changes (the worker is gone), it sends the output
+  to a file in the experiment's ``runs/`` folder and stops training as a SIGTERM would:
+  an emergency checkpoint, then the run ends Crashed and baton-restart-crashed-runs
+  continues it once a worker serves the pool again.
+- **The server is unreachable for a while** (an upgrade, a restart). Training goes on.
+  Prefect's own cancellation watch in the worker gives up for good after an outage;
+  the watch reads the run's state itself, so a cancel sent afterwards is honoured. When
+  the server answers again, the watch hands the news to ``on_reconnect`` (the flow
+  sends again what the server lost: dropped events, the artifacts).
+- **The server takes the live run for dead**: heartbeats sent during an outage never
+  arrived, and ``baton-crash-silent-runs`` marks it ``Silent`` (or something marked it
+  Crashed). The watch sets it Running again, saying why, and cancels any restart that
+  was created for it and has not started.
+
+The watch reads one flow run every ``BATON_WATCH_INTERVAL_S`` seconds (5 by default,
+the operator's setting), without retries and with a short timeout.
+"""
+
+import contextlib
+import contextvars
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+DEFAULT_INTERVAL_S = 5.0
+# How often the watch looks at its parent process (a cheap system call).
+_TICK_S = 0.25
+# One read of the run's state; an unreachable server answers at once, a hung one not.
+_READ_TIMEOUT_S = 5.0
+# The name of the state baton-crash-silent-runs gives a run it heard nothing from.
+SILENT = "Silent"
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger (the UI shows its lines); the watch runs in the run's context."""
+    from baton.tasks._common import run_logger
+
+    return run_logger()
+
+
+def watch_interval() -> float:
+    """Seconds between two reads of the run's state (``BATON_WATCH_INTERVAL_S``)."""
+    raw = os.environ.get("BATON_WATCH_INTERVAL_S", "")
+    try:
+        value = float(raw) if raw else DEFAULT_INTERVAL_S
+    except ValueError:
+        value = DEFAULT_INTERVAL_S
+    return min(max(value, 0.2), 300.0)
+
+
+class RunWatch:
+    """Watches flow run ``run_id`` from a daemon thread of its own process (see module doc).
+
+    Args:
+        run_id: This process's flow run.
+        deployment_id: Its deployment (None outside deployments: no worker to lose).
+        output_log: Where the process's output goes once its worker is gone.
+        on_reconnect: Called (in the watch's thread) with the outage's length in
+            seconds when the server answers again after it could not be reached.
+        on_unreachable: Called (in the watch's thread) when an outage begins.
+    """
+
+    def __init__(
+        self,
+        run_id: UUID,
+        deployment_id: UUID | None,
+        output_log: Path,
+        on_reconnect: Callable[[float], None] | None = None,
+        on_unreachable: Callable[[], None] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.deployment_id = deployment_id
+        self.output_log = output_log
+        self.on_reconnect = on_reconnect
+        self.on_unreachable = on_unreachable
+        self.interval = watch_interval()
+        # Why the watch stopped training ("cancel", "worker"), None while it has not.
+        self.reason: str | None = None
+        self.worker_died_at: float | None = None
+        self.unreachable_since: float | None = None
+        self.outages: list[float] = []
+        self._done = threading.Event()
+        self._parent = os.getppid()
+        self._readers: list[int] = []
+        self._thread: threading.Thread | None = None
+        self._recovering: threading.Thread | None = None
+        # After a false Crashed, the restart automation creates a restart a few seconds
+        # later: the watch cancels restarts of this run until then.
+        self._restarts_watched_until = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> "RunWatch":
+        if self.deployment_id is not None:
+            self._hold_output_pipes()
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._loop,), name="baton-run-watch", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching (before the run sets its final state: the watch would undo it)."""
+        self._done.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=_READ_TIMEOUT_S + 1)
+        for fd in self._readers:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._readers.clear()
+
+    # -- the worker ------------------------------------------------------------------
+
+    def _hold_output_pipes(self) -> None:
+        """Open a reader of this process's own output pipes: while one is open, a write
+        to the pipe cannot fail with a broken pipe, even once the worker is gone."""
+        for fd in (1, 2):
+            try:
+                if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    continue
+                self._readers.append(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK))
+            except OSError:
+                continue
+
+    def _worker_gone(self) -> bool:
+        return self.deployment_id is not None and os.getppid() != self._parent
+
+    def _after_worker_death(self) -> None:
+        """Send the output to a file (nobody reads the pipes now), then stop training."""
+        self.worker_died_at = time.time()
+        with contextlib.suppress(OSError):
+            self.output_log.parent.mkdir(parents=True, exist_ok=True)
+            sink = os.open(self.output_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            for fd in (1, 2):
+                os.dup2(sink, fd)
+            os.close(sink)
+        for fd in self._readers:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._readers.clear()
+        _log().warning(
+            "the worker that started this run (pid %d) is gone: stopping at the end of "
+            "the current iteration with an emergency checkpoint; the restart continues it",
+            self._parent,
+        )
+        self._request_stop("worker")
+
+    def _request_stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # -- the server ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+        next_read = time.monotonic()
+        with (
+            temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}),
+            get_client(sync_client=True, httpx_settings={"timeout": _READ_TIMEOUT_S}) as api,
+        ):
+            while not self._done.wait(_TICK_S):
+                if self.reason is None and self._worker_gone():
+                    self._after_worker_death()
+                if time.monotonic() < next_read:
+                    continue
+                next_read = time.monotonic() + self.interval
+                try:
+                    self._look(api)
+                except Exception as err:  # any failure to read counts as an outage
+                    self._unreachable(err)
+
+    def _look(self, api: Any) -> None:
+        run = api.read_flow_run(self.run_id)
+        state = run.state
+        if state is not None and not self._done.is_set():
+            if state.is_cancelling():
+                if self.reason is None:
+                    _log().info("cancel requested: stopping at the end of the current iteration")
+                self._request_stop("cancel")
+            elif state.is_crashed() or (state.is_running() and state.name == SILENT):
+                self._correct(api, state)
+            if time.monotonic() < self._restarts_watched_until:
+                self._cancel_restarts(api)
+        self._reachable()
+
+    def _unreachable(self, err: Exception) -> None:
+        if self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
+            if self.on_unreachable is not None:
+                self.on_unreachable()
+            _log().warning(
+                "the Prefect server does not answer (%s): training goes on, and what it "
+                "misses is sent again when it is back",
+                type(err).__name__,
+            )
+
+    def _reachable(self) -> None:
+        if self.unreachable_since is None:
+            return
+        if self._recovering is not None:
+            return  # what the server missed is being sent
+        outage = time.monotonic() - self.unreachable_since
+        self.outages.append(outage)
+        _log().info("the Prefect server answers again after %.0f s", outage)
+
+        def recover() -> None:
+            try:
+                if self.on_reconnect is not None:
+                    self.on_reconnect(outage)
+            except Exception as err:
+                _log().warning("could not send again what the server missed: %s", err)
+            finally:
+                # Cleared last: wait_for_server returns once what the server missed is sent.
+                self.unreachable_since = None
+                self._recovering = None
+
+        # In a thread of its own: the watch goes on reading the run's state meanwhile.
+        context = contextvars.copy_context()
+        self._recovering = threading.Thread(
+            target=context.run, args=(recover,), name="baton-run-recover", daemon=True
+        )
+        self._recovering.start()
+
+    def wait_for_server(self, timeout: float) -> bool:
+        """Block until the server answers and has been sent what it missed (at once when
+        it answered the last read); False when ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        announced = False
+        while self.unreachable_since is not None and time.monotonic() < deadline:
+            if not announced:
+                announced = True
+                _log().warning(
+                    "training is done; waiting up to %.0f s for the Prefect server to "
+                    "record the run's end",
+                    timeout,
+                )
+            time.sleep(_TICK_S)
+        return self.unreachable_since is None
+
+    def _correct(self, api: Any, state: Any) -> None:
+        """This run is alive: say so, and cancel the restart made for it (not started)."""
+        from prefect.states import Running
+
+        api.set_flow_run_state(
+            self.run_id,
+            Running(
+                message=f"Still training: the server marked this run {state.name} "
+                f"({state.message or 'no message'}) while it could not hear it."
+            ),
+            # Only a Crashed run needs it (a final state); a Silent one being cancelled
+            # meanwhile stays Cancelling.
+            force=state.is_crashed(),
+        )
+        _log().warning("the server had marked this live run %s; set it Running again", state.name)
+        if state.is_crashed():
+            self._restarts_watched_until = time.monotonic() + 120.0
+            self._cancel_restarts(api)
+
+    def _cancel_restarts(self, api: Any) -> None:
+        """Cancel the restarts created for this live run that have not started."""
+        from prefect.states import Cancelled
+
+        for restart in _pending_restarts(api, self.run_id, self.deployment_id):
+            api.set_flow_run_state(
+                restart.id,
+                Cancelled(
+                    message=f"Not needed: the run it would restart ({self.run_id}) "
+                    "is alive; the server could not hear it for a while."
+                ),
+                force=True,
+            )
+            _log().info("cancelled %s, a restart this live run does not need", restart.name)
+
+
+def _pending_restarts(api: Any, run_id: UUID, deployment_id: UUID | None) -> Iterator[Any]:
+    """Runs created to restart ``run_id`` that have not started yet."""
+    if deployment_id is None:
+        return
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    runs = api.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])
+            )
+        ),
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        limit=200,
+    )
+    for run in runs:
+        if str((run.parameters or {}).get("restart_of")) == str(run_id):
+            yield run
