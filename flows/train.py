@@ -283,16 +283,18 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
             print(f"automatic restart {count}/{bound.limit} of crashed run {crashed.name!r}")
             run_id = _origin(crashed)
         state = prepare(cfg, find_resume_point(cfg, run_id))
-        if state.finished:
-            print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
-            summarize(cfg, state, started, note="Already complete: nothing left to train.")
-            return state
         reporter = EpochReporter(cfg)
         try:
+            reporter.start(state)
+            if state.finished:
+                print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
+                note = "Already complete: nothing left to train."
+                reporter.finish(state, summarize(cfg, state, started, note=note))
+                return state
             steps = _FlowSteps(cfg, reporter)
             before_epoch = _checkpoint_then_stop(cfg, stop)
             state = control.train_to_horizon(config, state, steps, before_epoch=before_epoch)
-            summarize(cfg, state, started)
+            reporter.finish(state, summarize(cfg, state, started))
         finally:
             reporter.close()
     return state
