@@ -407,9 +407,7 @@ def _watched(experiment: Experiment, reporter_box: list) -> Iterator[RunWatch | 
                 "sent again %d event(s) the server lost while it was down (%.0f s)", sent, seconds
             )
         for reporter in reporter_box:
-            republish = getattr(reporter, "republish", None)
-            if republish is not None:
-                republish()
+            reporter.republish()
 
     watch = RunWatch(
         run_id,
@@ -431,6 +429,8 @@ def _watched(experiment: Experiment, reporter_box: list) -> Iterator[RunWatch | 
 
 # How long a run that finished during an outage waits for the server to come back.
 SERVER_WAIT_S = 600.0
+# How long a stopping run (a cancel, a SIGTERM) waits for its last artifacts.
+STOP_CLOSE_TIMEOUT_S = 10.0
 
 
 def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunState:
@@ -460,20 +460,29 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
             print(f"automatic restart {count}/{bound.limit} of crashed run {crashed.name!r}")
             run_id = _origin(crashed)
         state = prepare(cfg, find_resume_point(cfg, run_id))
-        if state.finished:
-            print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
-            summarize(cfg, state, started, note="Already complete: nothing left to train.")
-            return state
         reporter = EpochReporter(cfg)
         reporters.append(reporter)
         try:
+            reporter.start(state)
+            if state.finished:
+                print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
+                note = "Already complete: nothing left to train."
+                reporter.finish(state, summarize(cfg, state, started, note=note))
+                return state
             steps = _FlowSteps(cfg, reporter)
             before_epoch = _checkpoint_then_stop(cfg, stop)
             state = control.train_to_horizon(config, state, steps, before_epoch=before_epoch)
-            summarize(cfg, state, started)
+            reporter.finish(state, summarize(cfg, state, started))
         except TrainingInterrupted as interrupted:
             interrupted.reason = watch.reason if watch is not None else None
             raise
         finally:
-            reporter.close()
+            if stop.requested:
+                # Prefect's grace period after a SIGTERM is 30 s: the checkpoint is
+                # committed, the artifacts get what is left of it.
+                reporter.close(STOP_CLOSE_TIMEOUT_S)
+            else:
+                if watch is not None:  # the server records the run's end, if it is back
+                    watch.wait_for_server(SERVER_WAIT_S)
+                reporter.close()
     return state
