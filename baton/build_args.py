@@ -19,8 +19,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from torch import nn
 
-from baton.config_yaml import short_repr
-from baton.errors import UntrustedInputError
+from baton.errors import UntrustedInputError, short_repr
 from baton.kinds import DataPath, Slot
 from baton.trust import Trust
 

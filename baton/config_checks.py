@@ -20,8 +20,8 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from baton import build
-from baton.config_yaml import ConfigProblem, Positions, dotted, locate, short_repr
-from baton.errors import ConfigError, MissingInputError, UntrustedInputError
+from baton.config_yaml import ConfigProblem, Positions, dotted, locate
+from baton.errors import ConfigError, MissingInputError, UntrustedInputError, short_repr
 from baton.experiment import Experiment
 from baton.quotas import QUOTAS, Quotas, state_bytes, where_to_change
 from baton.trust import SETTINGS, Trust, where_to_set

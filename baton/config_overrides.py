@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from baton.config_yaml import MAX_NESTING, MAX_OVERRIDES, MAX_STRING, load_bounded, short_repr
-from baton.errors import ConfigError
+from baton.config_yaml import MAX_NESTING, MAX_OVERRIDES, MAX_STRING, load_bounded
+from baton.errors import ConfigError, short_repr
 
 # The run's settings that are parameters of their own (flow parameters, CLI flags).
 RUN_SETTINGS = ("experiment_name", "resume", "work_dir", "fork")

@@ -64,12 +64,6 @@ def summary(source: str, problems: list[ConfigProblem]) -> str:
     return "\n".join(lines)
 
 
-def short_repr(value: Any) -> str:
-    """``repr(value)`` cut to 60 characters, to quote a bad value in a message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def parse_yaml(text: str, source: str = "<config>") -> tuple[dict, Positions]:
     """Parse YAML text into a mapping and the line/column of every key.
 

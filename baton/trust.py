@@ -45,7 +45,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from baton.errors import MissingInputError, UntrustedInputError
+from baton.errors import MissingInputError, UntrustedInputError, short_repr
 
 # Module prefixes a dotted ``type`` may always use; the registry still checks the kind.
 DEFAULT_MODULES = ("torch", "baton")
@@ -217,11 +217,11 @@ class Trust:
                 "absolute one"
             )
         if "\0" in text:
-            raise UntrustedInputError(f"{what} {_short(text)} contains a NUL byte; remove it")
+            raise UntrustedInputError(f"{what} {short_repr(text)} contains a NUL byte; remove it")
         for name in Path(text).parts:
             if len(os.fsencode(name)) > MAX_NAME_BYTES:
                 raise UntrustedInputError(
-                    f"{what} {_short(text)} has a name of {len(os.fsencode(name))} bytes, "
+                    f"{what} {short_repr(text)} has a name of {len(os.fsencode(name))} bytes, "
                     f"longer than {MAX_NAME_BYTES} (NAME_MAX); use shorter names"
                 )
         path = Path(text)
@@ -331,7 +331,7 @@ def check_regular_file(path: Path, what: str, *, max_bytes: int | None = None) -
     except FileNotFoundError:
         raise MissingInputError(f"{what} {str(path)!r} does not exist") from None
     except ValueError as err:  # os.stat's "embedded null byte"
-        raise UntrustedInputError(f"{what} {_short(str(path))} contains a NUL byte") from err
+        raise UntrustedInputError(f"{what} {short_repr(str(path))} contains a NUL byte") from err
     except OSError as err:
         raise UntrustedInputError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from err
     if not stat.S_ISREG(info.st_mode):
@@ -477,12 +477,6 @@ def deployment_environment(deployment: str | None) -> Iterator[None]:
 def _root(project: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return Path(os.path.realpath(path if path.is_absolute() else project / path))
-
-
-def _short(text: str) -> str:
-    """``repr(text)`` cut to 60 characters, to quote a bad value in a message."""
-    quoted = repr(text)
-    return quoted if len(quoted) <= 60 else quoted[:57] + "..."
 
 
 def _enclosing_package(path: Path, project: Path) -> Path | None:
