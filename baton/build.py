@@ -44,7 +44,7 @@ from baton.build_args import EXTERNAL_SLOTS as EXTERNAL_SLOTS
 from baton.build_args import Problem, check_plain_argument, signature, unknown_argument
 from baton.errors import ConfigError
 from baton.kinds import Slot, TransformBase
-from baton.trust import Trust, where_to_set
+from baton.trust.allowances import Trust, where_to_set
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from torch import nn
 
 from baton.errors import UntrustedInputError, short_repr
 from baton.kinds import DataPath, Slot
-from baton.trust import Trust
+from baton.trust.allowances import Trust
 
 # A problem found in a component: the key path below the component, and the message.
 Problem = tuple[tuple, str]

@@ -61,8 +61,8 @@ from baton.config_yaml import (
 )
 from baton.errors import ConfigError
 from baton.experiment import check_experiment_name
-from baton.quotas import Quotas
-from baton.trust import Trust, check_regular_file
+from baton.trust.allowances import Trust, check_regular_file
+from baton.trust.quotas import Quotas
 
 # What ``from baton.config import ...`` offers: the schema and entry points defined here,
 # and the names that moved to the modules above when this one was split.

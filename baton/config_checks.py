@@ -23,8 +23,8 @@ from baton import build
 from baton.config_yaml import ConfigProblem, Positions, dotted, locate
 from baton.errors import ConfigError, MissingInputError, UntrustedInputError, short_repr
 from baton.experiment import Experiment
-from baton.quotas import QUOTAS, Quotas, state_bytes, where_to_change
-from baton.trust import SETTINGS, Trust, where_to_set
+from baton.trust.allowances import SETTINGS, Trust, where_to_set
+from baton.trust.quotas import QUOTAS, Quotas, state_bytes, where_to_change
 
 if TYPE_CHECKING:
     from baton.config import PipelineConfig

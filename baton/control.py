@@ -26,7 +26,7 @@ from baton.checkpoint.ref import CheckpointRef
 from baton.errors import CheckpointError, CheckpointNotFoundError, MissingInputError
 from baton.experiment import Experiment
 from baton.resume_policy.keys import RUN, START, ConfigChange, compare
-from baton.trust import Trust
+from baton.trust.allowances import Trust
 
 if TYPE_CHECKING:
     from baton.config import PipelineConfig

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from baton.errors import DataError
 from baton.kinds import DataPath, Slot
-from baton.trust import Trust
+from baton.trust.allowances import Trust
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 # Problems listed in one error before the rest are counted.

@@ -32,7 +32,7 @@ from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.errors import RetentionConflictError, UntrustedInputError
 from baton.metrics import MetricsLog
 from baton.restarts import RestartLog
-from baton.trust import Trust
+from baton.trust.allowances import Trust
 
 if TYPE_CHECKING:
     from baton.config import PipelineConfig

@@ -22,7 +22,6 @@ from baton.config import PipelineConfig
 from baton.control import find_resume_point, plan_resume
 from baton.data import ResumableLoader, check_same_classes
 from baton.experiment import Experiment
-from baton.quotas import Quotas, has_lazy_parameters
 from baton.steps import (
     evaluate,
     load_weights,
@@ -34,7 +33,8 @@ from baton.steps import (
     train_until_stopped,
 )
 from baton.strategy import SingleDeviceStrategy
-from baton.trust import Trust
+from baton.trust.allowances import Trust
+from baton.trust.quotas import Quotas, has_lazy_parameters
 
 if TYPE_CHECKING:
     from baton.resume_policy import ResumeCheck

@@ -41,7 +41,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 
 from baton.errors import QuotaError, UntrustedInputError
 from baton.randomness import cpu_rng_states, set_cpu_rng_states
-from baton.trust import project_dir, pyproject_subtable
+from baton.trust.allowances import project_dir, pyproject_subtable
 
 if TYPE_CHECKING:
     from baton.config import PipelineConfig

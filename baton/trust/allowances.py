@@ -29,7 +29,7 @@ or ``deployments_work_dir`` under ``[tool.baton]``, by default the project's
 The project folder is ``BATON_PROJECT_DIR`` or the current directory: configs passed by
 path must live in its ``configs/`` (or a config root), relative paths resolve against it.
 The operator's quotas live beside these settings, in ``[tool.baton.quotas]`` and
-``BATON_MAX_*`` variables (:mod:`baton.quotas`).
+``BATON_MAX_*`` variables (:mod:`baton.trust.quotas`).
 """
 
 import contextlib
@@ -97,7 +97,7 @@ DEFAULT_DEPLOYMENTS_WORK_DIR = "work_dirs/deployments"
 # Keys of a [tool.baton.deployments."<flow>/<deployment>"] table.
 DEPLOYMENT_KEYS = ("work_dir", "checkpoint_roots")
 # Sub-tables and single values of [tool.baton] besides SETTINGS.
-# Sub-tables of [tool.baton] (quotas: baton.quotas; deployments: below), and a folder.
+# Sub-tables of [tool.baton] (quotas: baton.trust.quotas; deployments: below), and a folder.
 SUBTABLES = ("quotas", "deployments")
 _OTHER_KEYS = (*SUBTABLES, "deployments_work_dir")
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,127}")
