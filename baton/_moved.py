@@ -21,7 +21,9 @@ from types import CodeType, ModuleType
 
 # old path -> new path; a submodule of an old path moved with it
 MOVED = {
+    "baton.metrics": "baton.experiment.metrics",
     "baton.quotas": "baton.trust.quotas",
+    "baton.restarts": "baton.experiment.restarts",
 }
 
 

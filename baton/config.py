@@ -60,7 +60,7 @@ from baton.config_yaml import (
     summary,
 )
 from baton.errors import ConfigError
-from baton.experiment import check_experiment_name
+from baton.experiment.folder import check_experiment_name
 from baton.trust.allowances import Trust, check_regular_file
 from baton.trust.quotas import Quotas
 

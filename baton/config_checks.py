@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from baton import build
 from baton.config_yaml import ConfigProblem, Positions, dotted, locate
 from baton.errors import ConfigError, MissingInputError, UntrustedInputError, short_repr
-from baton.experiment import Experiment
+from baton.experiment.folder import Experiment
 from baton.trust.allowances import SETTINGS, Trust, where_to_set
 from baton.trust.quotas import QUOTAS, Quotas, state_bytes, where_to_change
 

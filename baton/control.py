@@ -24,7 +24,7 @@ from baton.checkpoint import io
 from baton.checkpoint.lineage import Lineage
 from baton.checkpoint.ref import CheckpointRef
 from baton.errors import CheckpointError, CheckpointNotFoundError, MissingInputError
-from baton.experiment import Experiment
+from baton.experiment.folder import Experiment
 from baton.resume_policy.keys import RUN, START, ConfigChange, compare
 from baton.trust.allowances import Trust
 

@@ -21,7 +21,7 @@ from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig
 from baton.control import find_resume_point, plan_resume
 from baton.data import ResumableLoader, check_same_classes
-from baton.experiment import Experiment
+from baton.experiment.folder import Experiment
 from baton.steps import (
     evaluate,
     load_weights,

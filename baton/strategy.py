@@ -48,7 +48,7 @@ from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.checkpoint.writer import CheckpointWriter
 from baton.convert import revert_sync_batchnorm
 from baton.errors import CheckpointError
-from baton.experiment import Experiment
+from baton.experiment.folder import Experiment
 from baton.optim import OptimWrapper
 from baton.schedulers import _ParamScheduler
 

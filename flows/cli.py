@@ -114,8 +114,8 @@ def cmd_run(args) -> int:
 
     with _prefect_session(load) as cfg:
         from baton.experiment import Experiment
+        from baton.experiment.metrics import history_table
         from baton.flows.train import train_pipeline
-        from baton.metrics import history_table
 
         state = train_pipeline(
             config=args.config,

@@ -22,9 +22,9 @@ from prefect.states import Cancelled, State
 from baton import control
 from baton.errors import RestartRefusedError
 from baton.experiment import Experiment
+from baton.experiment.restarts import RestartBound
 from baton.flows.pool import checked_run, read_run, work_dir_of
 from baton.interrupt import StopRequest, deferred_termination
-from baton.restarts import RestartBound
 from baton.tasks import (
     EpochReporter,
     RunState,

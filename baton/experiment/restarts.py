@@ -78,7 +78,7 @@ class Restart:
 
 class RestartLog:
     """The automatic restarts of one experiment, in the file ``path`` (the experiment's
-    ``runs/restarts.json``: :attr:`baton.experiment.Experiment.restarts`).
+    ``runs/restarts.json``: :attr:`Experiment.restarts <baton.experiment.Experiment.restarts>`).
 
     Callers hold the experiment's lock, so reading, counting and writing cannot interleave
     with another run of the same experiment.

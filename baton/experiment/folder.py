@@ -7,10 +7,10 @@ Layout::
     manifest.journal    ... since the snapshot } names these paths)
     .lock               held by the process that trains the experiment
     experiment.json     what the experiment is: its retention, fixed when it was created
-    metrics.jsonl       per-epoch and per-iteration metrics (baton.metrics)
+    metrics.jsonl       per-epoch and per-iteration metrics (baton.experiment.metrics)
     tensorboard/        TensorBoard event files (one per flow run)
     runs/               logs: runs/<timestamp>/ of each strategy, flow-<run id>.log of each
-                        flow run, and restarts.json (baton.restarts)
+                        flow run, and restarts.json (baton.experiment.restarts)
 
 The paths are joined here and nowhere else. The experiment holds the checkpoint store,
 built once with the experiment's one retention policy; the strategy, the pipeline, the
@@ -24,23 +24,43 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from baton.checkpoint.io import write_text_atomic
 from baton.checkpoint.lock import in_place
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.errors import RetentionConflictError, UntrustedInputError
-from baton.metrics import MetricsLog
-from baton.restarts import RestartLog
+from baton.experiment.metrics import MetricsLog
+from baton.experiment.restarts import RestartLog
 from baton.trust.allowances import Trust
-
-if TYPE_CHECKING:
-    from baton.config import PipelineConfig
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RECORD_MAX_BYTES = 64 << 10  # experiment.json is a few lines; a bigger one is not read
 
 logger = logging.getLogger(__name__)
+
+
+class KeepsCheckpoints(Protocol):
+    """A config's checkpoint section, as :meth:`Experiment.of` reads it."""
+
+    def retention(self) -> RetentionPolicy:
+        """What rotation keeps of each lineage."""
+        ...
+
+
+class ExperimentSettings(Protocol):
+    """What :meth:`Experiment.of` reads of a pipeline config: where and which experiment,
+    and what it keeps. :class:`baton.config.PipelineConfig` is one; the config package
+    builds on this one, never the other way round."""
+
+    @property
+    def work_dir(self) -> str: ...
+
+    @property
+    def experiment_name(self) -> str: ...
+
+    @property
+    def checkpoint(self) -> KeepsCheckpoints: ...
 
 
 def check_experiment_name(name: str) -> str:
@@ -79,7 +99,7 @@ class Experiment:
         self.restarts = RestartLog(self.runs_dir / "restarts.json")
 
     @classmethod
-    def of(cls, cfg: "PipelineConfig", trust: Trust | None = None) -> "Experiment":
+    def of(cls, cfg: ExperimentSettings, trust: Trust | None = None) -> "Experiment":
         """The experiment a pipeline config trains, with the config's retention policy.
 
         A pipeline's ``work_dir`` is resolved as its config was checked: a relative one
