@@ -21,9 +21,12 @@ from types import CodeType, ModuleType
 
 # old path -> new path; a submodule of an old path moved with it
 MOVED = {
+    "baton.datasets": "baton.data.datasets",
+    "baton.example_data": "baton.data.example_data",
     "baton.metrics": "baton.experiment.metrics",
     "baton.quotas": "baton.trust.quotas",
     "baton.restarts": "baton.experiment.restarts",
+    "baton.transforms": "baton.data.transforms",
 }
 
 

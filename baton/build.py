@@ -37,11 +37,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from baton import data, models, schedulers
+from baton import models, schedulers
 
 # EXTERNAL_SLOTS and Problem stay part of this module's API; they live with the argument checks.
 from baton.build_args import EXTERNAL_SLOTS as EXTERNAL_SLOTS
 from baton.build_args import Problem, check_plain_argument, signature, unknown_argument
+from baton.data import datasets
 from baton.errors import ConfigError
 from baton.kinds import Slot, TransformBase
 from baton.trust.allowances import Trust, where_to_set
@@ -115,7 +116,7 @@ def _module_names() -> dict[str, Any]:
 
 
 def _dataset_names() -> dict[str, Any]:
-    return dict(data.DATASETS)
+    return dict(datasets.DATASETS)
 
 
 def _optimizer_names() -> dict[str, Any]:
@@ -129,7 +130,7 @@ def _scheduler_names() -> dict[str, Any]:
 def _transform_names() -> dict[str, Any]:
     # kornia takes ~0.2 s to import: paid when a transform is first named, not by
     # `import baton` (every flow-run process imports the engine).
-    return dict(importlib.import_module("baton.transforms").TRANSFORMS)
+    return dict(importlib.import_module("baton.data.transforms").TRANSFORMS)
 
 
 KINDS: dict[str, Kind] = {

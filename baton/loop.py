@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from baton.data import ResumableLoader
+from baton.data.loader import ResumableLoader
 
 IterationHook = Callable[["RunningMetrics"], None]
 

@@ -20,7 +20,7 @@ from baton import build, control, loop, randomness
 from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig
 from baton.control import find_resume_point, plan_resume
-from baton.data import ResumableLoader, check_same_classes
+from baton.data.loader import ResumableLoader, check_same_classes
 from baton.experiment.folder import Experiment
 from baton.steps import (
     evaluate,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from baton.example_data import write_digits_images
+from baton.data.example_data import write_digits_images
 
 from .helpers import assert_same_training_result, final_checkpoint, run_env
 

@@ -9,7 +9,7 @@ at a time. :class:`Compose` runs its transforms on the image as a batch of one a
 back one image, so a chain of kornia augmentations is a per-sample transform.
 
 Randomness: an augmentation draws from torch's global RNG, which the loader seeds for
-every sample from ``(seed, epoch, index)`` (see :mod:`baton.data`); nothing here keeps
+every sample from ``(seed, epoch, index)`` (see :mod:`baton.data.loader`); nothing here keeps
 its own generator.
 """
 

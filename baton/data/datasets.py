@@ -1,5 +1,8 @@
-"""Image files on disk as a dataset.
+"""The datasets baton ships: tensors in memory, and image files on disk.
 
+:class:`DigitsDataset` (scikit-learn's digits, no download) and
+:class:`SyntheticClassification` (Gaussian blobs, for tests) hold their samples as two
+tensors (:class:`TensorPairDataset`), which the loader slices batch by batch.
 :class:`ImageFolder` reads the layout torchvision's ``ImageFolder`` reads
 (``root/<class>/<image>``) with Pillow, so it needs neither torchvision nor a GPU build
 of it. It checks the folder when it is built, so that an empty folder, a class without
@@ -7,13 +10,18 @@ images or a file that is not an image stops a run before training, naming the fo
 file, instead of a worker failing in the middle of epoch 7.
 """
 
+import functools
+import gzip
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from baton.errors import DataError
@@ -23,6 +31,101 @@ from baton.trust.allowances import Trust
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 # Problems listed in one error before the rest are counted.
 _MAX_LISTED = 10
+
+
+class TensorPairDataset(Dataset):
+    """Inputs and targets held as two tensors; batches are taken by slicing."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        self.tensors = (inputs, targets)
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index):
+        return tuple(t[index] for t in self.tensors)
+
+
+class DigitsDataset(TensorPairDataset):
+    """scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package).
+
+    Args:
+        split: ``'train'`` or ``'val'``.
+        val_fraction: Share of the images held out for validation.
+        split_seed: Seed of the fixed train/val split.
+        image: Return ``1x8x8`` images instead of 64-value vectors.
+    """
+
+    def __init__(
+        self,
+        split: Literal["train", "val"] = "train",
+        val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
+        split_seed: Annotated[int, Field(ge=0)] = 0,
+        image: bool = False,
+    ):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        data, target = load_digits_arrays()
+        order = np.random.default_rng(split_seed).permutation(len(target))
+        n_val = round(len(order) * val_fraction)
+        chosen = order[:n_val] if split == "val" else order[n_val:]
+        inputs = torch.tensor(data[chosen] / 16.0, dtype=torch.float32)
+        if image:
+            inputs = inputs.view(-1, 1, 8, 8)
+        super().__init__(inputs, torch.tensor(target[chosen], dtype=torch.long))
+
+
+@functools.cache
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as ``(data (1797, 64) float64, target (1797,) int)``, as scikit-learn's
+    ``load_digits`` returns them.
+
+    The CSV that scikit-learn ships is read directly: importing ``sklearn.datasets``
+    takes most of a second, which every new process (a run, a retried task, a
+    deployment's flow run) would pay. Falls back to ``load_digits`` if the file moved.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    roots = spec.submodule_search_locations if spec is not None else None
+    for root in roots or []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                table = np.loadtxt(f, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    return load_digits(return_X_y=True)
+
+
+class SyntheticClassification(TensorPairDataset):
+    """Gaussian blobs, one per class: a tiny dataset for tests.
+
+    Its size is bounded (at most 2**20 samples of 1,024 features, 4 GiB), since a config
+    from the Run form chooses it and it is built in memory.
+
+    Args:
+        num_samples: Number of samples.
+        num_features: Input size.
+        num_classes: Number of classes.
+        seed: Seed of the generated data.
+    """
+
+    def __init__(
+        self,
+        num_samples: Annotated[int, Field(ge=1, le=1 << 20)] = 256,
+        num_features: Annotated[int, Field(ge=1, le=1024)] = 8,
+        num_classes: Annotated[int, Field(ge=1, le=1024)] = 3,
+        seed: Annotated[int, Field(ge=0)] = 0,
+    ):
+        generator = torch.Generator().manual_seed(seed)
+        centers = torch.randn(num_classes, num_features, generator=generator) * 2
+        targets = torch.randint(num_classes, (num_samples,), generator=generator)
+        inputs = centers[targets] + torch.randn(num_samples, num_features, generator=generator)
+        super().__init__(inputs, targets)
 
 
 class ImageFolder(Dataset):
@@ -209,3 +312,10 @@ def _check_images(paths: list[str]) -> None:
 
 def _more(items: list) -> str:
     return f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+
+
+DATASETS: dict[str, type[Dataset]] = {
+    "DigitsDataset": DigitsDataset,
+    "ImageFolder": ImageFolder,
+    "SyntheticClassification": SyntheticClassification,
+}

@@ -1,6 +1,6 @@
 """Example data on disk: scikit-learn's digits written out as an image folder.
 
-    python -m baton.example_data digits-images DIR [--size 16]
+    python -m baton.data.example_data digits-images DIR [--size 16]
 
 writes ``DIR/train/<digit>/<n>.png`` and ``DIR/val/<digit>/<n>.png`` (the split of
 :class:`~baton.data.DigitsDataset`, each 8x8 image upscaled): a real folder of PNG files,
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from baton.data import DigitsDataset
+from baton.data.datasets import DigitsDataset
 
 
 def write_digits_images(
@@ -55,8 +55,8 @@ def write_digits_images(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m baton.example_data digits-images DIR [--size N]``."""
-    parser = argparse.ArgumentParser(prog="python -m baton.example_data")
+    """``python -m baton.data.example_data digits-images DIR [--size N]``."""
+    parser = argparse.ArgumentParser(prog="python -m baton.data.example_data")
     commands = parser.add_subparsers(dest="command", required=True)
     digits = commands.add_parser("digits-images", help="write the digits as PNG files")
     digits.add_argument("root", help="folder to create (left alone if it exists)")
