@@ -26,6 +26,7 @@ MOVED = {
     "baton.metrics": "baton.experiment.metrics",
     "baton.quotas": "baton.trust.quotas",
     "baton.restarts": "baton.experiment.restarts",
+    "baton.schedulers": "baton.optim.schedulers",
     "baton.transforms": "baton.data.transforms",
 }
 

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from baton import build
-from baton.optim import AmpOptimWrapper, OptimWrapper
-from baton.schedulers import _ParamScheduler
+from baton.optim.amp import AmpOptimWrapper
+from baton.optim.schedulers import _ParamScheduler
+from baton.optim.wrapper import OptimWrapper
 
 _AUTO_SCALE_KEYS = ("enable", "base_batch_size")
 _WRAPPER_TYPES = {"OptimWrapper": OptimWrapper, "AmpOptimWrapper": AmpOptimWrapper}

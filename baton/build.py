@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from baton import models, schedulers
+from baton import models
 
 # EXTERNAL_SLOTS and Problem stay part of this module's API; they live with the argument checks.
 from baton.build_args import EXTERNAL_SLOTS as EXTERNAL_SLOTS
@@ -45,6 +45,7 @@ from baton.build_args import Problem, check_plain_argument, signature, unknown_a
 from baton.data import datasets
 from baton.errors import ConfigError
 from baton.kinds import Slot, TransformBase
+from baton.optim import schedulers
 from baton.trust.allowances import Trust, where_to_set
 
 

@@ -49,8 +49,8 @@ from baton.checkpoint.writer import CheckpointWriter
 from baton.convert import revert_sync_batchnorm
 from baton.errors import CheckpointError
 from baton.experiment.folder import Experiment
-from baton.optim import OptimWrapper
-from baton.schedulers import _ParamScheduler
+from baton.optim.schedulers import _ParamScheduler
+from baton.optim.wrapper import OptimWrapper
 
 _LOG_KEYS = ("log_level", "log_file", "file_mode")
 # Kept here for callers of the first releases; the checkpoint layout lives in content.

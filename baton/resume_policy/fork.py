@@ -23,7 +23,7 @@ from baton.resume_policy.keys import (
 )
 
 if TYPE_CHECKING:  # the pipeline calls into this module, never the other way round
-    from baton.optim import OptimWrapper
+    from baton.optim.wrapper import OptimWrapper
     from baton.pipeline import Pipeline
     from baton.strategy import SingleDeviceStrategy
 

@@ -27,7 +27,7 @@ judgement is made again with the metrics the checkpoint recorded.
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from baton.schedulers import _ParamScheduler
+from baton.optim.schedulers import _ParamScheduler
 
 # State keys that record progress along the schedule (and the values it was applied to),
 # never the schedule's shape.

@@ -449,7 +449,7 @@ def test_what_would_fail_at_run_time_fails_validation(overrides, message):
 
 
 @pytest.mark.parametrize(
-    "name", ["ReduceOnPlateauLR", "baton.schedulers.plateau.ReduceOnPlateauParamScheduler"]
+    "name", ["ReduceOnPlateauLR", "baton.optim.schedulers.plateau.ReduceOnPlateauParamScheduler"]
 )
 def test_a_plateau_scheduler_needs_the_validations_it_follows(name):
     data = base()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from baton import optim as baton_optim
-from baton import schedulers as baton_schedulers
+from baton.optim import schedulers as baton_schedulers
 
 mm_optim = pytest.importorskip("mmengine.optim")
 mm_schedulers = pytest.importorskip("mmengine.optim.scheduler")

@@ -13,15 +13,15 @@ what to do. Building a scheduler wraps ``optimizer.step`` with a counter, as mme
 does, so that stepping a scheduler before the optimizer's first step warns.
 ``docs/mmengine.md`` lists the few deliberate differences.
 
-The package's modules: :mod:`~baton.schedulers.base` (the base class and its checks),
-:mod:`~baton.schedulers.param` (the ``*ParamScheduler`` schedules),
-:mod:`~baton.schedulers.plateau` (``ReduceOnPlateau``); the ``*LR`` classes and the
+The package's modules: :mod:`~baton.optim.schedulers.base` (the base class and its checks),
+:mod:`~baton.optim.schedulers.param` (the ``*ParamScheduler`` schedules),
+:mod:`~baton.optim.schedulers.plateau` (``ReduceOnPlateau``); the ``*LR`` classes and the
 :data:`SCHEDULERS` table that configs name them by are here.
 """
 
 # Every name the single module offered stays importable from here, private helpers
 # included (baton.build and baton.strategy use _ParamScheduler): see __all__ below.
-from baton.schedulers.base import (
+from baton.optim.schedulers.base import (
     INF,
     _check_convertible,
     _check_optimizer,
@@ -32,7 +32,7 @@ from baton.schedulers.base import (
     _with_counter,
     logger,
 )
-from baton.schedulers.param import (
+from baton.optim.schedulers.param import (
     ConstantParamScheduler,
     CosineAnnealingParamScheduler,
     CosineRestartParamScheduler,
@@ -43,7 +43,7 @@ from baton.schedulers.param import (
     PolyParamScheduler,
     StepParamScheduler,
 )
-from baton.schedulers.plateau import ReduceOnPlateauParamScheduler
+from baton.optim.schedulers.plateau import ReduceOnPlateauParamScheduler
 
 
 def _lr_variant(base: type) -> type:

@@ -2,7 +2,7 @@
 step, mmengine's state dict, and the optimizer-step counter behind its ordering warning.
 
 The checks here are shared by the schedulers that do not step when built
-(:mod:`baton.schedulers.plateau`), so each message is written once.
+(:mod:`baton.optim.schedulers.plateau`), so each message is written once.
 """
 
 import logging
@@ -13,7 +13,7 @@ from functools import wraps
 
 from torch.optim import Optimizer
 
-from baton.optim import OptimWrapper
+from baton.optim.wrapper import OptimWrapper
 
 # One logger for the whole package, under the name it had as a single module.
 logger = logging.getLogger("baton.schedulers")

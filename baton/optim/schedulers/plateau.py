@@ -4,7 +4,7 @@ neither steps when built nor wraps ``optimizer.step``, and has its own ``step(me
 
 from collections.abc import Sequence
 
-from baton.schedulers.base import (
+from baton.optim.schedulers.base import (
     INF,
     _check_optimizer,
     _check_range,

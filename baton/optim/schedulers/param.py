@@ -6,7 +6,7 @@ with restarts. Each gives only ``_get_value``; the window and stepping are the b
 import math
 from collections.abc import Sequence
 
-from baton.schedulers.base import INF, _ParamScheduler
+from baton.optim.schedulers.base import INF, _ParamScheduler
 
 
 class StepParamScheduler(_ParamScheduler):
