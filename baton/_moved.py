@@ -21,6 +21,7 @@ from types import CodeType, ModuleType
 
 # old path -> new path; a submodule of an old path moved with it
 MOVED = {
+    "baton.build_args": "baton.build.args",
     "baton.datasets": "baton.data.datasets",
     "baton.example_data": "baton.data.example_data",
     "baton.metrics": "baton.experiment.metrics",

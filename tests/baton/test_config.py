@@ -474,8 +474,8 @@ def test_a_constructor_that_changes_its_arguments_never_changes_the_config():
 
 
 def test_objects_given_from_python_are_passed_as_they_are():
-    from baton import build
+    from baton.build import registry
 
     layer = torch.nn.Linear(2, 2)
-    copied = build._plain_copy({"inner": layer, "sizes": [1, [2]]})
+    copied = registry._plain_copy({"inner": layer, "sizes": [1, [2]]})
     assert copied["inner"] is layer and copied["sizes"] == [1, [2]]

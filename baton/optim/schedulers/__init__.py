@@ -20,7 +20,7 @@ The package's modules: :mod:`~baton.optim.schedulers.base` (the base class and i
 """
 
 # Every name the single module offered stays importable from here, private helpers
-# included (baton.build and baton.strategy use _ParamScheduler): see __all__ below.
+# included (baton.build and baton.engine use _ParamScheduler): see __all__ below.
 from baton.optim.schedulers.base import (
     INF,
     _check_convertible,

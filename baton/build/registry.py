@@ -22,7 +22,7 @@ nested inside another's arguments is accepted only where the argument is declare
 slot (``Annotated[..., Slot(kind)]``, see :mod:`baton.kinds`). Validation
 (:func:`check`) and building (:func:`build`) walk the same table, so "valid" means
 "will build". A target's parameters, and the check of an argument that is not a slot,
-are read in :mod:`baton.build_args`.
+are read in :mod:`baton.build.args`.
 """
 
 import difflib
@@ -40,8 +40,8 @@ from torch.utils.data import Dataset, IterableDataset
 from baton import models
 
 # EXTERNAL_SLOTS and Problem stay part of this module's API; they live with the argument checks.
-from baton.build_args import EXTERNAL_SLOTS as EXTERNAL_SLOTS
-from baton.build_args import Problem, check_plain_argument, signature, unknown_argument
+from baton.build.args import EXTERNAL_SLOTS as EXTERNAL_SLOTS
+from baton.build.args import Problem, check_plain_argument, signature, unknown_argument
 from baton.data import datasets
 from baton.errors import ConfigError
 from baton.kinds import Slot, TransformBase

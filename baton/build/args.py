@@ -1,7 +1,7 @@
 """What a config may pass to a component: its parameters, read from the signature, and
 the check of each plain argument against them.
 
-:mod:`baton.build` resolves a ``type`` and walks a component's arguments; this module
+:mod:`baton.build.registry` resolves a ``type`` and walks a component's arguments; this module
 answers, for one resolved class or registered function, which arguments it takes
 (following ``**kwargs`` up the class tree), which of them are slots for a nested
 component or data paths, and whether a plain value fits the parameter's annotation
