@@ -17,6 +17,7 @@ from baton.checkpoint import (
     register_scheme,
     trusted_loading,
 )
+from baton.engine.strategy import SingleDeviceStrategy
 from baton.errors import (
     BatonError,
     CheckpointCorruptError,
@@ -32,7 +33,6 @@ from baton.errors import (
     UnsafeCheckpointError,
 )
 from baton.optim import AmpOptimWrapper, OptimWrapper
-from baton.strategy import SingleDeviceStrategy
 
 __all__ = [
     "AmpOptimWrapper",

@@ -21,13 +21,17 @@ from types import CodeType, ModuleType
 
 # old path -> new path; a submodule of an old path moved with it
 MOVED = {
+    "baton.assemble": "baton.engine.assemble",
     "baton.build_args": "baton.build.args",
+    "baton.convert": "baton.engine.convert",
     "baton.datasets": "baton.data.datasets",
+    "baton.environment": "baton.engine.environment",
     "baton.example_data": "baton.data.example_data",
     "baton.metrics": "baton.experiment.metrics",
     "baton.quotas": "baton.trust.quotas",
     "baton.restarts": "baton.experiment.restarts",
     "baton.schedulers": "baton.optim.schedulers",
+    "baton.strategy": "baton.engine.strategy",
     "baton.transforms": "baton.data.transforms",
 }
 

@@ -21,6 +21,7 @@ from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig
 from baton.control import find_resume_point, plan_resume
 from baton.data.loader import ResumableLoader, check_same_classes
+from baton.engine.strategy import SingleDeviceStrategy
 from baton.experiment.folder import Experiment
 from baton.steps import (
     evaluate,
@@ -32,7 +33,6 @@ from baton.steps import (
     train_one_epoch,
     train_until_stopped,
 )
-from baton.strategy import SingleDeviceStrategy
 from baton.trust.allowances import Trust
 from baton.trust.quotas import Quotas, has_lazy_parameters
 

@@ -23,9 +23,9 @@ from baton.resume_policy.keys import (
 )
 
 if TYPE_CHECKING:  # the pipeline calls into this module, never the other way round
+    from baton.engine.strategy import SingleDeviceStrategy
     from baton.optim.wrapper import OptimWrapper
     from baton.pipeline import Pipeline
-    from baton.strategy import SingleDeviceStrategy
 
 # The package's name: resume checks log on the channel they used before the split.
 logger = logging.getLogger("baton.resume_policy")

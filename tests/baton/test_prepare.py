@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from baton import AmpOptimWrapper, OptimWrapper, SingleDeviceStrategy
-from baton.convert import BatchNormXd
+from baton.engine.convert import BatchNormXd
 from baton.optim.schedulers import CosineAnnealingLR, LinearLR
 
 

@@ -1,7 +1,7 @@
 """How the strategy's components are assembled from objects or config dicts: the model,
 the optimizer wrapper, the parameter schedulers, and ``auto_scale_lr``'s scaling.
 
-:meth:`SingleDeviceStrategy.prepare <baton.strategy.SingleDeviceStrategy.prepare>` calls
+:meth:`SingleDeviceStrategy.prepare <baton.engine.strategy.SingleDeviceStrategy.prepare>` calls
 these; config dicts become objects through the one registry, :mod:`baton.build`.
 """
 

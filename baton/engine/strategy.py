@@ -3,8 +3,8 @@
 The class keeps mmengine's signatures keyword for keyword, so it swaps in for
 ``mmengine._strategy.SingleDeviceStrategy``, and it loads mmengine's checkpoints. It
 delegates: the experiment folder and its store are :class:`~baton.experiment.Experiment`'s,
-``env_kwargs`` are applied by :mod:`baton.environment`, components are assembled by
-:mod:`baton.assemble` (through the registry, :mod:`baton.build`), what goes into a
+``env_kwargs`` are applied by :mod:`baton.engine.environment`, components are assembled by
+:mod:`baton.engine.assemble` (through the registry, :mod:`baton.build`), what goes into a
 checkpoint and how it is put back is :mod:`baton.checkpoint.content`, and writing and
 committing is :mod:`baton.checkpoint.writer`.
 
@@ -39,14 +39,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from baton import assemble, environment, randomness
+from baton import randomness
 from baton.checkpoint import content
 from baton.checkpoint import format as ckpt_format
 from baton.checkpoint.loaders import load_uri
 from baton.checkpoint.ref import CheckpointRef
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.checkpoint.writer import CheckpointWriter
-from baton.convert import revert_sync_batchnorm
+from baton.engine import assemble, environment
+from baton.engine.convert import revert_sync_batchnorm
 from baton.errors import CheckpointError
 from baton.experiment.folder import Experiment
 from baton.optim.schedulers import _ParamScheduler
@@ -87,7 +88,7 @@ class SingleDeviceStrategy:
         env_kwargs: ``randomness`` (``seed``, ``deterministic``, ``diff_rank_seed``),
             ``cudnn_benchmark``, ``mp_cfg`` (``mp_start_method``, ``opencv_num_threads``:
             applied as mmengine does), ``resource_limit``; ``dist_cfg`` only empty (see
-            :mod:`baton.environment`).
+            :mod:`baton.engine.environment`).
         log_kwargs: ``log_level``, ``log_file`` (default: a file in :attr:`log_dir`),
             ``file_mode``.
         auto_scale_lr: ``{'enable': bool, 'base_batch_size': int}``.
