@@ -23,6 +23,9 @@ from types import CodeType, ModuleType
 MOVED = {
     "baton.assemble": "baton.engine.assemble",
     "baton.build_args": "baton.build.args",
+    "baton.config_checks": "baton.config.checks",
+    "baton.config_overrides": "baton.config.overrides",
+    "baton.config_yaml": "baton.config.parsing",
     "baton.convert": "baton.engine.convert",
     "baton.datasets": "baton.data.datasets",
     "baton.environment": "baton.engine.environment",

@@ -29,7 +29,7 @@ from baton.resume_policy.keys import RUN, START, ConfigChange, compare
 from baton.trust.allowances import Trust
 
 if TYPE_CHECKING:
-    from baton.config import PipelineConfig
+    from baton.config.schema import PipelineConfig
 
 S = TypeVar("S")
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from baton import build, control, loop, randomness
 from baton.checkpoint.ref import CheckpointRef
-from baton.config import PipelineConfig
+from baton.config.plan import check_plan
+from baton.config.schema import PipelineConfig
 from baton.control import find_resume_point, plan_resume
 from baton.data.loader import ResumableLoader, check_same_classes
 from baton.engine.strategy import SingleDeviceStrategy
@@ -163,7 +164,7 @@ def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
     # What validation could not know: the horizon and the checkpoint plan in real
     # iterations, before the model is allocated.
     quotas = Quotas.from_environment(folder=experiment.work_dir)
-    quotas.check_plan(cfg, epoch_length)
+    check_plan(quotas, cfg, epoch_length)
     wrapper = cfg.optim_wrapper.model_dump(exclude_none=True, exclude={"clip_grad"})
     if cfg.optim_wrapper.clip_grad is not None:
         wrapper["clip_grad"] = cfg.optim_wrapper.clip_grad.kwargs()
@@ -193,7 +194,7 @@ def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
     )
     # The plan's bytes follow the model as far as it is known: with lazy parameters,
     # the sizes the dry run gave them.
-    quotas.check_plan(cfg, epoch_length, counted)
+    check_plan(quotas, cfg, epoch_length, counted)
     loss_fn = build.build(cfg.loss, "loss", trust=trust)
     return Pipeline(cfg, strategy, train_loader, val_loader, loss_fn, max_epochs, max_iters)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 from baton import control, loop, resume_policy
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
-from baton.config import PipelineConfig
+from baton.config.schema import PipelineConfig
 from baton.errors import CheckpointMismatchError, ConfigError, TrainingDivergedError
 from baton.interrupt import StopRequest, TrainingInterrupted
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ValidationError
 
 from baton import build
-from baton.config import PipelineConfig
+from baton.config.schema import PipelineConfig
 from baton.errors import ConfigError
 
 

@@ -1,6 +1,6 @@
 """The checks a config goes through after parsing, each returning :class:`ConfigProblem`\\s.
 
-:func:`baton.config.validate` runs them in order and reports everything they find at
+:func:`baton.config.loading.validate` runs them in order and reports everything they find at
 once: the schema's errors (translated from pydantic into key paths, lines and hints),
 every component's ``type`` and arguments (nothing built), the rules that span several
 keys (the operator's quotas on the horizon, the loaders and the checkpoint plan among
@@ -14,21 +14,19 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ValidationError
 
 from baton import build
-from baton.config_yaml import ConfigProblem, Positions, dotted, locate
+from baton.config.parsing import ConfigProblem, Positions, dotted, locate
+from baton.config.plan import plan_bytes_problem, plan_problems
+from baton.config.schema import PipelineConfig
 from baton.errors import ConfigError, MissingInputError, UntrustedInputError, short_repr
 from baton.experiment.folder import Experiment
 from baton.trust.allowances import SETTINGS, Trust, where_to_set
 from baton.trust.quotas import QUOTAS, Quotas, state_bytes, where_to_change
-
-if TYPE_CHECKING:
-    from baton.config import PipelineConfig
-
 
 # --- the schema's errors -------------------------------------------------------------
 
@@ -175,7 +173,7 @@ def component_problems(data: Mapping, positions: Positions, trust: Trust) -> lis
     return problems
 
 
-def quotas_for(cfg: "PipelineConfig", trust: Trust) -> Quotas:
+def quotas_for(cfg: PipelineConfig, trust: Trust) -> Quotas:
     """The operator's quotas for a run of ``cfg``: its defaults derived from the
     filesystem of the work dir (the project's, when the work dir is refused)."""
     try:
@@ -228,7 +226,7 @@ def _compilable_methods(cls: type) -> set[str]:
 
 
 def semantic_problems(
-    cfg: "PipelineConfig", positions: Positions, trust: Trust, quotas: Quotas | None = None
+    cfg: PipelineConfig, positions: Positions, trust: Trust, quotas: Quotas | None = None
 ) -> list[ConfigProblem]:
     """The rules that span several keys (a horizon, a best metric that needs validation,
     a plateau scheduler's validations), the operator's quotas on the horizon, the loader
@@ -242,7 +240,7 @@ def semantic_problems(
     if (cfg.train.max_epochs is None) == (cfg.train.max_iters is None):
         add(("train",), "give exactly one of max_epochs and max_iters")
     else:
-        for path, message in quotas.plan_problems(cfg, epoch_length=None):
+        for path, message in plan_problems(quotas, cfg, epoch_length=None):
             add(path, message)
     for key in ("train_data", "val_data"):
         section = getattr(cfg, key)
@@ -312,7 +310,7 @@ def check_checkpoint_location(
 
 
 def build_problems(
-    cfg: "PipelineConfig", positions: Positions, trust: Trust, quotas: Quotas | None = None
+    cfg: PipelineConfig, positions: Positions, trust: Trust, quotas: Quotas | None = None
 ) -> list[ConfigProblem]:
     """Build model, loss and optimizer on the meta device: no memory, no data, but every
     constructor runs, so a negative size or a bad learning rate is found now. The model's
@@ -337,7 +335,7 @@ def build_problems(
         if model is not None:
             over_quota = [
                 (("model",), quotas.model_problem(model)),
-                (("checkpoint",), quotas.plan_bytes_problem(cfg, state_bytes(model), None)),
+                (("checkpoint",), plan_bytes_problem(quotas, cfg, state_bytes(model), None)),
             ]
             for path, message in over_quota:
                 if message:

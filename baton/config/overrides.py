@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from baton.config_yaml import MAX_NESTING, MAX_OVERRIDES, MAX_STRING, load_bounded
+from baton.config.parsing import MAX_NESTING, MAX_OVERRIDES, MAX_STRING, load_bounded
 from baton.errors import ConfigError, short_repr
 
 # The run's settings that are parameters of their own (flow parameters, CLI flags).
