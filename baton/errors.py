@@ -107,7 +107,7 @@ class RestartRefusedError(BatonError):
 
 
 class ResumeConfigError(ConfigError, CheckpointMismatchError):
-    """A resume would change keys that change the run (see ``baton.resume_policy``);
+    """A resume would change keys that change the run (see ``baton.run.resume_policy``);
     the message lists them and names the explicit fork."""
 
 

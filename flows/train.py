@@ -19,12 +19,12 @@ from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
-from baton import control
 from baton.errors import RestartRefusedError
 from baton.experiment import Experiment
 from baton.experiment.restarts import RestartBound
 from baton.flows.pool import checked_run, read_run, work_dir_of
-from baton.interrupt import StopRequest, deferred_termination
+from baton.run import control
+from baton.run.interrupt import StopRequest, deferred_termination
 from baton.tasks import (
     EpochReporter,
     RunState,

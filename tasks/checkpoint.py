@@ -2,10 +2,10 @@
 
 from typing import Any
 
-from baton import control
-from baton import pipeline as pl
 from baton.checkpoint.ref import CheckpointRef
 from baton.experiment import Experiment
+from baton.run import control
+from baton.run import pipeline as pl
 from baton.tasks._common import pipeline_task, run_logger
 from baton.tasks.state import RunState, config_of, live_pipeline, live_step
 

@@ -6,8 +6,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from baton import pipeline as pl
-from baton.interrupt import TrainingInterrupted, deferred_termination
+from baton.run import pipeline as pl
+from baton.run.interrupt import TrainingInterrupted, deferred_termination
 from baton.tasks._common import pipeline_task, run_logger
 from baton.tasks.state import RunState, live_step
 

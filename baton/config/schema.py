@@ -7,7 +7,7 @@ Reading, overriding and checking a config happen beside it (:mod:`baton.config.l
 which all build on this module, never the other way round.
 
 What happens when a resumed checkpoint's config and this one disagree is decided key by
-key in :mod:`baton.resume_policy` (docs/resume.md): keys that are free to change (the
+key in :mod:`baton.run.resume_policy` (docs/resume.md): keys that are free to change (the
 horizon, validation, logging, checkpointing) follow the config, so a finished run is
 extended by raising ``max_epochs``; keys that change the run must match, or the run
 forks on purpose (``fork: true``); the model never changes on resume.

@@ -512,7 +512,7 @@ class SingleDeviceStrategy:
         """baton's addition: the second half of :meth:`resume`, for a checkpoint already
         loaded by :meth:`load_checkpoint` (its sections are removed as they are restored).
 
-        A caller that looks at the checkpoint first (``baton.steps.resume`` resumes a
+        A caller that looks at the checkpoint first (``baton.run.steps.resume`` resumes a
         file saved without optimizer state with a fresh optimizer) loads it once.
         """
         meta = checkpoint.get("meta") or {}

@@ -17,7 +17,7 @@ runs on. Where each quota is enforced:
 * at validation (:mod:`baton.config.checks`), with every other config problem: the
   model's parameters and buffers counted on the meta device, the horizon, the loader
   workers, and the checkpoint plan (files and bytes the run would keep at its peak);
-* when a pipeline is built (:mod:`baton.pipeline`), what validation cannot know: the
+* when a pipeline is built (:mod:`baton.run.pipeline`), what validation cannot know: the
   horizon and the plan with the real epoch length, and lazy parameters, materialized on a
   meta copy of the model by an input shaped like a training batch (a model that cannot
   run on meta tensors: right after its first real forward pass, before the first

@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from baton import ConfigError
-from baton import pipeline as pl
 from baton.config import PipelineConfig, apply_overrides, load_config
+from baton.run import pipeline as pl
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "configs").glob("*.yaml"))

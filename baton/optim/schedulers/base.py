@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from baton.optim.wrapper import OptimWrapper
 
-# One logger for the whole package, under the name it had as a single module.
+# One channel for the package, the one it has logged on since it was a top-level module.
 logger = logging.getLogger("baton.schedulers")
 
 INF = int(1e9)
@@ -142,7 +142,7 @@ class _ParamScheduler:
         """Write the value of the current global step, if it falls in ``[begin, end)``.
 
         A resume that raises the horizon takes again the step that the old ``end`` skipped
-        (:mod:`baton.resume_policy.horizon`), without counting it a second time.
+        (:mod:`baton.run.resume_policy.horizon`), without counting it a second time.
         """
         if self.begin <= self._global_step < self.end:
             self.last_step += 1

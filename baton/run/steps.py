@@ -1,11 +1,11 @@
-"""The steps of a pipeline, each on a live :class:`~baton.pipeline.Pipeline`: resume from a
+"""The steps of a pipeline, each on a live :class:`~baton.run.live.Pipeline`: resume from a
 checkpoint or start from ``load_from`` weights, train an epoch (or up to an iteration),
 evaluate, save, and replay a run up to a position.
 
 Each step runs with the pipeline's own random generators (see
 :class:`~baton.randomness.TrainingGenerators`). The Prefect tasks call these one at a
-time; :func:`baton.pipeline.run` chains them in one process. When to evaluate and save is
-decided in :mod:`baton.control`.
+time; :func:`baton.run.pipeline.run` chains them in one process. When to evaluate and save is
+decided in :mod:`baton.run.control`.
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from baton import control, loop, resume_policy
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.config.schema import PipelineConfig
 from baton.errors import CheckpointMismatchError, ConfigError, TrainingDivergedError
-from baton.interrupt import StopRequest, TrainingInterrupted
-
-if TYPE_CHECKING:
-    from baton.pipeline import Pipeline
+from baton.run import control, loop, resume_policy
+from baton.run.interrupt import StopRequest, TrainingInterrupted
+from baton.run.live import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +70,7 @@ def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
     """Restore the pipeline from a checkpoint, checking first that it continues this run.
 
     Before anything is loaded, the checkpoint's config is compared with this one key by
-    key (:mod:`baton.resume_policy`): keys that are free to change apply; a change of a
+    key (:mod:`baton.run.resume_policy`): keys that are free to change apply; a change of a
     key that changes the run is refused, unless the config forks (``fork: true``), in
     which case the run continues from the checkpoint as the new config would have it at
     that point, and the fork is recorded in every checkpoint it writes.
@@ -88,7 +86,13 @@ def resume(pipeline: Pipeline, ref: CheckpointRef) -> None:
         CheckpointCorruptError: The file is not the one ``ref`` names any more.
     """
     strategy = pipeline.strategy
-    check = resume_policy.ResumeCheck(pipeline, ref)
+    check = resume_policy.ResumeCheck(
+        pipeline.config,
+        strategy,
+        ref,
+        epoch_length=pipeline.epoch_length,
+        max_iters=pipeline.max_iters,
+    )
     check_architecture = _check_architecture(pipeline.config, ref.uri)
 
     def callback(raw: dict) -> None:
@@ -222,7 +226,7 @@ def train_until_stopped(pipeline: Pipeline, stop: StopRequest, *, progress=None)
 
     After each iteration ``stop`` is checked: when termination was requested, an
     iteration checkpoint is written and committed first, then
-    :class:`~baton.interrupt.TrainingInterrupted` goes on with it as ``checkpoint``.
+    :class:`~baton.run.interrupt.TrainingInterrupted` goes on with it as ``checkpoint``.
 
     Args:
         progress: Called with the running metrics and the iterations done in the epoch.
@@ -394,7 +398,7 @@ def save(
 def save_epoch(
     pipeline: Pipeline, metrics: dict[str, float], *, background: bool = False
 ) -> CheckpointRef | None:
-    """The checkpoint after an epoch (:func:`baton.control.plan_after_epoch` says when and
+    """The checkpoint after an epoch (:func:`baton.run.control.plan_after_epoch` says when and
     whether in the background): written and committed now, and returned; or started in
     the background, returning the newest checkpoint committed meanwhile (the previous
     background save's; ``None`` if there is none yet)."""

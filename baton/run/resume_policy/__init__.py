@@ -28,12 +28,12 @@ Keys are compared as leaves of the resolved configs (``optim_wrapper.optimizer.l
 leaf takes the class of the nearest key of the table above it. docs/resume.md explains
 the classes to users.
 
-The table and the comparison are in :mod:`baton.resume_policy.keys`, the check and the
-fork in :mod:`baton.resume_policy.fork`; both are imported from here.
+The table and the comparison are in :mod:`baton.run.resume_policy.keys`, the check and the
+fork in :mod:`baton.run.resume_policy.fork`; both are imported from here.
 """
 
-from baton.resume_policy.fork import ResumeCheck, fast_forward_schedulers
-from baton.resume_policy.keys import (
+from baton.run.resume_policy.fork import ResumeCheck, fast_forward_schedulers
+from baton.run.resume_policy.keys import (
     FREE,
     KEY_CLASSES,
     RUN,

@@ -1,5 +1,5 @@
 """The resume policy's table: the class of every config key, and the comparison of a
-checkpoint's config with the current one (:mod:`baton.resume_policy` explains the classes).
+checkpoint's config with the current one (:mod:`baton.run.resume_policy` explains the classes).
 
 The table gives each key's class when nothing that trains reads it; a few keys steer
 training only in some configs (validation, when a scheduler follows validation metrics:

@@ -21,7 +21,7 @@ class TrainingInterrupted(BaseException):
     """Raised at an iteration boundary after a termination signal arrived.
 
     ``checkpoint`` is the reference of the emergency checkpoint written before it went
-    on (``baton.steps.train_until_stopped``), if one was.
+    on (``baton.run.steps.train_until_stopped``), if one was.
     """
 
     checkpoint = None

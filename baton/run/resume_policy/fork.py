@@ -6,14 +6,16 @@ fast-forwarded to the checkpoint's position by :func:`fast_forward_schedulers`).
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from baton.checkpoint import io
 from baton.checkpoint.content import ACCUMULATED_GRADS_KEY
 from baton.checkpoint.ref import CheckpointRef
+from baton.config.schema import PipelineConfig
+from baton.engine.strategy import SingleDeviceStrategy
 from baton.errors import ResumeConfigError
-from baton.resume_policy.horizon import HorizonMove, move_horizon
-from baton.resume_policy.keys import (
+from baton.optim.wrapper import OptimWrapper
+from baton.run.resume_policy.horizon import HorizonMove, move_horizon
+from baton.run.resume_policy.keys import (
     RUN,
     START,
     ConfigChange,
@@ -22,23 +24,37 @@ from baton.resume_policy.keys import (
     needs_epoch_boundary,
 )
 
-if TYPE_CHECKING:  # the pipeline calls into this module, never the other way round
-    from baton.engine.strategy import SingleDeviceStrategy
-    from baton.optim.wrapper import OptimWrapper
-    from baton.pipeline import Pipeline
-
-# The package's name: resume checks log on the channel they used before the split.
+# One channel for the package, the one it has logged on since it was a single module.
 logger = logging.getLogger("baton.resume_policy")
 
 
 class ResumeCheck:
     """The callback that sees a checkpoint before it is loaded: compares its config with
-    the pipeline's, refuses what cannot continue, and turns a fork's checkpoint into the
-    state the new config has at the checkpoint's position."""
+    the run's, refuses what cannot continue, and turns a fork's checkpoint into the state
+    the new config has at the checkpoint's position.
 
-    def __init__(self, pipeline: "Pipeline", ref: CheckpointRef) -> None:
-        self.pipeline = pipeline
+    Args:
+        config: The config of the run that resumes.
+        strategy: Its prepared strategy (optimizer wrapper, schedulers, checkpoint store).
+        ref: The checkpoint it resumes.
+        epoch_length: Iterations per epoch of the run that resumes.
+        max_iters: Its horizon, in iterations.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        strategy: SingleDeviceStrategy,
+        ref: CheckpointRef,
+        *,
+        epoch_length: int,
+        max_iters: int,
+    ) -> None:
+        self.config = config
+        self.strategy = strategy
         self.ref = ref
+        self.epoch_length = epoch_length
+        self.max_iters = max_iters
         self.name = Path(io.local_path(ref.uri) if io.is_local(ref.uri) else ref.uri).name
         self.fork: dict | None = None
         self.fork_changes: list[ConfigChange] = []
@@ -46,7 +62,7 @@ class ResumeCheck:
         self.horizon_move: HorizonMove | None = None
 
     def __call__(self, checkpoint: dict) -> None:
-        cfg = self.pipeline.config
+        cfg = self.config
         meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), dict) else {}
         saved = meta.get("config")
         if not isinstance(saved, dict):
@@ -91,27 +107,27 @@ class ResumeCheck:
         self._fork(checkpoint, meta, changes, recorded)
 
     def _horizon_problem(self, meta: dict, saved: dict, changes: list[ConfigChange]) -> str | None:
-        wrapper = self.pipeline.strategy.optim_wrapper
+        wrapper = self.strategy.optim_wrapper
         if any(c.key == "optim_wrapper.accumulative_counts" for c in changes):
             return None  # a change of the run already: refused or forked as such
         old_max = (meta.get("accumulation") or {}).get("max_counts")
         if old_max is None:
             train = saved.get("train") or {}
-            epoch_length = _saved_epoch_length(meta) or self.pipeline.epoch_length
+            epoch_length = _saved_epoch_length(meta) or self.epoch_length
             old_max = train.get("max_iters") or (train.get("max_epochs") or 0) * epoch_length
         return horizon_problem(
             counts=wrapper._accumulative_counts,
             at_iter=int(meta.get("iter", 0)),
             old_max=int(old_max),
-            new_max=self.pipeline.max_iters,
+            new_max=self.max_iters,
         )
 
     def _move_horizon(
         self, checkpoint: dict, meta: dict, changes: list[ConfigChange]
     ) -> HorizonMove | None:
         """The saved scheduler states at the new horizon, when the horizon moved and the
-        run has iterations left to train (see :mod:`baton.resume_policy.horizon`)."""
-        schedulers = getattr(self.pipeline.strategy, "param_schedulers", None)
+        run has iterations left to train (see :mod:`baton.run.resume_policy.horizon`)."""
+        schedulers = getattr(self.strategy, "param_schedulers", None)
         states = checkpoint.get("param_schedulers")
         if (
             not schedulers
@@ -119,7 +135,7 @@ class ResumeCheck:
             or len(states) != len(schedulers)
             or not all(isinstance(state, dict) for state in states)
             or not any(c.key.startswith("train.max_") for c in changes)
-            or int(meta.get("iter", 0)) >= self.pipeline.max_iters
+            or int(meta.get("iter", 0)) >= self.max_iters
         ):
             return None
         epoch_end = int(meta.get("epoch", 0)) > 0 and int(meta.get("step_in_epoch", 0)) == 0
@@ -144,13 +160,12 @@ class ResumeCheck:
         recorded: list[ConfigChange],
     ) -> None:
         """Rewrite the loaded checkpoint into the fork's starting state (before loading)."""
-        pipeline = self.pipeline
-        strategy = pipeline.strategy
+        strategy = self.strategy
         changed = {c.key for c in changes}
         epoch, step = int(meta.get("epoch", 0)), int(meta.get("step_in_epoch", 0))
         source_iter = int(meta.get("iter", 0))
         old_length = _saved_epoch_length(meta)
-        relaid = old_length is not None and old_length != pipeline.epoch_length
+        relaid = old_length is not None and old_length != self.epoch_length
         regrouped = "optim_wrapper.accumulative_counts" in changed
         if step and any(needs_epoch_boundary(k) for k in changed):
             raise ResumeConfigError(
@@ -166,9 +181,9 @@ class ResumeCheck:
             )
         if relaid:
             # The epoch count is what carries over: the fork trains the epochs after it.
-            meta["iter"] = epoch * pipeline.epoch_length
+            meta["iter"] = epoch * self.epoch_length
         meta.setdefault("accumulation", {})["inner_count"] = int(meta.get("iter", 0))
-        seed = pipeline.config.randomness.seed
+        seed = self.config.randomness.seed
         if seed is not None:
             meta["seed"] = seed  # the new seed orders the data from here on
         same_kind = _carry_optimizer_state(checkpoint, strategy.optim_wrapper, changed)
@@ -190,9 +205,9 @@ class ResumeCheck:
         """A fork writes a lineage of its own (``baton ckpt list`` shows it as a fork):
         its checkpoints never overwrite or reorder those of the line it continues, and
         auto-resume follows it from then on. Started by the fork's first save
-        (``baton.steps.save``), once every check has passed: a refused or stopped fork
+        (``baton.run.steps.save``), once every check has passed: a refused or stopped fork
         leaves no lineage."""
-        store = self.pipeline.strategy.checkpoints
+        store = self.strategy.checkpoints
         source = store.find(self.ref.uri)
         head = store.head()
         started_here = (
@@ -208,8 +223,8 @@ class ResumeCheck:
         store.start_lineage(
             parent=source or self.ref,
             reason="fork",
-            config_hash=self.pipeline.config.config_hash,
-            config=self.pipeline.config.model_dump(mode="json"),
+            config_hash=self.config.config_hash,
+            config=self.config.model_dump(mode="json"),
         )
 
 
@@ -221,7 +236,7 @@ def _saved_epoch_length(meta: dict) -> int | None:
     return (int(meta["iter"]) - int(meta.get("step_in_epoch", 0))) // epoch
 
 
-def _carry_optimizer_state(checkpoint: dict, wrapper: "OptimWrapper", changed: set[str]) -> bool:
+def _carry_optimizer_state(checkpoint: dict, wrapper: OptimWrapper, changed: set[str]) -> bool:
     """Rewrite ``checkpoint["optimizer"]`` for a fork; True if its moments were kept.
 
     Optimizer moments carry over when the optimizer is the same kind; its
@@ -247,7 +262,7 @@ def _carry_optimizer_state(checkpoint: dict, wrapper: "OptimWrapper", changed: s
     return same_kind
 
 
-def fast_forward_schedulers(strategy: "SingleDeviceStrategy", epoch_length: int) -> None:
+def fast_forward_schedulers(strategy: SingleDeviceStrategy, epoch_length: int) -> None:
     """Step fresh schedulers to the strategy's position, in the order the loop steps them
     (every iteration, then at each epoch's end), so a fork's schedule is the new config's
     at that point."""

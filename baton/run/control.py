@@ -1,12 +1,12 @@
 """Run control: what a training run does after each epoch, and where it continues from.
 
 The Prefect flow (``baton.flows.train``, one task per step) and the plain-Python run
-(:func:`baton.pipeline.run`) both drive training with :func:`train_to_horizon`, so the
+(:func:`baton.run.pipeline.run`) both drive training with :func:`train_to_horizon`, so the
 decisions are written once:
 
 - after each epoch, whether to evaluate, whether to save and whether that save may go on
   in the background (:func:`plan_after_epoch`); a rebuilt pipeline replays them
-  (:func:`baton.steps.replay`);
+  (:func:`baton.run.steps.replay`);
 - which checkpoint a run continues from, and which lineage its commits go to
   (:func:`plan_resume`), recorded only once every check has passed
   (:meth:`ResumePlan.record`).
@@ -16,20 +16,18 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from baton.checkpoint import io
 from baton.checkpoint.lineage import Lineage
 from baton.checkpoint.ref import CheckpointRef
+from baton.config.schema import PipelineConfig
 from baton.errors import CheckpointError, CheckpointNotFoundError, MissingInputError
 from baton.experiment.folder import Experiment
-from baton.resume_policy.keys import RUN, START, ConfigChange, compare
+from baton.run.resume_policy.keys import RUN, START, ConfigChange, compare
 from baton.trust.allowances import Trust
-
-if TYPE_CHECKING:
-    from baton.config.schema import PipelineConfig
 
 S = TypeVar("S")
 
@@ -45,7 +43,7 @@ class EpochPlan:
     background: bool  # the save may be written while training goes on
 
 
-def plan_after_epoch(cfg: "PipelineConfig", epoch: int, finished: bool) -> EpochPlan:
+def plan_after_epoch(cfg: PipelineConfig, epoch: int, finished: bool) -> EpochPlan:
     """Evaluate every ``train.val_interval`` epochs, save every ``checkpoint.interval``
     epochs, and both at the horizon; a save before the horizon goes to the background
     with ``checkpoint.async_save`` (the last one is waited for: the run ends with it)."""
@@ -74,7 +72,7 @@ class Steps(Protocol[S]):
 
 
 def train_to_horizon(
-    cfg: "PipelineConfig",
+    cfg: PipelineConfig,
     state: S,
     steps: Steps[S],
     *,
@@ -127,7 +125,7 @@ class ResumePlan(BaseModel):
     lineage: NewLineage | None = None  # None: the run's commits go to the newest lineage
 
     def record(
-        self, cfg: "PipelineConfig", experiment: Experiment | None = None, *, fork: bool = False
+        self, cfg: PipelineConfig, experiment: Experiment | None = None, *, fork: bool = False
     ) -> None:
         """Record the plan: the experiment's retention (:meth:`Experiment.fix_retention`)
         and the new lineage, if any. Call it under the experiment's lock, once the pipeline
@@ -152,7 +150,7 @@ class ResumePlan(BaseModel):
 
 
 def find_resume_point(
-    cfg: "PipelineConfig",
+    cfg: PipelineConfig,
     *,
     run_id: str | None = None,
     experiment: Experiment | None = None,
@@ -162,7 +160,7 @@ def find_resume_point(
 
 
 def plan_resume(
-    cfg: "PipelineConfig",
+    cfg: PipelineConfig,
     *,
     run_id: str | None = None,
     experiment: Experiment | None = None,
@@ -178,7 +176,7 @@ def plan_resume(
     - ``'auto'``: the newest valid checkpoint of the newest lineage *compatible with the
       run's config* (``None`` if there is none); the run continues that lineage. A
       lineage is compatible when resuming it would change no key that changes the run
-      (``baton.resume_policy``): a fork with another seed or learning rate is skipped,
+      (``baton.run.resume_policy``): a fork with another seed or learning rate is skipped,
       and logged, so that it never changes what the original config resumes. When the
       compatible lineage is not the newest, the run branches from its newest checkpoint.
       When no lineage is compatible, the newest one is resumed and the resume refuses
@@ -230,12 +228,12 @@ def plan_resume(
     return ResumePlan(checkpoint=ref, lineage=NewLineage(reason="branch", parent=ref, run=run_id))
 
 
-def _dump(cfg: "PipelineConfig") -> dict:
+def _dump(cfg: PipelineConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
 def _newest_compatible(
-    cfg: "PipelineConfig", experiment: Experiment, run_id: str | None
+    cfg: PipelineConfig, experiment: Experiment, run_id: str | None
 ) -> ResumePlan:
     """Auto-resume: the newest checkpoint of the newest lineage whose config the run may
     continue without a fork (see :func:`find_resume_point`).

@@ -1,66 +1,28 @@
-"""A configured pipeline, built and driven one step at a time.
+"""The live pipeline: everything a run holds in memory, and how a config builds it.
 
 :func:`build_pipeline` turns a validated :class:`~baton.config.PipelineConfig` into a
-prepared strategy, data loaders and a loss. The step functions (:mod:`baton.steps`: ``resume``,
-``load_weights``, ``train_one_epoch``, ``evaluate``, ``save``, importable from here) are
-what the Prefect tasks call; :func:`restore` rebuilds a pipeline at a position; :func:`run`
-chains the steps for a plain-Python run (tests, benchmarks). When to evaluate and save,
-and where a run continues from, is decided in :mod:`baton.control`.
+prepared strategy, data loaders and a loss, checking on the way what validation could not
+know (the horizon and checkpoint plan in real iterations, lazy parameters). The steps
+(:mod:`baton.run.steps`) act on the :class:`Pipeline` it returns; :mod:`baton.run.pipeline`
+restores and runs one.
 """
 
 import importlib
-import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from baton import build, control, loop, randomness
-from baton.checkpoint.ref import CheckpointRef
+from baton import build, randomness
 from baton.config.plan import check_plan
 from baton.config.schema import PipelineConfig
-from baton.control import find_resume_point, plan_resume
 from baton.data.loader import ResumableLoader, check_same_classes
 from baton.engine.strategy import SingleDeviceStrategy
 from baton.experiment.folder import Experiment
-from baton.steps import (
-    evaluate,
-    load_weights,
-    replay,
-    resume,
-    save,
-    save_epoch,
-    train_one_epoch,
-    train_until_stopped,
-)
+from baton.run import loop
+from baton.run.resume_policy import ResumeCheck
 from baton.trust.allowances import Trust
 from baton.trust.quotas import Quotas, has_lazy_parameters
-
-if TYPE_CHECKING:
-    from baton.resume_policy import ResumeCheck
-
-# This module is the library's way into a pipeline (``from baton import pipeline as pl``):
-# the steps (baton.steps) and the resume decision (baton.control) are importable from here.
-__all__ = [
-    "Pipeline",
-    "build_pipeline",
-    "evaluate",
-    "find_resume_point",
-    "load_weights",
-    "plan_resume",
-    "preload",
-    "replay",
-    "restore",
-    "resume",
-    "run",
-    "save",
-    "save_epoch",
-    "train_one_epoch",
-    "train_until_stopped",
-]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,7 +47,7 @@ class Pipeline:
     forks: list[dict] = field(default_factory=list)
     # A fork resumed but not yet recorded: its lineage starts at its first save, so that a
     # fork refused or stopped before it commits anything leaves no lineage behind.
-    pending_fork: "ResumeCheck | None" = None
+    pending_fork: ResumeCheck | None = None
     # The global random generators' states as this run sees them, between its steps.
     rng: randomness.TrainingGenerators = field(default_factory=randomness.TrainingGenerators)
 
@@ -207,79 +169,3 @@ def preload() -> None:
     server boots) pays it then instead of inside the run.
     """
     importlib.import_module("torch._dynamo")
-
-
-def restore(
-    cfg: PipelineConfig,
-    checkpoint: CheckpointRef | None,
-    *,
-    to_iter: int | None = None,
-    evaluated: bool = False,
-    experiment: Experiment | None = None,
-) -> Pipeline:
-    """A new pipeline at a run's position: resumed from ``checkpoint`` (or started from
-    ``load_from``/scratch), then trained again up to iteration ``to_iter``, which is
-    exact because data order and RNG states are part of the checkpoint.
-
-    Args:
-        evaluated: The run had also evaluated at ``to_iter`` (see :func:`replay`).
-        experiment: The config's experiment, if the caller holds it already.
-
-    Raises:
-        RuntimeError: The checkpoint is past ``to_iter``.
-    """
-    pipeline = build_pipeline(cfg, experiment)
-    if checkpoint is not None:
-        resume(pipeline, checkpoint)
-    else:
-        load_weights(pipeline)
-    if to_iter is not None:
-        if pipeline.strategy.iter > to_iter:
-            raise RuntimeError(
-                f"checkpoint {checkpoint.uri} is past the requested position "
-                f"(iteration {pipeline.strategy.iter} > {to_iter})"
-            )
-        replay(pipeline, to_iter, validated=evaluated)
-    return pipeline
-
-
-class _InProcess:
-    """The run's steps on the live pipeline (the plain-Python run; see baton.control)."""
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        self.metrics: dict[str, float] = {}
-        self.ref: CheckpointRef | None = None
-
-    def position(self, pipeline: Pipeline) -> tuple[int, bool]:
-        return pipeline.strategy.epoch, pipeline.finished
-
-    def train(self, pipeline: Pipeline, epoch: int) -> Pipeline:
-        self.metrics = train_one_epoch(pipeline)
-        return pipeline
-
-    def evaluate(self, pipeline: Pipeline, epoch: int) -> Pipeline:
-        self.metrics.update(evaluate(pipeline))
-        return pipeline
-
-    def save(self, pipeline: Pipeline, epoch: int, background: bool) -> Pipeline:
-        self.ref = save_epoch(pipeline, self.metrics, background=background) or self.ref
-        return pipeline
-
-    def report(self, pipeline: Pipeline) -> None:
-        position = {"epoch": pipeline.strategy.epoch, "iter": pipeline.strategy.iter}
-        pipeline.experiment.metrics.append("epoch", {**position, **self.metrics})
-        logger.info("epoch %d: %s", pipeline.strategy.epoch, self.metrics)
-
-
-def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
-    """Train a whole pipeline in this process, resuming as the config says."""
-    experiment = Experiment.of(cfg)
-    with experiment.lock():
-        plan = control.plan_resume(cfg, experiment=experiment)
-        pipeline = restore(cfg, plan.checkpoint, experiment=experiment)
-        # every check passed: a refused run changed nothing
-        plan.record(cfg, experiment, fork=pipeline.pending_fork is not None)
-        steps = _InProcess(pipeline)
-        control.train_to_horizon(cfg, pipeline, steps)
-    return pipeline, steps.ref or plan.checkpoint
