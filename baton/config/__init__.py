@@ -35,6 +35,7 @@ from baton.config.schema import (
     OptimWrapperConfig,
     PipelineConfig,
     RandomnessConfig,
+    Resume,
     TrainConfig,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "PipelineConfig",
     "Positions",
     "RandomnessConfig",
+    "Resume",
     "TrainConfig",
     "apply_overrides",
     "check_checkpoint_location",

@@ -285,8 +285,8 @@ def semantic_problems(
         except UntrustedInputError as err:
             add(("experiment_name",), str(err))
     uris = []
-    if cfg.resume not in ("auto", "never"):
-        uris.append((("resume",), cfg.resume, "resume checkpoint"))
+    if cfg.resume.checkpoint is not None:
+        uris.append((("resume",), cfg.resume.checkpoint, "resume checkpoint"))
     if cfg.load_from is not None:
         uris.append((("load_from", "uri"), cfg.load_from.uri, "load_from"))
     for path, uri, what in uris:

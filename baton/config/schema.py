@@ -23,13 +23,51 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     field_validator,
     model_validator,
 )
+from pydantic_core import CoreSchema, core_schema
 
 from baton.checkpoint.store import RetentionPolicy
 from baton.config.parsing import MAX_STRING
 from baton.experiment.folder import check_experiment_name
+
+
+class Resume(str):
+    """Where a run continues from, the config's ``resume``: ``'auto'`` (the newest valid
+    checkpoint of the newest lineage the config may continue), ``'never'`` (a new lineage),
+    or anything else, a checkpoint it names. The one place that reads the value: the
+    config checks ask :attr:`checkpoint` where it comes from, run control
+    (:func:`baton.run.control.plan_resume`) which of the three it is.
+
+    It is the string it was given (YAML, a flow parameter, ``--resume``; never empty), so
+    the resolved config, its hash and every checkpoint's record of it are what they were.
+    """
+
+    AUTO = "auto"
+    NEVER = "never"
+
+    @property
+    def auto(self) -> bool:
+        """Continue from the newest checkpoint the config may continue."""
+        return self == Resume.AUTO
+
+    @property
+    def never(self) -> bool:
+        """Start a new lineage, resuming nothing."""
+        return self == Resume.NEVER
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The checkpoint (a path or URI) to resume; ``None`` for auto and never."""
+        return None if self.auto or self.never else str(self)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            cls, core_schema.str_schema(min_length=1)
+        )
 
 
 def _has_type(value: dict) -> dict:
@@ -194,9 +232,8 @@ class PipelineConfig(_Strict):
     param_scheduler: list[Component] = Field(default_factory=list)
     train: TrainConfig
     checkpoint: CheckpointPolicy = CheckpointPolicy()
-    resume: str = Field(
-        "auto",
-        min_length=1,
+    resume: Resume = Field(
+        Resume(Resume.AUTO),
         description="'auto' (newest valid), 'never', or a checkpoint in the experiment "
         "folder or an operator's checkpoint root",
     )

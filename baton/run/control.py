@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from baton.checkpoint import io
 from baton.checkpoint.lineage import Lineage
 from baton.checkpoint.ref import CheckpointRef
-from baton.config.schema import PipelineConfig
+from baton.config.schema import PipelineConfig, Resume
 from baton.errors import CheckpointError, CheckpointNotFoundError, MissingInputError
 from baton.experiment.folder import Experiment
 from baton.run.resume_policy.keys import RUN, START, ConfigChange, compare
@@ -200,11 +200,12 @@ def plan_resume(
     store = experiment.store
     head = store.head()
     own_retry = run_id is not None and head is not None and head.run == run_id
-    if cfg.resume == "auto":
+    resume = Resume(cfg.resume)  # a config copied with model_copy may hold a plain string
+    if resume.auto:
         if cfg.fork:
             return ResumePlan(checkpoint=store.latest())
         return _newest_compatible(cfg, experiment, run_id)
-    if cfg.resume == "never":
+    if resume.never:
         if own_retry:
             return ResumePlan(checkpoint=store.latest())
         if head is None and run_id is None:
@@ -212,8 +213,8 @@ def plan_resume(
         if head is not None and not head.checkpoints and not (head.parent or head.parent_outside):
             return ResumePlan()  # the newest lineage is still empty and fresh: use it
         return ResumePlan(lineage=NewLineage(reason="fresh", run=run_id))
-    uri = checked_checkpoint(experiment, cfg.resume, "resume checkpoint")
-    committed = store.find(uri) or store.find(cfg.resume)
+    uri = checked_checkpoint(experiment, resume.checkpoint, "resume checkpoint")
+    committed = store.find(uri) or store.find(resume.checkpoint)
     if committed is not None:
         store.verify(committed)
         if own_retry and _same(head.parent, committed):
