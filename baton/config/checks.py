@@ -174,13 +174,14 @@ def component_problems(data: Mapping, positions: Positions, trust: Trust) -> lis
 
 
 def quotas_for(cfg: PipelineConfig, trust: Trust) -> Quotas:
-    """The operator's quotas for a run of ``cfg``: its defaults derived from the
-    filesystem of the work dir (the project's, when the work dir is refused)."""
+    """The operator's quotas for a run of ``cfg``, set where ``trust`` was read from: its
+    defaults derived from the filesystem of the work dir (the project's, when the work dir
+    is refused)."""
     try:
         folder = trust.check_work_dir(cfg.work_dir)
     except UntrustedInputError:
         folder = trust.project_dir
-    return Quotas.from_environment(folder=folder)
+    return Quotas.of(trust, folder=folder)
 
 
 def compile_problems(data: Mapping, positions: Positions, trust: Trust) -> list[ConfigProblem]:

@@ -154,9 +154,10 @@ def find_resume_point(
     *,
     run_id: str | None = None,
     experiment: Experiment | None = None,
+    trust: Trust | None = None,
 ) -> CheckpointRef | None:
     """The checkpoint a run of ``cfg`` continues from (:func:`plan_resume`); writes nothing."""
-    return plan_resume(cfg, run_id=run_id, experiment=experiment).checkpoint
+    return plan_resume(cfg, run_id=run_id, experiment=experiment, trust=trust).checkpoint
 
 
 def plan_resume(
@@ -164,6 +165,7 @@ def plan_resume(
     *,
     run_id: str | None = None,
     experiment: Experiment | None = None,
+    trust: Trust | None = None,
 ) -> ResumePlan:
     """The checkpoint a run of ``cfg`` continues from, by its resume policy, and the lineage
     its commits will go to. Reads only: the run records the plan
@@ -195,7 +197,8 @@ def plan_resume(
         CheckpointNotFoundError: The named checkpoint does not exist.
         CheckpointCorruptError: The named committed checkpoint no longer verifies.
     """
-    experiment = experiment or Experiment.of(cfg)
+    trust = trust or Trust.from_environment()
+    experiment = experiment or Experiment.of(cfg, trust)
     experiment.check_retention(cfg.checkpoint.retention())
     store = experiment.store
     head = store.head()
@@ -213,7 +216,7 @@ def plan_resume(
         if head is not None and not head.checkpoints and not (head.parent or head.parent_outside):
             return ResumePlan()  # the newest lineage is still empty and fresh: use it
         return ResumePlan(lineage=NewLineage(reason="fresh", run=run_id))
-    uri = checked_checkpoint(experiment, resume.checkpoint, "resume checkpoint")
+    uri = checked_checkpoint(experiment, resume.checkpoint, "resume checkpoint", trust)
     committed = store.find(uri) or store.find(resume.checkpoint)
     if committed is not None:
         store.verify(committed)
@@ -287,16 +290,19 @@ def _changes(lineage: Lineage, ref: CheckpointRef | None, current: dict) -> list
     return [c for c in compare(saved, current) if c.kind in (RUN, START)]
 
 
-def checked_checkpoint(experiment: Experiment, uri: str, what: str) -> str:
+def checked_checkpoint(
+    experiment: Experiment, uri: str, what: str, trust: Trust | None = None
+) -> str:
     """A checkpoint a config or a run names, refused unless it is a regular file in the
-    experiment folder or an operator's root, or a URI of an allowed scheme.
+    experiment folder or an operator's root (of ``trust``, default: the environment's),
+    or a URI of an allowed scheme.
 
     Raises:
         CheckpointNotFoundError: The file does not exist.
         UntrustedInputError: It is outside what the operator allows.
     """
     try:
-        return Trust.from_environment().check_checkpoint(
+        return (trust or Trust.from_environment()).check_checkpoint(
             uri, experiment_dir=Path(experiment.root), what=what
         )
     except MissingInputError as err:

@@ -84,7 +84,9 @@ def _loader(cfg, dataset, strategy: SingleDeviceStrategy) -> ResumableLoader:
     )
 
 
-def build_pipeline(cfg: PipelineConfig, experiment: Experiment | None = None) -> Pipeline:
+def build_pipeline(
+    cfg: PipelineConfig, experiment: Experiment | None = None, *, trust: Trust | None = None
+) -> Pipeline:
     """Build strategy, model, optimizer, schedulers, loaders and loss from a config.
 
     Seeding, and the random draws of building datasets and models, happen with the
@@ -92,22 +94,24 @@ def build_pipeline(cfg: PipelineConfig, experiment: Experiment | None = None) ->
 
     Args:
         experiment: The config's experiment, if the caller holds it already.
+        trust: The operator's trust, if the caller read it already (default: the
+            environment's, or the run's when it holds one).
     """
+    trust = trust or Trust.from_environment()
     generators = randomness.TrainingGenerators()
     with generators.active():
-        pipeline = _build(cfg, experiment or Experiment.of(cfg))
+        pipeline = _build(cfg, experiment or Experiment.of(cfg, trust), trust)
     pipeline.rng = generators
     return pipeline
 
 
-def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
+def _build(cfg: PipelineConfig, experiment: Experiment, trust: Trust) -> Pipeline:
     strategy = SingleDeviceStrategy.in_experiment(
         experiment,
         env_kwargs={"randomness": cfg.randomness.model_dump()},
         auto_scale_lr=cfg.auto_scale_lr.model_dump() if cfg.auto_scale_lr else None,
     )
     strategy.config_hash = cfg.config_hash
-    trust = Trust.from_environment()
     train_loader = _loader(
         cfg.train_data, build.build(cfg.train_data.dataset, "dataset", trust=trust), strategy
     )
@@ -125,7 +129,7 @@ def _build(cfg: PipelineConfig, experiment: Experiment) -> Pipeline:
         max_iters = max_epochs * epoch_length
     # What validation could not know: the horizon and the checkpoint plan in real
     # iterations, before the model is allocated.
-    quotas = Quotas.from_environment(folder=experiment.work_dir)
+    quotas = Quotas.of(trust, folder=experiment.work_dir)
     check_plan(quotas, cfg, epoch_length)
     wrapper = cfg.optim_wrapper.model_dump(exclude_none=True, exclude={"clip_grad"})
     if cfg.optim_wrapper.clip_grad is not None:

@@ -27,6 +27,7 @@ from baton.run.steps import (
     train_one_epoch,
     train_until_stopped,
 )
+from baton.trust.allowances import Trust, held_trust
 
 # This module is the library's way into a pipeline (``from baton.run import pipeline as pl``):
 # the live pipeline (baton.run.live), the steps (baton.run.steps) and the resume decision
@@ -59,6 +60,7 @@ def restore(
     to_iter: int | None = None,
     evaluated: bool = False,
     experiment: Experiment | None = None,
+    trust: Trust | None = None,
 ) -> Pipeline:
     """A new pipeline at a run's position: resumed from ``checkpoint`` (or started from
     ``load_from``/scratch), then trained again up to iteration ``to_iter``, which is
@@ -67,11 +69,12 @@ def restore(
     Args:
         evaluated: The run had also evaluated at ``to_iter`` (see :func:`replay`).
         experiment: The config's experiment, if the caller holds it already.
+        trust: The operator's trust, if the caller read it already.
 
     Raises:
         RuntimeError: The checkpoint is past ``to_iter``.
     """
-    pipeline = build_pipeline(cfg, experiment)
+    pipeline = build_pipeline(cfg, experiment, trust=trust)
     if checkpoint is not None:
         resume(pipeline, checkpoint)
     else:
@@ -115,14 +118,22 @@ class _InProcess:
         logger.info("epoch %d: %s", pipeline.strategy.epoch, self.metrics)
 
 
-def run(cfg: PipelineConfig) -> tuple[Pipeline, CheckpointRef | None]:
-    """Train a whole pipeline in this process, resuming as the config says."""
-    experiment = Experiment.of(cfg)
-    with experiment.lock():
-        plan = control.plan_resume(cfg, experiment=experiment)
-        pipeline = restore(cfg, plan.checkpoint, experiment=experiment)
-        # every check passed: a refused run changed nothing
-        plan.record(cfg, experiment, fork=pipeline.pending_fork is not None)
-        steps = _InProcess(pipeline)
-        control.train_to_horizon(cfg, pipeline, steps)
+def run(
+    cfg: PipelineConfig, *, trust: Trust | None = None
+) -> tuple[Pipeline, CheckpointRef | None]:
+    """Train a whole pipeline in this process, resuming as the config says.
+
+    The run's entry: it holds the operator's trust (``trust``, or read once at its first
+    use) until it ends (:func:`~baton.trust.allowances.held_trust`).
+    """
+    with held_trust(trust):
+        trust = Trust.from_environment()
+        experiment = Experiment.of(cfg, trust)
+        with experiment.lock():
+            plan = control.plan_resume(cfg, experiment=experiment, trust=trust)
+            pipeline = restore(cfg, plan.checkpoint, experiment=experiment, trust=trust)
+            # every check passed: a refused run changed nothing
+            plan.record(cfg, experiment, fork=pipeline.pending_fork is not None)
+            steps = _InProcess(pipeline)
+            control.train_to_horizon(cfg, pipeline, steps)
     return pipeline, steps.ref or plan.checkpoint

@@ -7,6 +7,11 @@ bytes, free disk: :mod:`baton.trust.quotas`), both read from the worker's enviro
 ``[tool.baton]`` in the project's pyproject.toml, never from a config or a run's
 parameters. Every other package asks it; it imports nothing of baton but ``errors`` and
 ``randomness``.
+
+The operator's settings are read once per run: a :class:`Trust` keeps the reading it was
+made from (:class:`OperatorSettings`), and the quotas of that reading follow from it
+(:meth:`Quotas.of`); a run's entry holds its trust for the code it calls
+(:func:`held_trust`, :func:`deployment_environment`).
 """
 
 from baton.trust.allowances import (
@@ -20,10 +25,13 @@ from baton.trust.allowances import (
     MAX_NAME_BYTES,
     SETTINGS,
     SUBTABLES,
+    OperatorSettings,
     Trust,
     check_deployment_name,
     check_regular_file,
     deployment_environment,
+    held_trust,
+    holds_trust,
     project_dir,
     pyproject_subtable,
     where_to_set,
@@ -42,11 +50,14 @@ __all__ = [
     "QUOTAS",
     "SETTINGS",
     "SUBTABLES",
+    "OperatorSettings",
     "Quotas",
     "Trust",
     "check_deployment_name",
     "check_regular_file",
     "deployment_environment",
+    "held_trust",
+    "holds_trust",
     "project_dir",
     "pyproject_subtable",
     "where_to_change",

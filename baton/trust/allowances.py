@@ -30,6 +30,13 @@ The project folder is ``BATON_PROJECT_DIR`` or the current directory: configs pa
 path must live in its ``configs/`` (or a config root), relative paths resolve against it.
 The operator's quotas live beside these settings, in ``[tool.baton.quotas]`` and
 ``BATON_MAX_*`` variables (:mod:`baton.trust.quotas`).
+
+**Read once per run.** The environment and pyproject.toml are read together
+(:class:`OperatorSettings`), and a :class:`Trust` keeps what it was read from, so the quotas
+of the same reading follow from it (``Quotas.of``). Code that has the trust passes it
+down; a run's entry holds it for the code that has not (:func:`held_trust`: the flows'
+:func:`deployment_environment`, ``baton.run.pipeline.run``), where every
+:meth:`Trust.from_environment` returns the run's, read at its first use.
 """
 
 import contextlib
@@ -121,6 +128,35 @@ def where_to_set(setting: str) -> str:
     return "an operator sets it with " + ", ".join(places[:-1]) + " or " + places[-1]
 
 
+@dataclass(frozen=True, eq=False)
+class OperatorSettings:
+    """What the operator set, as read at one moment: the process's ``BATON_*`` environment
+    variables and ``[tool.baton]`` of the project's pyproject.toml. :class:`Trust` and the
+    quotas (``baton.trust.quotas.Quotas.of``) are derived from one reading."""
+
+    project: Path
+    table: dict
+    environ: dict[str, str]
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None) -> "OperatorSettings":
+        """Read the settings now: ``environ`` (default: the process's) and the project's
+        pyproject.toml.
+
+        Raises:
+            UntrustedInputError: pyproject.toml cannot be read, or ``[tool.baton]`` has an
+                unknown key or a malformed deployments table.
+        """
+        environ = os.environ if environ is None else environ
+        project = project_dir(environ)
+        variables = {k: v for k, v in environ.items() if k.startswith("BATON_")}
+        return cls(project=project, table=_pyproject_table(project), environ=variables)
+
+    def subtable(self, name: str) -> dict:
+        """The ``[tool.baton.<name>]`` table (see :func:`pyproject_subtable`)."""
+        return _subtable(self.table, self.project, name)
+
+
 @dataclass(frozen=True)
 class Trust:
     """The operator's allowances, read from the environment and the project's pyproject.
@@ -139,13 +175,30 @@ class Trust:
     # The deployment this process runs a flow run of, and the one folder it may write.
     deployment: str | None = None
     deployment_work_dir: Path | None = None
+    # What it was read from (the quotas of the same reading follow from it); None in a
+    # Trust made by hand.
+    settings: OperatorSettings | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> "Trust":
-        """The trust in effect for this process: environment plus ``[tool.baton]``."""
-        environ = os.environ if environ is None else environ
-        project = project_dir(environ)
-        table = _pyproject_table(project)
+        """The trust in effect for this process: environment plus ``[tool.baton]``.
+
+        Inside a run that holds its trust (:func:`held_trust`), the run's, read once at
+        its first use; with ``environ`` given, always read from it.
+        """
+        if environ is None and _held is not None:
+            return _held.trust()
+        return cls.of(OperatorSettings.read(environ))
+
+    @classmethod
+    def of(cls, settings: OperatorSettings) -> "Trust":
+        """The trust the operator's ``settings`` give.
+
+        Raises:
+            UntrustedInputError: A setting of the wrong type, or deployment folders that
+                overlap.
+        """
+        project, table, environ = settings.project, settings.table, settings.environ
         values: dict[str, tuple] = {}
         for setting, (env, _) in SETTINGS.items():
             from_file = table.get(setting, [])
@@ -163,7 +216,7 @@ class Trust:
                 values[setting] = tuple(dict.fromkeys(items))
         deployment = environ.get(DEPLOYMENT_VARIABLE) or None
         if deployment is None:
-            return cls(project_dir=project, **values)
+            return cls(project_dir=project, settings=settings, **values)
         folders = _deployment_folders(project, table, environ)
         folder = folders.get(deployment) or _default_folder(project, table, environ, deployment)
         entry = table.get("deployments", {}).get(deployment, {})
@@ -171,7 +224,13 @@ class Trust:
             _root(project, v) for v in entry.get("checkpoint_roots", [])
         )
         values["work_dir_roots"] += (folder,)
-        return cls(project_dir=project, deployment=deployment, deployment_work_dir=folder, **values)
+        return cls(
+            project_dir=project,
+            deployment=deployment,
+            deployment_work_dir=folder,
+            settings=settings,
+            **values,
+        )
 
     # modules and schemes ---------------------------------------------------------------
 
@@ -356,13 +415,17 @@ def pyproject_subtable(project: Path, name: str) -> dict:
     Raises:
         UntrustedInputError: The file cannot be read, or ``name`` is not a table.
     """
-    table = _pyproject_table(project).get(name, {})
-    if not isinstance(table, dict):
+    return _subtable(_pyproject_table(project), project, name)
+
+
+def _subtable(table: Mapping, project: Path, name: str) -> dict:
+    found = table.get(name, {})
+    if not isinstance(found, dict):
         raise UntrustedInputError(
             f"[tool.baton] {name} in {project / 'pyproject.toml'} must be a table "
             f"([tool.baton.{name}])"
         )
-    return table
+    return found
 
 
 def _pyproject_table(project: Path) -> dict:
@@ -455,18 +518,60 @@ def _deployment_folders(project: Path, table: Mapping, environ: Mapping) -> dict
     return folders
 
 
+class _Hold:
+    """The trust a run holds: read at its first use, then the same for the whole run."""
+
+    def __init__(self, trust: Trust | None) -> None:
+        self._trust = trust
+
+    def trust(self) -> Trust:
+        if self._trust is None:  # a failed read is not kept: the next use reads again
+            self._trust = Trust.of(OperatorSettings.read())
+        return self._trust
+
+
+# The hold of the run in progress in this process, like the environment it stands for.
+_held: _Hold | None = None
+
+
+@contextlib.contextmanager
+def held_trust(trust: Trust | None = None, *, fresh: bool = False) -> Iterator[None]:
+    """Hold the operator's trust while the block runs (a run's entry): every
+    :meth:`Trust.from_environment` and ``Quotas.from_environment`` of this process inside
+    returns what was read at the first use (or ``trust``), so a run reads pyproject.toml
+    once. A block inside another holds the outer one's, unless ``fresh`` (a deployment's
+    flow run, whose deployment changes what is read) or given its own ``trust``.
+    """
+    global _held
+    outer = _held
+    if outer is None or fresh or trust is not None:
+        _held = _Hold(trust)
+    try:
+        yield
+    finally:
+        _held = outer
+
+
+def holds_trust() -> bool:
+    """Whether a run of this process holds its trust now (:func:`held_trust`)."""
+    return _held is not None
+
+
 @contextlib.contextmanager
 def deployment_environment(deployment: str | None) -> Iterator[None]:
-    """Name ``deployment`` in this process's environment (and its children's) while the
-    block runs, so that every :meth:`Trust.from_environment` applies its folder."""
+    """A flow run's entry: name ``deployment`` in this process's environment (and its
+    children's) while the block runs, so that trust applies its folder, and hold the
+    trust read with it for the run (:func:`held_trust`)."""
     if deployment is None:
-        yield
+        with held_trust(fresh=True):
+            yield
         return
     check_deployment_name(deployment)
     before = os.environ.get(DEPLOYMENT_VARIABLE)
     os.environ[DEPLOYMENT_VARIABLE] = deployment
     try:
-        yield
+        with held_trust(fresh=True):
+            yield
     finally:
         if before is None:
             os.environ.pop(DEPLOYMENT_VARIABLE, None)

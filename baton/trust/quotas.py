@@ -40,7 +40,8 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 
 from baton.errors import QuotaError, UntrustedInputError
 from baton.randomness import cpu_rng_states, set_cpu_rng_states
-from baton.trust.allowances import project_dir, pyproject_subtable
+from baton.trust import allowances
+from baton.trust.allowances import OperatorSettings, Trust
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +158,34 @@ class Quotas:
     ) -> "Quotas":
         """The quotas in effect for this process: the environment, then
         ``[tool.baton.quotas]``, then :func:`machine_defaults` for ``folder`` (where the
-        experiments are written; default: the project).
+        experiments are written; default: the project). Inside a run that holds its trust
+        (:func:`~baton.trust.allowances.held_trust`), those read with the run's trust.
 
         Raises:
             UntrustedInputError: A value that is not a positive integer, or an unknown key
                 in ``[tool.baton.quotas]``: the operator's settings are wrong.
         """
-        environ = os.environ if environ is None else environ
-        project = project_dir(environ)
-        table = pyproject_subtable(project, "quotas")
+        if environ is None and allowances.holds_trust():
+            return cls.of(Trust.from_environment(), folder=folder)
+        return cls._of_settings(OperatorSettings.read(environ), folder)
+
+    @classmethod
+    def of(cls, trust: Trust, *, folder: str | Path | None = None) -> "Quotas":
+        """The quotas set where ``trust`` was read from (one reading of the operator's
+        settings: nothing is read again), the rest from :func:`machine_defaults` for
+        ``folder``; for a trust made by hand, :meth:`from_environment`.
+
+        Raises:
+            UntrustedInputError: As :meth:`from_environment`.
+        """
+        if trust.settings is None:
+            return cls.from_environment(folder=folder)
+        return cls._of_settings(trust.settings, folder)
+
+    @classmethod
+    def _of_settings(cls, settings: OperatorSettings, folder: str | Path | None) -> "Quotas":
+        project, environ = settings.project, settings.environ
+        table = settings.subtable("quotas")
         unknown = sorted(set(table) - set(QUOTAS))
         if unknown:
             raise UntrustedInputError(
