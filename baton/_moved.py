@@ -1,15 +1,15 @@
 """The engine's old module paths, kept for one release.
 
-0.2.0 grouped the engine's flat modules into packages (``CHANGELOG.md``): ``baton.strategy``
-is ``baton.engine.strategy`` now, ``baton.pipeline`` is ``baton.run.pipeline``, and so on
-(:data:`MOVED`). Importing an old path, or one of its submodules, gives the module at the new
+The engine's flat modules were grouped into packages (``CHANGELOG.md``, "Moved modules"):
+``baton.strategy`` is ``baton.engine.strategy`` now, ``baton.pipeline`` is
+``baton.run.pipeline``, and so on (:data:`MOVED`). Importing an old path, or one of its submodules, gives the module at the new
 path itself, with a ``DeprecationWarning`` naming that path: the same module object, so its
 classes, ``isinstance`` checks and monkeypatches are shared, and a config's ``type:`` that
 names an old dotted path builds the same class. ``python -m`` an old path runs the new one.
 
 The old paths that became packages (``baton.config``, ``baton.build``, ``baton.data``,
 ``baton.trust``, ``baton.experiment``) need nothing here: each package exports what the
-module did. This module, and its finder, go in the release after 0.2.0.
+module did. This module, and its finder, go in the release after the one that moved them.
 """
 
 import importlib

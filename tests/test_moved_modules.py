@@ -20,10 +20,13 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _shown_names() -> list[str]:
-    """Dotted names in backticks, and ``from baton... import ...`` lines of code blocks."""
+    """Dotted names in backticks, and ``from baton... import ...`` lines of code blocks
+    (but the README's note on moved modules, which names the old paths)."""
     names = []
     for doc in DOCS:
-        text = doc.read_text(encoding="utf-8")
+        text = re.sub(
+            r"\*\*Moved modules\.\*\*.*?\n\n", "", doc.read_text(encoding="utf-8"), flags=re.S
+        )
         names += re.findall(r"`(baton(?:\.[A-Za-z_][A-Za-z0-9_]*)+)`", text)
         for module, imported in re.findall(r"^\s*from (baton[\w.]*) import ([\w, ]+)$", text, re.M):
             names += [f"{module}.{name.strip()}" for name in imported.split(",")]
