@@ -33,22 +33,32 @@ def test_every_path_it_names_exists():
     assert PATHS and missing == []
 
 
+def resolve(dotted: str) -> tuple[str, object]:
+    """The longest importable module at the start of ``dotted``, and what the rest names in
+    it.
+
+    Raises:
+        ImportError: No part of it is a module.
+        AttributeError: The module has no such name.
+    """
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attribute in parts[cut:]:
+            obj = getattr(obj, attribute)
+        return ".".join(parts[:cut]), obj
+    raise ImportError(f"no part of {dotted!r} is a module")
+
+
 def test_every_dotted_name_it_names_resolves():
     unresolved = []
     for dotted in DOTTED:
-        parts = dotted.split(".")
-        for cut in range(len(parts), 0, -1):
-            try:
-                obj = importlib.import_module(".".join(parts[:cut]))
-            except ImportError:
-                continue
-            try:
-                for attribute in parts[cut:]:
-                    obj = getattr(obj, attribute)
-            except AttributeError:
-                unresolved.append(dotted)
-            break
-        else:
+        try:
+            resolve(dotted)
+        except (ImportError, AttributeError):
             unresolved.append(dotted)
     assert DOTTED and unresolved == []
 

@@ -2,7 +2,6 @@
 imports at its path, and every old module path still imports for one release, as the very
 module that moved, with a DeprecationWarning naming its new path (``baton/_moved.py``)."""
 
-import importlib
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from baton import _moved
 from baton.build import build, resolve
 from baton.optim.schedulers import StepLR
 from baton.trust import Trust
+from tests.test_architecture import resolve as resolve_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -33,24 +33,11 @@ def _shown_names() -> list[str]:
     return sorted(set(names))
 
 
-def _resolve(dotted: str):
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        for attribute in parts[cut:]:
-            obj = getattr(obj, attribute)
-        return ".".join(parts[:cut]), obj
-    raise ImportError(dotted)
-
-
 def test_the_docs_show_names_at_their_new_paths():
     shown = _shown_names()
     assert "baton.SingleDeviceStrategy" in shown and "baton.optim.OptimWrapper" in shown
     for dotted in shown:
-        module, _ = _resolve(dotted)
+        module, _ = resolve_dotted(dotted)
         assert _moved.new_path(module) is None, f"{dotted}: the docs name an old path"
 
 
