@@ -27,7 +27,7 @@ run: venv $(if $(findstring digits_images,$(CONFIG)),$(DIGITS_IMAGES))
 digits-images: $(DIGITS_IMAGES)
 
 $(DIGITS_IMAGES): | venv
-	$(PY) -m baton.example_data digits-images $@
+	$(PY) -m baton.data.example_data digits-images $@
 
 test: venv
 	$(PY) -m ruff check .

@@ -1,8 +1,13 @@
 """baton: restartable PyTorch training with mmengine's single-device strategy API.
 
-The engine: no Prefect here. ``tasks`` and ``flows`` build on it.
+The engine: no Prefect here. ``tasks`` and ``flows`` build on it. Its packages, each
+importing only those before it (``tests/test_layering.py``, ``docs/architecture.md``):
+``trust``, ``checkpoint``, ``experiment``, ``data``, ``optim``, ``build``, ``engine``,
+``config``, ``run``; beside them the small modules every package may use: ``errors``,
+``randomness``, ``kinds``, ``models``, ``markdown``.
 """
 
+from baton import _moved
 from baton._version import __version__
 from baton.checkpoint import (
     CheckpointName,
@@ -12,6 +17,7 @@ from baton.checkpoint import (
     register_scheme,
     trusted_loading,
 )
+from baton.engine.strategy import SingleDeviceStrategy
 from baton.errors import (
     BatonError,
     CheckpointCorruptError,
@@ -27,7 +33,6 @@ from baton.errors import (
     UnsafeCheckpointError,
 )
 from baton.optim import AmpOptimWrapper, OptimWrapper
-from baton.strategy import SingleDeviceStrategy
 
 __all__ = [
     "AmpOptimWrapper",
@@ -53,3 +58,10 @@ __all__ = [
     "register_scheme",
     "trusted_loading",
 ]
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    # ``baton.strategy`` and the other old top-level modules, for one release (_moved.py)
+    return _moved.moved_attribute(name)

@@ -1,4 +1,13 @@
-"""Exceptions raised by the engine, one type per kind of failure a user can act on."""
+"""Exceptions raised by the engine, one type per kind of failure a user can act on, and
+how a message quotes the bad value it names (:func:`short_repr`)."""
+
+from typing import Any
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters, to quote a bad value in a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class BatonError(Exception):
@@ -98,7 +107,7 @@ class RestartRefusedError(BatonError):
 
 
 class ResumeConfigError(ConfigError, CheckpointMismatchError):
-    """A resume would change keys that change the run (see ``baton.resume_policy``);
+    """A resume would change keys that change the run (see ``baton.run.resume_policy``);
     the message lists them and names the explicit fork."""
 
 

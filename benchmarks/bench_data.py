@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from baton import build
 from baton.data import ResumableLoader
-from baton.example_data import write_digits_images
+from baton.data.example_data import write_digits_images
 from baton.trust import Trust
 
 warnings.filterwarnings("ignore", "This DataLoader will create")

@@ -23,8 +23,8 @@ import torch
 from bench_overhead import config
 from torch import nn
 
-from baton import pipeline as pl
 from baton.config import load_config
+from baton.run import pipeline as pl
 
 
 def main() -> None:

@@ -30,11 +30,11 @@ os.environ.setdefault("BATON_WORK_DIR_ROOTS", tempfile.gettempdir())
 import torch
 from torch import nn
 
-from baton import pipeline as pl
 from baton.config import load_config
 from baton.data import SyntheticClassification
 from baton.models import MLP
 from baton.randomness import seed_everything
+from baton.run import pipeline as pl
 
 
 def config(

@@ -102,8 +102,8 @@ def cmd_run(args) -> int:
     _trust_operator_flags(args)
 
     def load():
-        from baton import pipeline
         from baton.config import load_config
+        from baton.run import pipeline
 
         cfg = load_config(args.config, _settings(args))  # exit 2 before any run starts
         # What the run will import anyway, loaded while the server boots.
@@ -114,8 +114,8 @@ def cmd_run(args) -> int:
 
     with _prefect_session(load) as cfg:
         from baton.experiment import Experiment
+        from baton.experiment.metrics import history_table
         from baton.flows.train import train_pipeline
-        from baton.metrics import history_table
 
         state = train_pipeline(
             config=args.config,
@@ -359,8 +359,8 @@ def cmd_evaluate(args) -> int:
     _trust_operator_flags(args)
 
     def load():
-        from baton import pipeline
         from baton.config import load_config, parse_overrides
+        from baton.run import pipeline
 
         cfg = load_config(args.config, parse_overrides(args.set or []))
         _check_evaluation(cfg, args.checkpoint)  # one line, before Prefect starts

@@ -20,14 +20,14 @@ from prefect.exceptions import Abort, TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Crashed, State
 
-from baton import control
 from baton.errors import RestartRefusedError
 from baton.experiment import Experiment
+from baton.experiment.restarts import RestartBound
 from baton.flows.pool import checked_run, read_run, work_dir_of
 from baton.flows.run_record import RecentEvents, recording
 from baton.flows.watch import RunWatch
-from baton.interrupt import StopRequest, TrainingInterrupted, deferred_termination
-from baton.restarts import RestartBound
+from baton.run import control
+from baton.run.interrupt import StopRequest, TrainingInterrupted, deferred_termination
 from baton.tasks import (
     EpochReporter,
     RunState,
@@ -280,7 +280,7 @@ def train_pipeline(
             settings["work_dir"] = work_dir_of(deployment, work_dir)
             cfg = validate_config(config, overrides, settings)
             state = _train(cfg, started, crashed)
-    forget(config_of(cfg))
+            forget(config_of(cfg))  # inside: the run's trust is held here
     return state
 
 
@@ -333,7 +333,7 @@ def _origin(crashed: FlowRun) -> str:
 
 
 class _FlowSteps:
-    """The run's steps as tasks (see baton.control): each one a task run in the UI."""
+    """The run's steps as tasks (see baton.run.control): each one a task run in the UI."""
 
     def __init__(self, cfg: dict[str, Any], reporter: EpochReporter) -> None:
         self.cfg = cfg

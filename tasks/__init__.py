@@ -1,6 +1,6 @@
 """Prefect tasks, one module per pipeline operation. Each body is a few lines: declared
 with :func:`~baton.tasks._common.pipeline_task`, it takes the live pipeline at the run's
-position (:func:`~baton.tasks.state.live_step`), calls one step of :mod:`baton.pipeline`
+position (:func:`~baton.tasks.state.live_step`), calls one step of :mod:`baton.run.pipeline`
 and returns a small value."""
 
 from baton.tasks.checkpoint import load_checkpoint, save_checkpoint

@@ -2,10 +2,10 @@
 
 from typing import Any
 
-from baton import control
-from baton import pipeline as pl
 from baton.checkpoint.ref import CheckpointRef
 from baton.experiment import Experiment
+from baton.run import control
+from baton.run import pipeline as pl
 from baton.tasks._common import pipeline_task, run_logger
 from baton.tasks.state import RunState, config_of, live_pipeline, live_step
 
@@ -16,7 +16,7 @@ def save_checkpoint(
 ) -> RunState:
     """Write and commit a checkpoint.
 
-    With ``background`` (:func:`baton.control.plan_after_epoch` decides) the write goes
+    With ``background`` (:func:`baton.run.control.plan_after_epoch` decides) the write goes
     on while training does; the state then carries the newest checkpoint already
     committed. The flow's per-epoch report publishes the link artifact to it.
     """

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from baton import pipeline as pl
+from baton.run import pipeline as pl
 from baton.tasks._common import pipeline_task, run_logger
 from baton.tasks.state import RunState, live_step
 

@@ -3,7 +3,7 @@
 from typing import Any
 
 from baton.checkpoint.ref import CheckpointRef
-from baton.control import ResumePlan
+from baton.run.control import ResumePlan
 from baton.tasks._common import pipeline_task, run_logger
 from baton.tasks.state import RunState, config_of, forget, live_pipeline
 

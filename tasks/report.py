@@ -24,8 +24,8 @@ from prefect.exceptions import PrefectHTTPStatusError
 
 from baton.checkpoint import io
 from baton.experiment import Experiment
+from baton.experiment.metrics import history_table
 from baton.markdown import code_block, inline_code, text
-from baton.metrics import history_table
 from baton.tasks._common import artifact_key, run_logger
 from baton.tasks.state import RunState, config_of
 

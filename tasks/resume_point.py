@@ -5,8 +5,8 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
-from baton import control
-from baton.control import ResumePlan
+from baton.run import control
+from baton.run.control import ResumePlan
 from baton.tasks._common import pipeline_task, run_logger
 from baton.tasks.state import config_of
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from baton import pipeline as pl
 from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
 from baton.config import PipelineConfig, validate
 from baton.errors import CheckpointError
 from baton.experiment import Experiment
+from baton.run import pipeline as pl
 from baton.tasks._common import run_logger
 from baton.trust import Trust
 

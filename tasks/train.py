@@ -8,8 +8,8 @@ from typing import Any
 
 from prefect.states import Completed, State
 
-from baton import pipeline as pl
-from baton.interrupt import TrainingInterrupted, deferred_termination
+from baton.run import pipeline as pl
+from baton.run.interrupt import TrainingInterrupted, deferred_termination
 from baton.tasks._common import pipeline_task, run_logger
 from baton.tasks.state import RunState, live_step
 

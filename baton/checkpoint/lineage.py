@@ -2,7 +2,7 @@
 
 **Lineages.** Every checkpoint belongs to a lineage: a chain of runs that continue each
 other. A run that resumes automatically continues the newest lineage its config may
-continue (:func:`baton.control.find_resume_point`); a fresh start
+continue (:func:`baton.run.control.find_resume_point`); a fresh start
 (``resume: never``), a resume from an older checkpoint (a branch) and a fork with a new
 config start a new one (:meth:`baton.checkpoint.store.CheckpointStore.start_lineage`).
 "Latest" is the newest commit of the newest lineage (or, while that lineage has none yet,

@@ -10,7 +10,7 @@
      "outside": [{"seq": 4, "what": "/etc/passwd", "problem": "an absolute path..."}]}
 
 A lineage started by a run records the run's resolved config (``"config"``), which
-auto-resume compares with the next run's (:func:`baton.control.find_resume_point`).
+auto-resume compares with the next run's (:func:`baton.run.control.find_resume_point`).
 
 ``manifest.journal`` starts with a header line naming the snapshot generation it
 follows, then one line per change: ``<crc32 of the JSON, 8 hex digits> <JSON>``, where

@@ -5,7 +5,7 @@ lineage; the file is written atomically (:mod:`baton.checkpoint.io`) and then co
 to the manifest, so a crash during the write leaves the previous checkpoint the latest.
 A background save commits from a thread of its own once the bytes are on disk; one save
 runs at a time. Before any byte is written, the operator's quotas are checked
-(:mod:`baton.quotas`): the experiment's committed files and bytes plus the new checkpoint,
+(:mod:`baton.trust.quotas`): the experiment's committed files and bytes plus the new checkpoint,
 and the free space the write leaves; a refusal writes nothing.
 """
 
@@ -17,7 +17,7 @@ from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
 from baton.checkpoint.store import CheckpointStore
 from baton.errors import CheckpointError
-from baton.quotas import Quotas, estimate_bytes
+from baton.trust.quotas import Quotas, estimate_bytes
 
 
 class CheckpointWriter:
@@ -84,7 +84,7 @@ class CheckpointWriter:
         """Refuse a write into an experiment folder that was moved or deleted while the run
         trained, and a local write that would take the experiment over its files or bytes
         quota, or leave less free disk than the operator's floor. The size is estimated
-        from the checkpoint's tensors (:func:`baton.quotas.estimate_bytes`).
+        from the checkpoint's tensors (:func:`baton.trust.quotas.estimate_bytes`).
 
         Raises:
             ExperimentMovedError: The experiment's folder is not the one the run locked.

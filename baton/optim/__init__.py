@@ -1,4 +1,10 @@
-"""Optimizer wrappers with mmengine's interface: accumulation, clipping, ``update_params``.
+"""Optimizers as mmengine drives them: the wrappers, and the parameter schedulers.
+
+mmengine's own layout (``mmengine.optim`` holds both). The registry resolves their short
+names, so this package sits below it: it imports nothing else of baton; the
+registry, the engine and the run import it.
+
+Optimizer wrappers with mmengine's interface: accumulation, clipping, ``update_params``.
 
 ``OptimWrapper`` is a drop-in for ``mmengine.optim.OptimWrapper`` and ``AmpOptimWrapper``
 for ``mmengine.optim.AmpOptimWrapper``: the same signatures, attributes
@@ -10,6 +16,8 @@ CPU, no scaler for bfloat16, a caller's ``clip_grad`` left unmodified) are liste
 
 The wrapper (accumulation, clipping, mmengine's surface) is in :mod:`baton.optim.wrapper`,
 its mixed-precision subclass in :mod:`baton.optim.amp`; both are imported from here.
+The parameter schedulers (``StepLR``, ``CosineAnnealingLR``... and their
+``*ParamScheduler`` twins) are :mod:`baton.optim.schedulers`.
 """
 
 from baton.optim.amp import AmpOptimWrapper

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from baton.datasets import ImageFolder
+from baton.data.datasets import ImageFolder
 
 
 def make_image_folder(root: Path, *, classes=("a", "b", "c"), per_class=8, size=12) -> Path:

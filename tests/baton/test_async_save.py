@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from baton import CheckpointError
-from baton import pipeline as pl
 from baton.config import load_config
+from baton.run import pipeline as pl
 
 from .helpers import make_strategy
 from .test_config import base

@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from baton import ConfigError
-from baton import pipeline as pl
-from baton.config import PipelineConfig, apply_overrides, load_config
+from baton.config import PipelineConfig, Resume, apply_overrides, load_config
+from baton.run import pipeline as pl
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -49,6 +49,30 @@ def test_defaults_are_filled_in():
     assert cfg.randomness.seed == 0 and cfg.randomness.deterministic
     assert cfg.checkpoint.keep_last == 3 and cfg.resume == "auto"
     assert cfg.loss == {"type": "CrossEntropyLoss"}
+
+
+@pytest.mark.parametrize(
+    ("text", "auto", "never", "checkpoint"),
+    [
+        ("auto", True, False, None),
+        ("never", False, True, None),
+        (
+            "work_dirs/exp/checkpoints/epoch_0001.pth",
+            False,
+            False,
+            "work_dirs/exp/checkpoints/epoch_0001.pth",
+        ),
+    ],
+)
+def test_resume_is_one_typed_value_that_keeps_its_text(text, auto, never, checkpoint):
+    """What ``resume`` says is read in one place, its type; the config (and its hash, and
+    every checkpoint's record of it) holds the text it was given."""
+    cfg = PipelineConfig.model_validate({**base(), "resume": text})
+    assert type(cfg.resume) is Resume and cfg.resume == text
+    assert (cfg.resume.auto, cfg.resume.never, cfg.resume.checkpoint) == (auto, never, checkpoint)
+    assert cfg.model_dump(mode="json")["resume"] == text
+    assert type(PipelineConfig.model_validate(base()).resume) is Resume  # the default too
+    assert PipelineConfig.model_json_schema()["properties"]["resume"]["type"] == "string"
 
 
 def test_hashes():
@@ -449,7 +473,7 @@ def test_what_would_fail_at_run_time_fails_validation(overrides, message):
 
 
 @pytest.mark.parametrize(
-    "name", ["ReduceOnPlateauLR", "baton.schedulers.plateau.ReduceOnPlateauParamScheduler"]
+    "name", ["ReduceOnPlateauLR", "baton.optim.schedulers.plateau.ReduceOnPlateauParamScheduler"]
 )
 def test_a_plateau_scheduler_needs_the_validations_it_follows(name):
     data = base()
@@ -474,8 +498,8 @@ def test_a_constructor_that_changes_its_arguments_never_changes_the_config():
 
 
 def test_objects_given_from_python_are_passed_as_they_are():
-    from baton import build
+    from baton.build import registry
 
     layer = torch.nn.Linear(2, 2)
-    copied = build._plain_copy({"inner": layer, "sizes": [1, [2]]})
+    copied = registry._plain_copy({"inner": layer, "sizes": [1, [2]]})
     assert copied["inner"] is layer and copied["sizes"] == [1, [2]]

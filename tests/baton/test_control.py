@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from baton import control
 from baton.config import load_config
+from baton.run import control
 
 from .test_config import base
 

@@ -12,8 +12,8 @@ from baton.data import (
     ResumableLoader,
     SyntheticClassification,
     TensorPairDataset,
-    _SeededSamples,
 )
+from baton.data.loader import _SeededSamples
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():

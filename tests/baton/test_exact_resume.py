@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from baton.loop import evaluate, train_epoch
+from baton.run.loop import evaluate, train_epoch
 
 from .helpers import EPOCH_LENGTH, assert_bitwise_equal, flat_state, make_loader, make_strategy, mlp
 

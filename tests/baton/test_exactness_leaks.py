@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baton import pipeline as pl
+from baton.run import pipeline as pl
 
 from . import noisy
 from .helpers import assert_bitwise_equal

@@ -3,9 +3,9 @@
 import pytest
 
 from baton import ConfigError
-from baton import pipeline as pl
 from baton.config import load_config
 from baton.experiment import Experiment
+from baton.run import pipeline as pl
 from baton.tasks.state import config_of
 
 from .test_config import base

@@ -11,13 +11,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from baton import build
-from baton import pipeline as pl
 from baton.config import load_config
 from baton.data import ResumableLoader, check_same_classes
-from baton.datasets import ImageFolder
+from baton.data.datasets import ImageFolder
+from baton.data.example_data import write_digits_images
+from baton.data.transforms import Compose
 from baton.errors import DataError
-from baton.example_data import write_digits_images
-from baton.transforms import Compose
+from baton.run import pipeline as pl
 
 from .image_folders import augmentation, make_image_folder
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from baton import optim as baton_optim
-from baton import schedulers as baton_schedulers
+from baton.optim import schedulers as baton_schedulers
 
 mm_optim = pytest.importorskip("mmengine.optim")
 mm_schedulers = pytest.importorskip("mmengine.optim.scheduler")
@@ -418,6 +418,32 @@ def _mm_log():
         yield records
     finally:
         mm_logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize(
+    ("init", "max_counts", "counts"),
+    [(0, 100, 3), (2, 100, 3), (0, 99, 3), (96, 100, 3), (0, 5, 2), (0, 100, 1), (7, 10, 4)],
+)
+def test_count_status_is_mmengine_s(init, max_counts, counts):
+    """mmengine's ``test_initialize_iter_status`` (``initialize_count_status(model, 0, 100)``
+    with ``accumulative_counts=3`` leaves ``_remainder_counts`` at 1), and more windows: the
+    counters and the loss factor of every backward pass to the horizon."""
+
+    def run(ns):
+        built = ns.OptimWrapper(_sgd(), accumulative_counts=counts)
+        built.initialize_count_status(_model(), init, max_counts)
+        status = (built._inner_count, built._max_counts, built._remainder_counts)
+        factors = []
+        for _ in range(init, max_counts):
+            factors.append(float(built.scale_loss(torch.tensor(1.0))))
+            built._inner_count += 1
+        return status, factors
+
+    (mm, _, mm_err), (ours, _, err) = _both(run)
+    assert mm_err is None and err is None, (mm_err, err)
+    assert ours == mm
+    if (init, max_counts, counts) == (0, 100, 3):
+        assert ours[0][2] == 1
 
 
 @pytest.mark.parametrize(

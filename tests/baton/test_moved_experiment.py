@@ -8,8 +8,8 @@ import errno
 import pytest
 
 from baton import ExperimentMovedError, ExperimentNotWritableError
-from baton import pipeline as pl
 from baton.checkpoint import lock
+from baton.run import pipeline as pl
 from baton.tasks._common import PERMANENT_ERRORS
 
 from .helpers import assert_bitwise_equal

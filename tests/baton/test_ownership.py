@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from baton import RetentionPolicy
-from baton import pipeline as pl
 from baton.errors import RetentionConflictError
 from baton.experiment import Experiment
+from baton.run import pipeline as pl
 
 from .helpers import assert_bitwise_equal, flat_state, make_strategy, mlp
 from .test_pipeline import cfg_for

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from baton import CheckpointCorruptError, CheckpointMismatchError, ConfigError
-from baton import pipeline as pl
 from baton.checkpoint import digests
 from baton.config import load_config
+from baton.run import pipeline as pl
 
 from .helpers import HALVING_PLATEAU
 from .test_config import base

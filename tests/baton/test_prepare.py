@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from baton import AmpOptimWrapper, OptimWrapper, SingleDeviceStrategy
-from baton.convert import BatchNormXd
-from baton.schedulers import CosineAnnealingLR, LinearLR
+from baton.engine.convert import BatchNormXd
+from baton.optim.schedulers import CosineAnnealingLR, LinearLR
 
 
 @pytest.fixture

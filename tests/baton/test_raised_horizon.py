@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from baton import ResumeConfigError
-from baton import pipeline as pl
 from baton.config import validate
+from baton.run import pipeline as pl
 from tests.flows.helpers import assert_same_training_result
 
 from .helpers import HALVING_PLATEAU, small_pipeline

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from baton import pipeline as pl
 from baton.config import load_config
 from baton.errors import (
     CheckpointMismatchError,
@@ -19,6 +18,7 @@ from baton.errors import (
     RetentionConflictError,
     UnsafeCheckpointError,
 )
+from baton.run import pipeline as pl
 
 from .helpers import small_pipeline
 

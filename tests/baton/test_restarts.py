@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from baton.errors import RestartRefusedError
-from baton.restarts import RestartBound, RestartLog
+from baton.experiment.restarts import RestartBound, RestartLog
 
 NOON = datetime(2026, 1, 1, 12, tzinfo=UTC)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from baton import ResumeConfigError
-from baton import pipeline as pl
-from baton.resume_policy import (
+from baton.run import pipeline as pl
+from baton.run.resume_policy import (
     FREE,
     KEY_CLASSES,
     RUN,

@@ -379,9 +379,9 @@ def test_ckpt_inspect_says_what_a_non_checkpoint_is(tmp_path, capsys, make, said
 
 
 def test_a_diverged_run_stops_clearly_and_keeps_its_checkpoints(tmp_path):
-    from baton import pipeline as pl
     from baton.config import load_config
     from baton.errors import TrainingDivergedError
+    from baton.run import pipeline as pl
 
     cfg = load_config(
         {

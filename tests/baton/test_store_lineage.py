@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from baton import pipeline as pl
 from baton.checkpoint import io, manifest
 from baton.checkpoint.ref import CheckpointName
 from baton.checkpoint.retention import rotation_drops
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.config import load_config
 from baton.flows.cli import main
+from baton.run import pipeline as pl
 
 from .helpers import small_pipeline
 

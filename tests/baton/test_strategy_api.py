@@ -12,7 +12,7 @@ from torch import nn
 from baton import SingleDeviceStrategy
 from baton.checkpoint.store import RetentionPolicy
 from baton.optim import OptimWrapper
-from baton.schedulers import LinearLR
+from baton.optim.schedulers import LinearLR
 
 SEED_SIGNATURES = {
     "__init__": (

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from baton import pipeline as pl
 from baton.config import validate
+from baton.run import pipeline as pl
 from baton.tasks._common import artifact_key
 
 from ..faults import forwards_so_far

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from baton import pipeline as pl
 from baton.config import validate
 from baton.flows.train import restart_name, train_pipeline
+from baton.run import pipeline as pl
 
 from ..faults import forwards_so_far
 from ..flows.conftest import small_config

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from baton import pipeline as pl
 from baton.config import validate
+from baton.run import pipeline as pl
 from baton.tasks._common import artifact_key
 
 from ..flows.conftest import small_config

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from baton import pipeline as pl
 from baton.config import validate
 from baton.errors import ConfigError
 from baton.flows.cli import main
+from baton.run import pipeline as pl
 
 from .conftest import small_config
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from baton.example_data import write_digits_images
+from baton.data.example_data import write_digits_images
 
 from .helpers import assert_same_training_result, final_checkpoint, run_env
 
@@ -28,7 +28,7 @@ EXAMPLE_DATA = {"data/digits_images": write_digits_images}
 
 RUN = """
 import json, sys
-from baton import pipeline as pl
+from baton.run import pipeline as pl
 from baton.config import load_config
 pl.run(load_config(sys.argv[1], json.loads(sys.argv[2])))
 """

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from baton import CheckpointStore
-from baton import pipeline as pl
 from baton.config import validate
+from baton.run import pipeline as pl
 
 from ..baton.image_folders import augmentation, make_image_folder
 from ..faults import forwards_so_far

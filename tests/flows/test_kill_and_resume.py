@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from baton import CheckpointStore
-from baton import pipeline as pl
 from baton.config import validate
+from baton.run import pipeline as pl
 
 from ..faults import forwards_so_far
 from .conftest import small_config

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from baton import pipeline as pl
 from baton.checkpoint.store import CheckpointStore
 from baton.config import validate
 from baton.flows.train import train_pipeline
+from baton.run import pipeline as pl
 
 from .conftest import small_config
 from .helpers import assert_same_training_result, final_checkpoint, flaky

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from baton import pipeline as pl
 from baton.config import validate
+from baton.run import pipeline as pl
 
 from .conftest import small_config
 from .helpers import assert_same_training_result, final_checkpoint
@@ -21,7 +21,7 @@ RUNNER = """
 import json, sys
 from baton import tasks
 from baton.checkpoint.ref import CheckpointRef
-from baton.control import ResumePlan
+from baton.run.control import ResumePlan
 name, payload = sys.argv[1], json.loads(sys.stdin.read())
 task = getattr(tasks, name)
 args = payload["args"]

@@ -5,10 +5,10 @@ import json
 import pytest
 from prefect.client.orchestration import get_client
 
-from baton import pipeline as pl
 from baton.checkpoint.store import CheckpointStore
 from baton.config import validate
 from baton.flows.train import train_pipeline
+from baton.run import pipeline as pl
 from baton.tasks._common import artifact_key
 
 from ..baton.helpers import HALVING_PLATEAU

@@ -20,8 +20,8 @@ def die() -> None:
 
 
 def arm(point: str, n: int) -> None:
-    from baton import loop
     from baton.checkpoint import atomic, manifest, retention
+    from baton.run import loop
 
     count = {"n": 0}
 
@@ -88,8 +88,8 @@ def arm(point: str, n: int) -> None:
 
 def main() -> None:
     config, point, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    from baton import pipeline as pl
     from baton.config import validate
+    from baton.run import pipeline as pl
 
     arm(point, n)
     pl.run(validate(config))

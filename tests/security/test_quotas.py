@@ -14,14 +14,14 @@ import torch
 from prefect.client.schemas.objects import FlowRun
 from torch import nn
 
-from baton import pipeline as pl
 from baton.config import load_config
 from baton.errors import ConfigError, QuotaError, UntrustedInputError
 from baton.flows.pool import check_this_run
-from baton.quotas import Quotas, count_parameters, has_lazy_parameters
 from baton.randomness import cpu_rng_states, set_cpu_rng_states
+from baton.run import pipeline as pl
 from baton.tasks._common import PERMANENT_ERRORS
 from baton.trust import Trust
+from baton.trust.quotas import Quotas, count_parameters, has_lazy_parameters
 
 from ..baton.helpers import make_strategy, mlp, small_pipeline
 from ..baton.image_folders import make_image_folder

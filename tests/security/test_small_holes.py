@@ -11,8 +11,8 @@ from baton.checkpoint import committed, io
 from baton.checkpoint.ref import CheckpointName
 from baton.checkpoint.store import CheckpointStore
 from baton.config import load_config
-from baton.config_yaml import MAX_NESTING
-from baton.datasets import ImageFolder
+from baton.config.parsing import MAX_NESTING
+from baton.data.datasets import ImageFolder
 from baton.errors import CheckpointError, ConfigError, UntrustedInputError
 from baton.experiment import check_experiment_name
 from baton.flows.cli import main

@@ -1,0 +1,139 @@
+"""A configured pipeline, built and driven one step at a time: the library's way in.
+
+:func:`build_pipeline` (:mod:`baton.run.live`) turns a validated
+:class:`~baton.config.PipelineConfig` into a live :class:`Pipeline`. The step functions
+(:mod:`baton.run.steps`: ``resume``, ``load_weights``, ``train_one_epoch``, ``evaluate``,
+``save``, importable from here) are what the Prefect tasks call; :func:`restore` rebuilds a
+pipeline at a position; :func:`run` chains the steps for a plain-Python run (tests,
+benchmarks). When to evaluate and save, and where a run continues from, is decided in
+:mod:`baton.run.control`.
+"""
+
+import logging
+
+from baton.checkpoint.ref import CheckpointRef
+from baton.config.schema import PipelineConfig
+from baton.experiment.folder import Experiment
+from baton.run import control
+from baton.run.control import find_resume_point, plan_resume
+from baton.run.live import Pipeline, build_pipeline, preload
+from baton.run.steps import (
+    evaluate,
+    load_weights,
+    replay,
+    resume,
+    save,
+    save_epoch,
+    train_one_epoch,
+    train_until_stopped,
+)
+from baton.trust.allowances import Trust, held_trust
+
+# This module is the library's way into a pipeline (``from baton.run import pipeline as pl``):
+# the live pipeline (baton.run.live), the steps (baton.run.steps) and the resume decision
+# (baton.run.control) are importable from here.
+__all__ = [
+    "Pipeline",
+    "build_pipeline",
+    "evaluate",
+    "find_resume_point",
+    "load_weights",
+    "plan_resume",
+    "preload",
+    "replay",
+    "restore",
+    "resume",
+    "run",
+    "save",
+    "save_epoch",
+    "train_one_epoch",
+    "train_until_stopped",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def restore(
+    cfg: PipelineConfig,
+    checkpoint: CheckpointRef | None,
+    *,
+    to_iter: int | None = None,
+    evaluated: bool = False,
+    experiment: Experiment | None = None,
+    trust: Trust | None = None,
+) -> Pipeline:
+    """A new pipeline at a run's position: resumed from ``checkpoint`` (or started from
+    ``load_from``/scratch), then trained again up to iteration ``to_iter``, which is
+    exact because data order and RNG states are part of the checkpoint.
+
+    Args:
+        evaluated: The run had also evaluated at ``to_iter`` (see :func:`replay`).
+        experiment: The config's experiment, if the caller holds it already.
+        trust: The operator's trust, if the caller read it already.
+
+    Raises:
+        RuntimeError: The checkpoint is past ``to_iter``.
+    """
+    pipeline = build_pipeline(cfg, experiment, trust=trust)
+    if checkpoint is not None:
+        resume(pipeline, checkpoint)
+    else:
+        load_weights(pipeline)
+    if to_iter is not None:
+        if pipeline.strategy.iter > to_iter:
+            raise RuntimeError(
+                f"checkpoint {checkpoint.uri} is past the requested position "
+                f"(iteration {pipeline.strategy.iter} > {to_iter})"
+            )
+        replay(pipeline, to_iter, validated=evaluated)
+    return pipeline
+
+
+class _InProcess:
+    """The run's steps on the live pipeline (the plain-Python run; see baton.run.control)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.metrics: dict[str, float] = {}
+        self.ref: CheckpointRef | None = None
+
+    def position(self, pipeline: Pipeline) -> tuple[int, bool]:
+        return pipeline.strategy.epoch, pipeline.finished
+
+    def train(self, pipeline: Pipeline, epoch: int) -> Pipeline:
+        self.metrics = train_one_epoch(pipeline)
+        return pipeline
+
+    def evaluate(self, pipeline: Pipeline, epoch: int) -> Pipeline:
+        self.metrics.update(evaluate(pipeline))
+        return pipeline
+
+    def save(self, pipeline: Pipeline, epoch: int, background: bool) -> Pipeline:
+        self.ref = save_epoch(pipeline, self.metrics, background=background) or self.ref
+        return pipeline
+
+    def report(self, pipeline: Pipeline) -> None:
+        position = {"epoch": pipeline.strategy.epoch, "iter": pipeline.strategy.iter}
+        pipeline.experiment.metrics.append("epoch", {**position, **self.metrics})
+        logger.info("epoch %d: %s", pipeline.strategy.epoch, self.metrics)
+
+
+def run(
+    cfg: PipelineConfig, *, trust: Trust | None = None
+) -> tuple[Pipeline, CheckpointRef | None]:
+    """Train a whole pipeline in this process, resuming as the config says.
+
+    The run's entry: it holds the operator's trust (``trust``, or read once at its first
+    use) until it ends (:func:`~baton.trust.allowances.held_trust`).
+    """
+    with held_trust(trust):
+        trust = Trust.from_environment()
+        experiment = Experiment.of(cfg, trust)
+        with experiment.lock():
+            plan = control.plan_resume(cfg, experiment=experiment, trust=trust)
+            pipeline = restore(cfg, plan.checkpoint, experiment=experiment, trust=trust)
+            # every check passed: a refused run changed nothing
+            plan.record(cfg, experiment, fork=pipeline.pending_fork is not None)
+            steps = _InProcess(pipeline)
+            control.train_to_horizon(cfg, pipeline, steps)
+    return pipeline, steps.ref or plan.checkpoint
