@@ -127,9 +127,6 @@ class RecentEvents:
             if self._held_since is None:
                 self._held_since = time.monotonic()
 
-    def __len__(self) -> int:
-        return len(self._events)
-
     def send_missing(self, server_api: Any, send: Any) -> int:
         """Send again (through ``send``) the kept events the server's database lacks,
         then stop holding; return how many were sent."""
@@ -141,6 +138,8 @@ class RecentEvents:
             record.add_event(event)
         missing = missing_from(server_api, record)
         lost = set(missing.events) | {state for _, state in missing.task_run_states.values()}
+        # Not heartbeats: late, they would reopen heartbeat windows that ran out already.
+        lost = {i for i in lost if kept[i].event != "prefect.flow-run.heartbeat"}
         for event_id in sorted(lost, key=lambda i: kept[i].occurred):
             send(kept[event_id])
         return len(lost)

@@ -120,11 +120,10 @@ def _stops_end_cleanly(
             if cancelled:
                 final = Cancelled(message=_stop_message(stopped, "cancel"))
             else:
-                final = _interrupted(_stop_message(stopped, stopped.reason or "signal"))
+                final = _interrupted(stopped, stopped.reason or "signal")
             accepted = _set_final_state(final)
             if accepted is None:
                 raise
-            run_logger().info(final.message)
             abort = Abort(final.message)
             abort.state = accepted  # Prefect's engine: the API has the final state already
             raise abort from None
@@ -149,15 +148,19 @@ def _stop_of(exc: BaseException) -> TrainingInterrupted | None:
     return None
 
 
-def _stop_message(stopped: TrainingInterrupted | None, reason: str) -> str:
+def _stop_message(
+    stopped: TrainingInterrupted | None, reason: str, restart: str = "baton-restart-crashed-runs"
+) -> str:
     """What happened, in the words of the run's final state."""
     what = {
         "cancel": "Cancelled",
         "worker": "Its worker died; stopped",
         "signal": "Stopped by SIGTERM (not a cancel)",
+        "lease": "The server lost its concurrency slot; stopped",
     }.get(reason, "Stopped")
+    after = "" if reason == "cancel" else f" {restart} continues it from there."
     if stopped is None or stopped.position is None:
-        return f"{what}."
+        return f"{what}.{after}"
     epoch, iteration, max_iters = stopped.position
     ref = stopped.checkpoint
     if ref is None:
@@ -166,10 +169,7 @@ def _stop_message(stopped: TrainingInterrupted | None, reason: str) -> str:
         held = f"emergency checkpoint {ref.uri.rsplit('/', 1)[-1]} committed"
     else:
         held = f"checkpoint {ref.uri.rsplit('/', 1)[-1]} already holds it"
-    text = f"{what} at iteration {iteration}/{max_iters} (epoch {epoch} done): {held}."
-    if reason != "cancel":
-        text += " baton-restart-crashed-runs continues it from there."
-    return text
+    return f"{what} at iteration {iteration}/{max_iters} (epoch {epoch} done): {held}.{after}"
 
 
 # The name of the Crashed state a run gives itself when it stopped on purpose (a SIGTERM
@@ -178,7 +178,7 @@ def _stop_message(stopped: TrainingInterrupted | None, reason: str) -> str:
 INTERRUPTED = "Interrupted"
 
 
-def _interrupted(message: str) -> State:
+def _interrupted(stopped: TrainingInterrupted, reason: str) -> State:
     """The Crashed state of a run that stopped on purpose, its restart created here, so
     that the restart carries its name from the moment it exists (Prefect's automations
     cannot name the runs they create). Without a restart (it could not be created), a
@@ -197,12 +197,8 @@ def _interrupted(message: str) -> State:
             )
     except Exception as err:
         run_logger().warning("could not create the restart (%s): the automation will", err)
-        return Crashed(message=message)
-    text = message.replace(
-        "baton-restart-crashed-runs continues it from there.",
-        f"{restart.name} continues it from there.",
-    )
-    return Crashed(name=INTERRUPTED, message=text)
+        return Crashed(message=_stop_message(stopped, reason))
+    return Crashed(name=INTERRUPTED, message=_stop_message(stopped, reason, restart.name))
 
 
 def _set_final_state(state: State) -> State | None:
@@ -384,7 +380,9 @@ def _checkpoint_then_stop(cfg: dict[str, Any], stop: StopRequest):
 
 
 @contextlib.contextmanager
-def _watched(experiment: Experiment, reporter_box: list) -> Iterator[RunWatch | None]:
+def _watched(
+    experiment: Experiment, reporter_box: list[EpochReporter]
+) -> Iterator[RunWatch | None]:
     """Watch this run from a thread of its own while it trains (deployments' runs:
     see baton.flows.watch), and send again what the server lost in an outage."""
     deployment_id = _deployment_id()
@@ -420,9 +418,6 @@ def _watched(experiment: Experiment, reporter_box: list) -> Iterator[RunWatch | 
         watch.start()
         try:
             yield watch
-            # The end of the run is recorded only if the server hears it.
-            if watch.unreachable_since is not None:
-                watch.wait_for_server(SERVER_WAIT_S)
         finally:
             watch.stop()
 
@@ -431,6 +426,20 @@ def _watched(experiment: Experiment, reporter_box: list) -> Iterator[RunWatch | 
 SERVER_WAIT_S = 600.0
 # How long a stopping run (a cancel, a SIGTERM) waits for its last artifacts.
 STOP_CLOSE_TIMEOUT_S = 10.0
+
+
+def _stop_after_training(state: RunState, stop: StopRequest, watch: RunWatch | None) -> None:
+    """A stop that came once training had reached its horizon: a cancel ends the run
+    Cancelled (the server holds it Cancelling), anything else lets it end Completed
+    rather than restart a finished run."""
+    if (watch is not None and watch.reason == "cancel") or _being_cancelled():
+        interrupted = TrainingInterrupted("cancelled after training")
+        interrupted.checkpoint = state.checkpoint
+        interrupted.position = (state.epoch, state.iter, state.max_iters)
+        interrupted.saved_now = False
+        raise interrupted
+    run_logger().info("a SIGTERM came after training had reached its horizon: the run ends")
+    stop.signum = None
 
 
 def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunState:
@@ -462,6 +471,7 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
         state = prepare(cfg, find_resume_point(cfg, run_id))
         reporter = EpochReporter(cfg)
         reporters.append(reporter)
+        stopping = False
         try:
             reporter.start(state)
             if state.finished:
@@ -473,11 +483,14 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
             before_epoch = _checkpoint_then_stop(cfg, stop)
             state = control.train_to_horizon(config, state, steps, before_epoch=before_epoch)
             reporter.finish(state, summarize(cfg, state, started))
+            if stop.requested:
+                stopping = True
+                _stop_after_training(state, stop, watch)
         except TrainingInterrupted as interrupted:
             interrupted.reason = watch.reason if watch is not None else None
             raise
         finally:
-            if stop.requested:
+            if stopping or stop.requested:
                 # Prefect's grace period after a SIGTERM is 30 s: the checkpoint is
                 # committed, the artifacts get what is left of it.
                 reporter.close(STOP_CLOSE_TIMEOUT_S)

@@ -10,17 +10,24 @@ one daemon thread of the flow process (:class:`RunWatch`):
   is lost. The watch holds a reader of its own on those pipes, so that a write never
   breaks; when this process's parent changes (the worker is gone), it sends the output
   to a file in the experiment's ``runs/`` folder and stops training as a SIGTERM would:
-  an emergency checkpoint, then the run ends Crashed and baton-restart-crashed-runs
-  continues it once a worker serves the pool again.
+  an emergency checkpoint, then the run creates its restart and ends Crashed
+  ("Interrupted"); the restart continues once a worker serves the pool again.
 - **The server is unreachable for a while** (an upgrade, a restart). Training goes on.
   Prefect's own cancellation watch in the worker gives up for good after an outage;
   the watch reads the run's state itself, so a cancel sent afterwards is honoured. When
   the server answers again, the watch hands the news to ``on_reconnect`` (the flow
   sends again what the server lost: dropped events, the artifacts).
 - **The server takes the live run for dead**: heartbeats sent during an outage never
-  arrived, and ``baton-crash-silent-runs`` marks it ``Silent`` (or something marked it
+  arrived, and ``baton-mark-silent-runs`` marks it ``Silent`` (or something marked it
   Crashed). The watch sets it Running again, saying why, and cancels any restart that
   was created for it and has not started.
+- **The deployment's concurrency lease.** Prefect's engine renews the run's slot every
+  225 s for 300 s and ends the run, wherever it is, when a renewal fails: an outage of
+  more than 75 s at the wrong moment would kill it. The watch renews the lease at every
+  read for ``LEASE_S`` (10 minutes), so that the lease outlives an outage of several
+  minutes; when the server has lost the lease (a server that keeps leases in memory,
+  restarted), the watch stops training with an emergency checkpoint and the run's
+  restart continues, before Prefect's renewal fails mid-iteration.
 
 The watch reads one flow run every ``BATON_WATCH_INTERVAL_S`` seconds (5 by default,
 the operator's setting), without retries and with a short timeout.
@@ -39,13 +46,17 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
+
 DEFAULT_INTERVAL_S = 5.0
 # How often the watch looks at its parent process (a cheap system call).
 _TICK_S = 0.25
 # One read of the run's state; an unreachable server answers at once, a hung one not.
 _READ_TIMEOUT_S = 5.0
-# The name of the state baton-crash-silent-runs gives a run it heard nothing from.
+# The name of the state baton-mark-silent-runs gives a run it heard nothing from.
 SILENT = "Silent"
+# How long each renewal of the run's concurrency lease holds it (Prefect's engine: 300 s).
+LEASE_S = 600.0
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter:
@@ -91,12 +102,13 @@ class RunWatch:
         self.on_reconnect = on_reconnect
         self.on_unreachable = on_unreachable
         self.interval = watch_interval()
-        # Why the watch stopped training ("cancel", "worker"), None while it has not.
+        # Why the watch stopped training ("cancel", "worker", "lease"), None while it has not.
         self.reason: str | None = None
-        self.worker_died_at: float | None = None
         self.unreachable_since: float | None = None
-        self.outages: list[float] = []
         self._done = threading.Event()
+        # Held while the watch writes a state: stop() waits for it, so that no write of
+        # the watch lands after the run's own final state.
+        self._writing = threading.Lock()
         self._parent = os.getppid()
         self._readers: list[int] = []
         self._thread: threading.Thread | None = None
@@ -120,6 +132,8 @@ class RunWatch:
     def stop(self) -> None:
         """Stop watching (before the run sets its final state: the watch would undo it)."""
         self._done.set()
+        with self._writing:  # a write in flight ends first; none starts after
+            pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=_READ_TIMEOUT_S + 1)
         for fd in self._readers:
@@ -131,7 +145,17 @@ class RunWatch:
 
     def _hold_output_pipes(self) -> None:
         """Open a reader of this process's own output pipes: while one is open, a write
-        to the pipe cannot fail with a broken pipe, even once the worker is gone."""
+        to the pipe cannot fail with a broken pipe, even once the worker is gone.
+
+        Only when the parent is the worker itself: behind a wrapper (``sh -c``, a
+        supervisor) the parent would not change when the worker dies, nobody would
+        drain the pipe, and a full pipe would block the run instead of ending it."""
+        try:
+            parent = Path(f"/proc/{self._parent}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return
+        if b"worker" not in parent or not any(b"prefect" in part for part in parent):
+            return
         for fd in (1, 2):
             try:
                 if not stat.S_ISFIFO(os.fstat(fd).st_mode):
@@ -141,11 +165,10 @@ class RunWatch:
                 continue
 
     def _worker_gone(self) -> bool:
-        return self.deployment_id is not None and os.getppid() != self._parent
+        return bool(self._readers) and os.getppid() != self._parent
 
     def _after_worker_death(self) -> None:
         """Send the output to a file (nobody reads the pipes now), then stop training."""
-        self.worker_died_at = time.time()
         with contextlib.suppress(OSError):
             self.output_log.parent.mkdir(parents=True, exist_ok=True)
             sink = os.open(self.output_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -194,6 +217,7 @@ class RunWatch:
         run = api.read_flow_run(self.run_id)
         state = run.state
         if state is not None and not self._done.is_set():
+            self._renew_lease(api, state)
             if state.is_cancelling():
                 if self.reason is None:
                     _log().info("cancel requested: stopping at the end of the current iteration")
@@ -203,6 +227,25 @@ class RunWatch:
             if time.monotonic() < self._restarts_watched_until:
                 self._cancel_restarts(api)
         self._reachable()
+
+    def _renew_lease(self, api: Any, state: Any) -> None:
+        """Hold the run's concurrency lease for LEASE_S more (see the module's doc)."""
+        lease = state.state_details.deployment_concurrency_lease_id
+        if lease is None or self.reason is not None or not state.is_running():
+            return
+        try:
+            api.renew_concurrency_lease(lease_id=lease, lease_duration=LEASE_S)
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code not in (404, 410):
+                return  # Prefect's own renewal still holds it
+            _log().warning(
+                "the server lost this run's concurrency lease (it keeps leases in memory "
+                "and was restarted; start it with PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="
+                "prefect.server.concurrency.lease_storage.filesystem): Prefect would end the "
+                "run at its next renewal, so it stops now with an emergency checkpoint and "
+                "its restart continues"
+            )
+            self._request_stop("lease")
 
     def _unreachable(self, err: Exception) -> None:
         if self.unreachable_since is None:
@@ -221,7 +264,6 @@ class RunWatch:
         if self._recovering is not None:
             return  # what the server missed is being sent
         outage = time.monotonic() - self.unreachable_since
-        self.outages.append(outage)
         _log().info("the Prefect server answers again after %.0f s", outage)
 
         def recover() -> None:
@@ -262,16 +304,19 @@ class RunWatch:
         """This run is alive: say so, and cancel the restart made for it (not started)."""
         from prefect.states import Running
 
-        api.set_flow_run_state(
-            self.run_id,
-            Running(
-                message=f"Still training: the server marked this run {state.name} "
-                f"({state.message or 'no message'}) while it could not hear it."
-            ),
-            # Only a Crashed run needs it (a final state); a Silent one being cancelled
-            # meanwhile stays Cancelling.
-            force=state.is_crashed(),
-        )
+        with self._writing:
+            if self._done.is_set():
+                return
+            api.set_flow_run_state(
+                self.run_id,
+                Running(
+                    message=f"Still training: the server marked this run {state.name} "
+                    f"({state.message or 'no message'}) while it could not hear it."
+                ),
+                # Only a Crashed run needs it (a final state); a Silent one being
+                # cancelled meanwhile stays Cancelling.
+                force=state.is_crashed(),
+            )
         _log().warning("the server had marked this live run %s; set it Running again", state.name)
         if state.is_crashed():
             self._restarts_watched_until = time.monotonic() + 120.0
@@ -282,6 +327,8 @@ class RunWatch:
         from prefect.states import Cancelled
 
         for restart in _pending_restarts(api, self.run_id, self.deployment_id):
+            if self._done.is_set():
+                return
             api.set_flow_run_state(
                 restart.id,
                 Cancelled(

@@ -240,6 +240,12 @@ def test_a_server_outage_changes_nothing_and_a_cancel_after_it_is_honoured(serve
         time.sleep(OUTAGE_S)  # the outage itself: training goes on meanwhile
         assert forwards_so_far(kept_progress) > down_at, "training stopped with the server"
         server.up()
+        # The run's concurrency slot outlived the restart: Prefect's next renewal holds it.
+        lease = server.run(kept)["state"]["state_details"]["deployment_concurrency_lease_id"]
+        renewed = server.http.post(
+            f"/v2/concurrency_limits/leases/{lease}/renew", json={"lease_duration": 300}
+        )
+        assert renewed.status_code == 204, renewed.text
         # Whatever the automations did at the server's return, a Silent mark is undone.
         _set_state(server, kept, {"type": "RUNNING", "name": "Silent", "message": "by hand"})
         _wait_named(server, kept, "Running", after="Silent")

@@ -73,6 +73,7 @@ def automated_server(home: Path, **settings: str) -> Iterator[Server]:
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # 10 s by default
         # the workers' environment, as deployments/README.md starts them
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+        "PREFECT_CLIENT_MAX_RETRIES": "6",
         **settings,
     }
     with pytest.MonkeyPatch.context() as patch:

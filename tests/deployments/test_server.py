@@ -30,6 +30,7 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 POOL = "baton-gpu0"
 TEMPLATE = "deployments/pool-template.json"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
 
 def _free_port() -> int:
@@ -74,6 +75,8 @@ class Server:
             "PYTHONPATH": str(ROOT),
             "BATON_PROJECT_DIR": str(ROOT),
             "BATON_DEPLOYMENTS_WORK_DIR": str(self.work),
+            # as deployments/README.md starts the server: leases outlive a restart
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
             # the UI bundle is copied here, not into site-packages
             "PREFECT_UI_STATIC_DIRECTORY": str(home / "ui"),
         }
