@@ -18,8 +18,10 @@ from typing import Any
 
 import httpx
 
-# Per request: the API pages at 200 rows, and ids go into one SQL `IN (...)`.
+# Per request: the API pages at 200 rows, and ids go into one SQL `IN (...)`; events
+# come at most 50 to a page.
 _PAGE = 200
+_EVENTS_PAGE = 50
 
 
 def _chunks(items: list, size: int = _PAGE) -> Iterator[list]:
@@ -166,7 +168,7 @@ def _add_missing_events(server_api: Any, record: RunRecord, missing: RunRecord) 
     """The event persister's table, counted by id over the events' time span."""
     since = min(record.events.values()) - datetime.timedelta(minutes=1)
     until = max(record.events.values()) + datetime.timedelta(minutes=1)
-    for chunk in _chunks(sorted(record.events)):
+    for chunk in _chunks(sorted(record.events), _EVENTS_PAGE):
         body = {
             "filter": {
                 "id": {"id": [str(i) for i in chunk]},
@@ -177,7 +179,7 @@ def _add_missing_events(server_api: Any, record: RunRecord, missing: RunRecord) 
         response = server_api.request("POST", "/events/filter", json=body)
         if response.json()["total"] < len(chunk):
             # Which ones, only now that something is missing: one page per chunk.
-            body["limit"] = _PAGE
+            body["limit"] = _EVENTS_PAGE
             found = server_api.request("POST", "/events/filter", json=body).json()
             persisted = {uuid.UUID(e["id"]) for e in found["events"]}
             missing.events.update({i: record.events[i] for i in chunk if i not in persisted})

@@ -20,7 +20,7 @@ from prefect.exceptions import Abort, TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Crashed, State
 
-from baton.errors import RestartRefusedError
+from baton.errors import ExperimentLockedError, RestartRefusedError
 from baton.experiment import Experiment
 from baton.experiment.restarts import RestartBound
 from baton.flows.pool import checked_run, read_run, work_dir_of
@@ -131,6 +131,58 @@ def _stops_end_cleanly(
     return run
 
 
+def _end(state: State) -> State:
+    """End the run in ``state`` with no traceback: a deployment's run sets it on the
+    server and leaves through Prefect's ``Abort`` (a returned Cancelled state would make
+    Prefect's engine log an ERROR); any other run returns it."""
+    if _deployment_id() is None:
+        return state
+    accepted = _set_final_state(state)
+    if accepted is None:
+        return state
+    abort = Abort(state.message)
+    abort.state = accepted  # Prefect's engine: the API has the final state already
+    raise abort
+
+
+def _earlier_restart(crashed: FlowRun, this: FlowRun | None) -> FlowRun | None:
+    """Another run that continues ``crashed`` and was created before this one (and is
+    not Cancelled or Failed), if any."""
+    if this is None:
+        return None
+    others = [
+        run
+        for run in _restarts_of(crashed)
+        if run.id != this.id
+        and run.created < this.created
+        and not (run.state and (run.state.is_cancelled() or run.state.is_failed()))
+    ]
+    return min(others, key=lambda run: run.created, default=None)
+
+
+def _restarts_of(crashed: FlowRun) -> list[FlowRun]:
+    """The runs of ``crashed``'s deployment created to continue it."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+    )
+
+    if crashed.deployment_id is None:
+        return []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                expected_start_time=FlowRunFilterExpectedStartTime(after_=crashed.created)
+            ),
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[crashed.deployment_id])),
+            limit=200,
+        )
+    return [r for r in runs if str((r.parameters or {}).get("restart_of")) == str(crashed.id)]
+
+
 def _deployment_id() -> Any:
     """The deployment this flow run belongs to (None for runs outside deployments)."""
     context = FlowRunContext.get()
@@ -195,6 +247,9 @@ def _interrupted(stopped: TrainingInterrupted, reason: str) -> State:
                 name=restart_name(this.name),
                 idempotency_key=f"baton-restart-of-{this.id}",
             )
+        # With a restart the automation made too (this run was marked Crashed while it
+        # lived), the one created first goes on and the other ends Cancelled when it
+        # starts (_earlier_restart).
     except Exception as err:
         run_logger().warning("could not create the restart (%s): the automation will", err)
         return Crashed(message=_stop_message(stopped, reason))
@@ -270,8 +325,20 @@ def train_pipeline(
                 if not crashed.state.is_crashed():
                     # A cancel whose process outlived Prefect's grace period is killed,
                     # reported Crashed, then Cancelled: the person asked for it to stop.
-                    return Cancelled(
-                        message=f"Not restarting {crashed.name!r}: it is {crashed.state.name} now."
+                    return _end(
+                        Cancelled(
+                            message=f"Not restarting {crashed.name!r}: "
+                            f"it is {crashed.state.name} now."
+                        )
+                    )
+                earlier = _earlier_restart(crashed, this)
+                if earlier is not None:
+                    # The run stopped on purpose and created its restart, and the restart
+                    # automation made one too (or the other way round): the first goes on.
+                    return _end(
+                        Cancelled(
+                            message=f"Not restarting {crashed.name!r}: {earlier.name} continues it."
+                        )
                     )
             settings["work_dir"] = work_dir_of(deployment, work_dir)
             cfg = validate_config(config, overrides, settings)
@@ -428,6 +495,28 @@ SERVER_WAIT_S = 600.0
 STOP_CLOSE_TIMEOUT_S = 10.0
 
 
+# How long a restart waits for the run it continues to let go of the experiment (a run
+# that stopped on purpose, still writing its emergency checkpoint when the restart came).
+RESTART_LOCK_WAIT_S = 120.0
+
+
+@contextlib.contextmanager
+def _locked(experiment: Experiment, crashed: FlowRun | None) -> Iterator[None]:
+    """Hold the experiment's lock; a restart waits a while for it (RESTART_LOCK_WAIT_S),
+    any other run fails at once when another process holds it."""
+    deadline = time.monotonic() + (RESTART_LOCK_WAIT_S if crashed is not None else 0.0)
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(experiment.lock())
+                break
+            except ExperimentLockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
+        yield
+
+
 def _stop_after_training(state: RunState, stop: StopRequest, watch: RunWatch | None) -> None:
     """A stop that came once training had reached its horizon: a cancel ends the run
     Cancelled (the server holds it Cancelling), anything else lets it end Completed
@@ -450,7 +539,7 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
     # A SIGTERM (cancel, preemption) between tasks waits for the current task; inside the
     # training task it waits for the current iteration, then an emergency checkpoint.
     with (
-        experiment.lock(),
+        _locked(experiment, crashed),
         _run_log_file(experiment),
         deferred_termination() as stop,
         _watched(experiment, reporters) as watch,

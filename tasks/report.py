@@ -21,6 +21,7 @@ from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import PrefectHTTPStatusError
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from baton.checkpoint import io
 from baton.experiment import Experiment
@@ -262,12 +263,15 @@ class _RunArtifacts:
         lost: set[str] = set()
         try:
             # An httpx setting of its own gets a new client, on the API URL of this
-            # context: get_client() would otherwise hand over the flow run's client,
-            # which retries a refused connection for about a minute once it has
+            # context, and no retries: get_client() would otherwise hand over the flow
+            # run's client, which retries a refused connection for minutes once it has
             # connected; the next pass is the retry here.
-            with get_client(
-                httpx_settings={"timeout": REQUEST_TIMEOUT_S}, sync_client=True
-            ) as client:
+            with (
+                temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}),
+                get_client(
+                    httpx_settings={"timeout": REQUEST_TIMEOUT_S}, sync_client=True
+                ) as client,
+            ):
                 if self._adopt:
                     lost = self._find_cards(client)
                     self._adopt = False

@@ -121,17 +121,6 @@ def _wait_named(server: Server, run_id: str, name: str, after: str, timeout: flo
     raise AssertionError(f"no {name} after {after}: {_history(server, run_id)}")
 
 
-def _wait_restarts_cancelled(server: Server, run_id: str, timeout: float = 60) -> None:
-    """Wait until the restart the automation created for ``run_id`` exists and is Cancelled."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        restarts = _restarts_of(server, run_id)
-        if restarts and all(r["state"]["type"] == "CANCELLED" for r in restarts):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"restarts of a live run: {_restarts_of(server, run_id)}")
-
-
 def _states(server: Server, run_id: str) -> list[dict]:
     states = server.http.get("/flow_run_states/", params={"flow_run_id": run_id}).json()
     return sorted(states, key=lambda s: s["timestamp"])
@@ -156,11 +145,24 @@ def _logs(server: Server, run_id: str) -> list[str]:
     return [f"{line['level']} {line['message']}" for line in response.json()]
 
 
-def test_a_killed_worker_costs_at_most_the_current_iteration(server, tmp_path):
+def _slow_run(server: Server, tmp_path: Path, name: str) -> tuple[str, Path, dict]:
+    """A run of the UI deployment that trains 4 epochs of 8 slow iterations (0.2 s)."""
     progress = tmp_path / "forwards"
-    slow = _slow(progress, delay=0.2)
-    cfg = small_config(tmp_path / "wd", name="orphaned", model=slow)
-    first = server.create_run(UI, ui_parameters(cfg))
+    cfg = small_config(tmp_path / "wd", name=name, model=_slow(progress, delay=0.2))
+    return server.create_run(UI, ui_parameters(cfg)), progress, cfg
+
+
+def _assert_like_uninterrupted(server: Server, tmp_path: Path, cfg: dict) -> None:
+    """The deployed experiment ends bitwise equal to an uninterrupted run of its config."""
+    model = {**cfg["model"], "progress": None}
+    reference = small_config(tmp_path / "ref", name=cfg["experiment_name"], model=model)
+    pl.run(validate(reference))
+    deployed = {**cfg, "work_dir": str(server.work_dir(UI))}
+    assert_same_training_result(final_checkpoint(reference), final_checkpoint(deployed))
+
+
+def test_a_killed_worker_costs_at_most_the_current_iteration(server, tmp_path):
+    first, progress, cfg = _slow_run(server, tmp_path, "orphaned")
     worker = server.worker()
     try:
         killed_at = _wait_forwards(server, first, progress, 8 + 4)  # inside epoch 2
@@ -202,10 +204,7 @@ def test_a_killed_worker_costs_at_most_the_current_iteration(server, tmp_path):
     )
     resumed = [line for line in _logs(server, restarted["id"]) if stopped[1] in line]
     assert resumed, "the restart did not resume from the emergency checkpoint"
-    reference = small_config(tmp_path / "ref", name="orphaned", model={**slow, "progress": None})
-    pl.run(validate(reference))
-    deployed = {**cfg, "work_dir": str(server.work_dir(UI))}
-    assert_same_training_result(final_checkpoint(reference), final_checkpoint(deployed))
+    _assert_like_uninterrupted(server, tmp_path, cfg)
 
 
 def test_a_server_outage_changes_nothing_and_a_cancel_after_it_is_honoured(server, tmp_path):
@@ -230,11 +229,6 @@ def test_a_server_outage_changes_nothing_and_a_cancel_after_it_is_honoured(serve
     try:
         _wait_forwards(server, kept, kept_progress, 16)
         _wait_forwards(server, cancelled, cancelled_progress, 16)
-        # A live run marked Crashed (as a misfiring automation would): it sets itself
-        # Running again, and the restart the automation creates for it never starts.
-        _set_state(server, cancelled, {"type": "CRASHED", "message": "marked by hand"}, force=True)
-        _wait_named(server, cancelled, "Running", after="Crashed")
-        _wait_restarts_cancelled(server, cancelled)
         server.down()
         down_at = forwards_so_far(kept_progress)
         time.sleep(OUTAGE_S)  # the outage itself: training goes on meanwhile
@@ -273,6 +267,10 @@ def test_a_server_outage_changes_nothing_and_a_cancel_after_it_is_honoured(serve
         assert tasks.get(f"train-epoch-{epoch}") == "COMPLETED", (epoch, tasks)
     deployed = {**kept_cfg, "work_dir": str(server.work_dir(UI))}
     assert final_checkpoint(deployed)["meta"]["epoch"] == 40
+    # What the server lost was sent again, the artifacts published, with no failure.
+    failures = ("40 ", "30 could not send again", "30 gave up publishing")
+    for run_id in (kept, cancelled):
+        assert not [line for line in _logs(server, run_id) if line.startswith(failures)]
     table = server.artifacts(kept)[artifact_key("outlived", "metrics")]["data"]
     rows = json.loads(table) if isinstance(table, str) else table
     assert [row["epoch"] for row in rows] == list(range(1, 41))
@@ -287,9 +285,8 @@ def test_a_server_outage_changes_nothing_and_a_cancel_after_it_is_honoured(serve
     assert held == int(stopped[1]), message  # the checkpoint holds where it stopped
     experiment = server.work_dir(NIGHTLY) / "cancelled-after"
     assert (experiment / "checkpoints" / f"{stopped[3]}_{stopped[4]}.pth").exists()
-    assert all(r["state"]["type"] == "CANCELLED" for r in _restarts_of(server, cancelled))
-    for restart in _restarts_of(server, cancelled):  # none ever ran
-        assert "RUNNING" not in _state_types(server, restart["id"]), _history(server, restart["id"])
+    assert not _restarts_of(server, cancelled)
+    assert "CRASHED" not in _state_types(server, cancelled), _history(server, cancelled)
     assert not [line for line in _logs(server, cancelled) if line.startswith("40 ")]
     states = {s["name"]: s["timestamp"] for s in _states(server, cancelled)}
     silent = [s for s in _states(server, kept) if s["name"] == "Silent"]
@@ -307,3 +304,36 @@ def test_a_server_outage_changes_nothing_and_a_cancel_after_it_is_honoured(serve
         for pid in _flow_run_processes(kept) + _flow_run_processes(cancelled):
             os.kill(pid, signal.SIGKILL)
             raise AssertionError(f"flow-run process {pid} outlived its run")
+
+
+def test_a_live_run_marked_crashed_stops_with_a_checkpoint_and_its_restart_continues(
+    server, tmp_path
+):
+    """A live run marked Crashed (as a misfiring automation would): it sets itself Running
+    and cancels the restart the automation made for it before that starts. The Crashed
+    mark revoked its concurrency slot, and Prefect would end the run mid-iteration at its
+    next renewal: the run stops first, with an emergency checkpoint, and its own restart
+    completes it."""
+    first, progress, cfg = _slow_run(server, tmp_path, "marked-crashed")
+    worker = server.worker()
+    try:
+        _wait_forwards(server, first, progress, 8 + 4)
+        _set_state(server, first, {"type": "CRASHED", "message": "marked by hand"}, force=True)
+        _wait_named(server, first, "Running", after="Crashed")
+        assert _ended(server, first, 120) == "CRASHED"
+        message = server.run(first)["state"]["message"]
+        assert message.startswith("The server lost its concurrency slot; stopped at"), message
+        assert "emergency checkpoint" in message, message
+        name = server.run(first)["name"]
+        restarted = _wait_for_run(server, f"{name}-restart-1", TERMINAL, timeout=240)
+    finally:
+        _stop(worker)
+    assert restarted["state"]["type"] == "COMPLETED", _history(server, restarted["id"])
+    # The automation's restart: cancelled by the live run, or, created after the run had
+    # stopped, giving way to the restart the run made. Either way it trained nothing.
+    others = [r for r in _restarts_of(server, first) if r["id"] != restarted["id"]]
+    for restart in others:
+        assert server.wait_state(restart["id"], TERMINAL, 120) == "CANCELLED", _history(
+            server, restart["id"]
+        )
+    _assert_like_uninterrupted(server, tmp_path, cfg)
