@@ -87,7 +87,12 @@ def _run_name() -> str:
     if not restart_of:
         return flow_run.get_name()
     crashed = read_run(restart_of)
-    return restart_name(crashed.name if crashed else str(restart_of))
+    if crashed is None:
+        return restart_name(str(restart_of))
+    with contextlib.suppress(Exception):  # a name is not worth a failed run
+        if _earlier_restart(crashed, read_run(flow_run.get_id())) is not None:
+            return flow_run.get_name()  # it gives way to that one: the name is that one's
+    return restart_name(crashed.name)
 
 
 def _stops_end_cleanly(
@@ -241,15 +246,26 @@ def _interrupted(stopped: TrainingInterrupted, reason: str) -> State:
         with get_client(sync_client=True) as client:
             this = client.read_flow_run(flow_run.get_id())
             theirs = this.parameters or {}
-            restart = client.create_flow_run_from_deployment(
-                this.deployment_id,
-                parameters={**{k: theirs.get(k) for k in _REPEATED}, "restart_of": str(this.id)},
-                name=restart_name(this.name),
-                idempotency_key=f"baton-restart-of-{this.id}",
-            )
-        # With a restart the automation made too (this run was marked Crashed while it
-        # lived), the one created first goes on and the other ends Cancelled when it
-        # starts (_earlier_restart).
+            name = restart_name(this.name)
+            # This run was marked Crashed while it lived: the automation's restart is
+            # taken over (named as this one's would be) instead of making a second.
+            waiting = [r for r in _restarts_of(this) if r.state and r.state.is_scheduled()]
+            if waiting:
+                restart = min(waiting, key=lambda run: run.created)
+                client.update_flow_run(restart.id, name=name)
+                restart.name = name
+            else:
+                restart = client.create_flow_run_from_deployment(
+                    this.deployment_id,
+                    parameters={
+                        **{k: theirs.get(k) for k in _REPEATED},
+                        "restart_of": str(this.id),
+                    },
+                    name=name,
+                    idempotency_key=f"baton-restart-of-{this.id}",
+                )
+        # One the automation makes later still gives way to this one when it starts
+        # (_earlier_restart): the first created goes on, the other ends Cancelled.
     except Exception as err:
         run_logger().warning("could not create the restart (%s): the automation will", err)
         return Crashed(message=_stop_message(stopped, reason))
@@ -465,14 +481,17 @@ def _watched(
     def after_outage(seconds: float) -> None:
         from prefect import get_client
 
+        for reporter in reporter_box:
+            reporter.republish()
+        # What Prefect's client held during the outage reaches the server first; only
+        # what is still missing after that is sent again.
+        time.sleep(RESEND_AFTER_S)
         with get_client(sync_client=True) as api:
             sent = recent.send_missing(api, EventsWorker.instance(PrefectEventsClient).send)
         if sent:
             run_logger().info(
                 "sent again %d event(s) the server lost while it was down (%.0f s)", sent, seconds
             )
-        for reporter in reporter_box:
-            reporter.republish()
 
     watch = RunWatch(
         run_id,
@@ -492,7 +511,11 @@ def _watched(
 # How long a run that finished during an outage waits for the server to come back.
 SERVER_WAIT_S = 600.0
 # How long a stopping run (a cancel, a SIGTERM) waits for its last artifacts.
-STOP_CLOSE_TIMEOUT_S = 10.0
+STOP_CLOSE_TIMEOUT_S = 5.0
+# How long after an outage the run looks for the events the server lost: the events
+# Prefect's client held meanwhile arrive and are written first (the server writes its
+# queue every 5 s by default).
+RESEND_AFTER_S = 15.0
 
 
 # How long a restart waits for the run it continues to let go of the experiment (a run

@@ -116,6 +116,7 @@ class RunWatch:
         # After a false Crashed, the restart automation creates a restart a few seconds
         # later: the watch cancels restarts of this run until then.
         self._restarts_watched_until = 0.0
+        self._renewed: set[Any] = set()  # the leases the watch has renewed
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -229,23 +230,29 @@ class RunWatch:
         self._reachable()
 
     def _renew_lease(self, api: Any, state: Any) -> None:
-        """Hold the run's concurrency lease for LEASE_S more (see the module's doc)."""
+        """Hold the run's concurrency lease for LEASE_S more (see the module's doc).
+
+        A lease is taken for lost only after the watch has renewed it once: the lease a
+        run starts with is the server's to hand over, and a first refusal proves nothing
+        about it."""
         lease = state.state_details.deployment_concurrency_lease_id
         if lease is None or self.reason is not None or not state.is_running():
             return
         try:
             api.renew_concurrency_lease(lease_id=lease, lease_duration=LEASE_S)
         except httpx.HTTPStatusError as err:
-            if err.response.status_code not in (404, 410):
+            if err.response.status_code not in (404, 410) or lease not in self._renewed:
                 return  # Prefect's own renewal still holds it
             _log().warning(
-                "the server lost this run's concurrency lease (it keeps leases in memory "
-                "and was restarted; start it with PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="
-                "prefect.server.concurrency.lease_storage.filesystem): Prefect would end the "
-                "run at its next renewal, so it stops now with an emergency checkpoint and "
-                "its restart continues"
+                "the server lost this run's concurrency lease (a Crashed mark revoked it, or "
+                "the server keeps leases in memory and was restarted: start it with "
+                "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency."
+                "lease_storage.filesystem); Prefect would end the run at its next renewal, "
+                "so it stops now with an emergency checkpoint and its restart continues"
             )
             self._request_stop("lease")
+        else:
+            self._renewed.add(lease)
 
     def _unreachable(self, err: Exception) -> None:
         if self.unreachable_since is None:
