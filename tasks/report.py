@@ -69,6 +69,9 @@ CLOSE_RETRY_INTERVAL_S = 1.0
 # One API request's timeout: a server that accepts connections but does not answer
 # must not hold the newest artifacts back for Prefect's default 60 s per attempt.
 REQUEST_TIMEOUT_S = 10.0
+# Retries of one request inside a pass (backing off 2, then 4 s): enough for a server
+# whose database was busy, short enough that a stopping run's last pass ends in time.
+PASS_RETRIES = 2
 
 # The Prefect UI lists a run's artifacts by id, largest first: both UIs ask the server
 # for `sort: ID_DESC` (v2's flow run page; v1 sends no sort and gets the server's
@@ -263,11 +266,11 @@ class _RunArtifacts:
         lost: set[str] = set()
         try:
             # An httpx setting of its own gets a new client, on the API URL of this
-            # context, and no retries: get_client() would otherwise hand over the flow
-            # run's client, which retries a refused connection for minutes once it has
-            # connected; the next pass is the retry here.
+            # context, and few retries (a busy server's 503): get_client() would
+            # otherwise hand over the flow run's client, which retries a refused
+            # connection for minutes once it has connected; the next pass is the retry.
             with (
-                temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}),
+                temporary_settings({PREFECT_CLIENT_MAX_RETRIES: PASS_RETRIES}),
                 get_client(
                     httpx_settings={"timeout": REQUEST_TIMEOUT_S}, sync_client=True
                 ) as client,
