@@ -118,6 +118,13 @@ def _stops_end_cleanly(
             stopped = _stop_of(signalled)
             # A cancel the watch saw is one even if the server's state moved on since.
             cancelled = _being_cancelled() or (stopped is not None and stopped.reason == "cancel")
+            if stopped is not None and stopped.reason == "crashed" and not cancelled:
+                # The server has its final state already; the automation restarts it.
+                crashed = read_run(flow_run.get_id())
+                if crashed is not None and crashed.state is not None:
+                    abort = Abort(crashed.state.message or "Crashed")
+                    abort.state = crashed.state
+                    raise abort from None
             if _deployment_id() is None or stopped is None:
                 if cancelled:
                     return Cancelled(message=_stop_message(stopped, "cancel"))

@@ -223,8 +223,19 @@ class RunWatch:
                 if self.reason is None:
                     _log().info("cancel requested: stopping at the end of the current iteration")
                 self._request_stop("cancel")
-            elif state.is_crashed() or (state.is_running() and state.name == SILENT):
+            elif state.is_running() and state.name == SILENT:
                 self._correct(api, state)
+            elif state.is_crashed() and self.reason is None:
+                # Marked Crashed while alive: the mark revoked the run's slot and the
+                # automation's restart is on its way. Undoing the mark would leave a run
+                # without a slot; stop instead (an emergency checkpoint), and the restart,
+                # which waits for the experiment's lock, continues from it.
+                _log().warning(
+                    "the server marked this live run Crashed (%s): stopping with an "
+                    "emergency checkpoint; its restart continues",
+                    state.message or "no message",
+                )
+                self._request_stop("crashed")
             if time.monotonic() < self._restarts_watched_until:
                 self._cancel_restarts(api)
         self._reachable()
