@@ -320,11 +320,9 @@ def test_a_server_outage_changes_nothing_and_a_cancel_after_it_is_honoured(serve
 def test_a_live_run_marked_crashed_stops_with_a_checkpoint_and_its_restart_continues(
     server, tmp_path
 ):
-    """A live run marked Crashed (as a misfiring automation would): it sets itself Running
-    and cancels the restart the automation made for it before that starts. The Crashed
-    mark revoked its concurrency slot, and Prefect would end the run mid-iteration at its
-    next renewal: the run stops first, with an emergency checkpoint, and its own restart
-    completes it."""
+    """A live run marked Crashed (as a misfiring automation would): the mark revoked its
+    concurrency slot, and Prefect would end the run mid-iteration at its next renewal. It
+    stops first, with an emergency checkpoint, and the automation's restart completes it."""
     first, progress, cfg = _slow_run(server, tmp_path, "marked-crashed")
     worker = server.worker()
     try:
