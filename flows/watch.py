@@ -18,9 +18,9 @@ one daemon thread of the flow process (:class:`RunWatch`):
   the server answers again, the watch hands the news to ``on_reconnect`` (the flow
   sends again what the server lost: dropped events, the artifacts).
 - **The server takes the live run for dead**: heartbeats sent during an outage never
-  arrived, and ``baton-mark-silent-runs`` marks it ``Silent`` (or something marked it
-  Crashed). The watch sets it Running again, saying why, and cancels any restart that
-  was created for it and has not started.
+  arrived, and ``baton-mark-silent-runs`` marks it ``Silent``; the watch sets it Running
+  again, saying why. A run marked Crashed has lost its slot: the watch stops it with an
+  emergency checkpoint, and the automation's restart continues it.
 - **The deployment's concurrency lease.** Prefect's engine renews the run's slot every
   225 s for 300 s and ends the run, wherever it is, when a renewal fails: an outage of
   more than 75 s at the wrong moment would kill it. The watch renews the lease at every
@@ -41,7 +41,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -113,9 +113,6 @@ class RunWatch:
         self._readers: list[int] = []
         self._thread: threading.Thread | None = None
         self._recovering: threading.Thread | None = None
-        # After a false Crashed, the restart automation creates a restart a few seconds
-        # later: the watch cancels restarts of this run until then.
-        self._restarts_watched_until = 0.0
         self._renewed: set[Any] = set()  # the leases the watch has renewed
 
     # -- lifecycle --------------------------------------------------------------------
@@ -236,8 +233,6 @@ class RunWatch:
                     state.message or "no message",
                 )
                 self._request_stop("crashed")
-            if time.monotonic() < self._restarts_watched_until:
-                self._cancel_restarts(api)
         self._reachable()
 
     def _renew_lease(self, api: Any, state: Any) -> None:
@@ -319,7 +314,7 @@ class RunWatch:
         return self.unreachable_since is None
 
     def _correct(self, api: Any, state: Any) -> None:
-        """This run is alive: say so, and cancel the restart made for it (not started)."""
+        """This run is alive: set it Running again, saying why."""
         from prefect.states import Running
 
         with self._writing:
@@ -331,55 +326,7 @@ class RunWatch:
                     message=f"Still training: the server marked this run {state.name} "
                     f"({state.message or 'no message'}) while it could not hear it."
                 ),
-                # Only a Crashed run needs it (a final state); a Silent one being
-                # cancelled meanwhile stays Cancelling.
-                force=state.is_crashed(),
+                # Not forced: a Silent run being cancelled meanwhile stays Cancelling.
+                force=False,
             )
         _log().warning("the server had marked this live run %s; set it Running again", state.name)
-        if state.is_crashed():
-            self._restarts_watched_until = time.monotonic() + 120.0
-            self._cancel_restarts(api)
-
-    def _cancel_restarts(self, api: Any) -> None:
-        """Cancel the restarts created for this live run that have not started."""
-        from prefect.states import Cancelled
-
-        for restart in _pending_restarts(api, self.run_id, self.deployment_id):
-            if self._done.is_set():
-                return
-            api.set_flow_run_state(
-                restart.id,
-                Cancelled(
-                    message=f"Not needed: the run it would restart ({self.run_id}) "
-                    "is alive; the server could not hear it for a while."
-                ),
-                force=True,
-            )
-            _log().info("cancelled %s, a restart this live run does not need", restart.name)
-
-
-def _pending_restarts(api: Any, run_id: UUID, deployment_id: UUID | None) -> Iterator[Any]:
-    """Runs created to restart ``run_id`` that have not started yet."""
-    if deployment_id is None:
-        return
-    from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterId,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-
-    runs = api.read_flow_runs(
-        flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(
-                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])
-            )
-        ),
-        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-        limit=200,
-    )
-    for run in runs:
-        if str((run.parameters or {}).get("restart_of")) == str(run_id):
-            yield run
