@@ -53,12 +53,14 @@ class CheckpointRef(BaseModel):
 
 
 _LINEAGE_RE = re.compile(r"^L(?P<lineage>[1-9]\d{0,8})-(?P<rest>.+)$")
-_NAME_RE = re.compile(r"^(?P<kind>epoch|iter)_(?P<number>\d+)\.pth$")
+_NAME_RE = re.compile(r"^(?P<kind>epoch|iter)_(?P<number>\d+)\.(?P<suffix>pth|dcp)$")
 
 
 @dataclass(frozen=True, order=True)
 class CheckpointName:
-    """A checkpoint file name: ``epoch_0003.pth`` or ``iter_000120.pth``.
+    """A checkpoint file name: ``epoch_0003.pth`` or ``iter_000120.pth``; a sharded
+    checkpoint (a folder written by many processes, :mod:`baton.checkpoint.sharded`)
+    ends in ``.dcp`` instead.
 
     Files of an experiment's first lineage carry no prefix; a later lineage ``n`` names
     its files ``Ln-epoch_0003.pth``, so that a fresh start or a branch never overwrites
@@ -69,6 +71,7 @@ class CheckpointName:
     kind: str
     number: int
     lineage: int = 1
+    sharded: bool = False
 
     EPOCH_DIGITS = 4
     ITER_DIGITS = 6
@@ -90,7 +93,7 @@ class CheckpointName:
         match = _NAME_RE.fullmatch(rest)
         if match is None:
             return None
-        return cls(match["kind"], int(match["number"]), lineage)
+        return cls(match["kind"], int(match["number"]), lineage, match["suffix"] == "dcp")
 
     @staticmethod
     def split_lineage(filename: str) -> tuple[int, str]:
@@ -107,4 +110,11 @@ class CheckpointName:
 
     def __str__(self) -> str:
         digits = self.EPOCH_DIGITS if self.kind == "epoch" else self.ITER_DIGITS
-        return CheckpointName.in_lineage(f"{self.kind}_{self.number:0{digits}d}.pth", self.lineage)
+        suffix = "dcp" if self.sharded else "pth"
+        return CheckpointName.in_lineage(
+            f"{self.kind}_{self.number:0{digits}d}.{suffix}", self.lineage
+        )
+
+    def as_sharded(self) -> "CheckpointName":
+        """The same name for a sharded checkpoint (``epoch_0003.dcp``)."""
+        return CheckpointName(self.kind, self.number, self.lineage, True)

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import fsspec
 import torch
 
-from baton.checkpoint import digests
+from baton.checkpoint import digests, sharded
 from baton.checkpoint.location import is_local, local_path
 from baton.errors import (
     CheckpointCorruptError,
@@ -115,7 +115,10 @@ def trusted_loading() -> Iterator[None]:
 
 def sha256_of(uri: str, chunk_size: int = 8 << 20) -> tuple[int, str]:
     """Size and sha256 of a file's bytes, read in chunks (remembered for a local file,
-    see :mod:`baton.checkpoint.digests`)."""
+    see :mod:`baton.checkpoint.digests`); of a sharded checkpoint, its folder's
+    (:func:`baton.checkpoint.sharded.digest`)."""
+    if _is_sharded(uri):
+        return sharded.digest(local_path(uri))
     with open_binary(uri) as handle:
         if is_local(uri):
             return digests.hash_file(local_path(uri), handle)
@@ -168,6 +171,8 @@ def load(uri: str, *, map_location: MapLocation = "cpu", trusted: bool | None = 
         CheckpointCorruptError: The file is not a readable torch checkpoint.
     """
     trusted = _TRUSTED.get() if trusted is None else trusted
+    if _is_sharded(uri):
+        return _load_sharded(uri, map_location, trusted)
     with open_binary(uri) as handle:
         data: BinaryIO = handle if is_local(uri) else io.BytesIO(handle.read())
         _check_expected(uri, data)
@@ -201,6 +206,10 @@ def load_meta(uri: str) -> dict:
         As :func:`load`.
     """
     checkpoint = None
+    if _is_sharded(uri):
+        skeleton = load(str(local_path(uri) / sharded.SKELETON_FILE))
+        meta = skeleton.get("meta") if isinstance(skeleton, dict) else None
+        return meta if isinstance(meta, dict) else {}
     if is_local(uri):
         _open_regular_file(local_path(uri)).close()  # a device or FIFO is refused, not mapped
         try:
@@ -214,6 +223,36 @@ def load_meta(uri: str) -> dict:
         checkpoint = load(uri)
     meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
     return meta if isinstance(meta, dict) else {}
+
+
+def _is_sharded(uri: str) -> bool:
+    return is_local(uri) and sharded.is_sharded(local_path(uri))
+
+
+def _load_sharded(uri: str, map_location: MapLocation, trusted: bool) -> dict:
+    """A sharded checkpoint (a folder, :mod:`baton.checkpoint.sharded`) loaded whole, as
+    the dict a file holds; within :func:`expect_bytes`, its folder's digest is checked
+    first. Its tensors are read on the CPU, then moved as ``map_location`` says."""
+    expected = _EXPECTED.get()
+    if expected is not None:
+        _EXPECTED.set(None)
+        size, digest = sharded.digest(local_path(uri))
+        if (size, digest) != expected[1:]:
+            raise CheckpointCorruptError(
+                f"{expected[0]!r} is not the checkpoint its reference names (size {size} vs "
+                f"{expected[1]}, sha256 {digest[:12]} vs {expected[2][:12]}): it was "
+                "replaced or damaged since; resume from another checkpoint"
+            )
+    checkpoint = sharded.read(
+        local_path(uri), load_skeleton=lambda path: load(str(path), trusted=trusted)
+    )
+    if map_location in (None, "cpu") or map_location == torch.device("cpu"):
+        return checkpoint
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # torch.load's own map_location rules, every form of it
+    buffer.seek(0)
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        return torch.load(buffer, map_location=map_location, weights_only=True)
 
 
 def _first_line(err: BaseException) -> str:
