@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, IterableDataset
 
 from baton import models
@@ -160,6 +161,12 @@ KINDS: dict[str, Kind] = {
             _transform_names,
         ),
         Kind("loader", (), "a function registered as a loader", dict),
+        Kind(
+            "model_wrapper",
+            (DistributedDataParallel,),
+            "a DistributedDataParallel subclass",
+            lambda: {"DistributedDataParallel": DistributedDataParallel},
+        ),
     )
 }
 

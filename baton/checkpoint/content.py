@@ -46,7 +46,8 @@ def build(
         ),
         extra_meta=extra.pop("meta", None),
     )
-    model = strategy.model
+    meta["world_size"] = strategy.world_size
+    model = strategy.unwrapped_model
     checkpoint: dict = {"meta": meta, "state_dict": ckpt_format.to_cpu(model.state_dict())}
     if save_optimizer and wrapper is not None:
         checkpoint["optimizer"] = ckpt_format.to_cpu(wrapper.state_dict())

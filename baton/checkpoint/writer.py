@@ -10,11 +10,14 @@ and the free space the write leaves; a refusal writes nothing.
 """
 
 import logging
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from baton.checkpoint import io
-from baton.checkpoint.ref import CheckpointRef
+import torch.distributed as dist
+
+from baton.checkpoint import io, sharded
+from baton.checkpoint.ref import CheckpointName, CheckpointRef
 from baton.checkpoint.store import CheckpointStore
 from baton.errors import CheckpointError
 from baton.trust.quotas import Quotas, estimate_bytes
@@ -32,13 +35,12 @@ class CheckpointWriter:
         self._quotas = quotas
         self._quotas_by_root: dict[Path, Quotas] = {}
 
-    @staticmethod
-    def target(store: CheckpointStore, filename: str) -> str:
+    def target(self, store: CheckpointStore, filename: str) -> str:
         """Where ``filename`` is written: a bare name into the experiment's checkpoint
         folder, named for the newest lineage (``L2-epoch_0003.pth``), so that no lineage
         writes over another's committed file; an explicit path into that folder is
         refused if it would."""
-        if "://" not in filename and "/" not in filename and filename not in ("", ".", ".."):
+        if _is_bare(filename):
             return str(store.target(filename))
         if not io.is_local(filename):
             return filename
@@ -133,3 +135,137 @@ class CheckpointWriter:
             ref = CheckpointRef(uri=target, size=size, sha256=digest, metrics=metrics, **position)
         self.logger.info("saved checkpoint %s (%d bytes)", target, size)
         return ref
+
+
+class ShardedCheckpointWriter(CheckpointWriter):
+    """The saves of a data-parallel strategy: every rank calls each save with the same
+    checkpoint dict (its replicated state).
+
+    Into the experiment, a sharded checkpoint (:mod:`baton.checkpoint.sharded`): each rank
+    writes its part into a temporary folder, rank 0 writes ``baton.pt``; once DCP's
+    metadata is written (which DCP does only after every rank's part is), rank 0 renames
+    the folder to its name, fsyncs, and commits it to the manifest. Every rank returns
+    the same reference. A path or URI outside the experiment gets one ``.pth`` file,
+    written by rank 0 (mmengine's ``DDPStrategy`` does the same).
+
+    Args:
+        process_group: The CPU-capable (gloo) group of checkpoint collectives, kept apart
+            from training's: a background save's thread uses it while training goes on.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        process_group,
+        quotas: Quotas | None = None,
+    ) -> None:
+        super().__init__(logger, quotas=quotas)
+        self.group = process_group
+
+    @property
+    def _rank(self) -> int:
+        return dist.get_rank()
+
+    def _broadcast(self, value):
+        """Rank 0's ``value`` on every rank (over the checkpoint group)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def target(self, store: CheckpointStore, filename: str) -> str:
+        """As :meth:`CheckpointWriter.target`, a bare name as a sharded folder
+        (``epoch_0003.dcp``), decided by rank 0 for all."""
+        if _is_bare(filename):
+            name = CheckpointName.parse(filename)
+            if name is not None:
+                filename = str(name.as_sharded())
+            elif not filename.endswith(sharded.SUFFIX):
+                filename = filename.removesuffix(".pth") + sharded.SUFFIX
+        return self._broadcast(super().target(store, filename) if self._rank == 0 else None)
+
+    def write(self, store: CheckpointStore, checkpoint: dict, target: str) -> CheckpointRef:
+        """Write ``checkpoint`` (every rank its part) and commit it (rank 0).
+
+        Raises:
+            QuotaError: The write would exceed an operator's quota; nothing was written
+                (raised on every rank).
+        """
+        if not target.endswith(sharded.SUFFIX):
+            return self._write_whole(store, checkpoint, target)
+        folder = self._start(store, checkpoint, Path(target))
+        sharded.write(
+            checkpoint,
+            folder,
+            save_skeleton=_save_skeleton,
+            process_group=self.group,
+            coordinator=self._rank == 0,
+        )
+        return self._broadcast(self._publish(store, folder, target, checkpoint["meta"]))
+
+    def write_in_background(self, store: CheckpointStore, checkpoint: dict, target: str) -> Future:
+        """Stage ``checkpoint`` to the CPU now (DCP's ``async_save``), write it from a
+        thread, and commit it on rank 0 once every rank's part is written; a future of
+        the reference on rank 0, of ``None`` on the others."""
+        if not target.endswith(sharded.SUFFIX):
+            done: Future = Future()
+            done.set_result(self._write_whole(store, checkpoint, target))
+            return done
+        folder = self._start(store, checkpoint, Path(target))
+        meta = checkpoint["meta"]
+        writing = sharded.write(
+            checkpoint,
+            folder,
+            save_skeleton=_save_skeleton,
+            process_group=self.group,
+            coordinator=self._rank == 0,
+            background=True,
+        )
+
+        def commit() -> CheckpointRef | None:
+            writing.result()
+            if self._rank != 0:
+                return None
+            return self._publish(store, folder, target, meta)
+
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="baton-commit")
+        self._pending = self._thread.submit(commit)
+        return self._pending
+
+    def _start(self, store: CheckpointStore, checkpoint: dict, target: Path) -> Path:
+        """Check room (rank 0, the verdict shared), and give every rank an empty writing
+        folder."""
+        refusal = None
+        folder = sharded.writing_folder(target)
+        if self._rank == 0:
+            try:
+                self.check_room(store, checkpoint, str(target))
+            except CheckpointError as err:
+                refusal = err
+            else:
+                if folder.exists():
+                    shutil.rmtree(folder)  # a killed writer's; never committed
+                folder.mkdir(parents=True)
+        refusal = self._broadcast(refusal)
+        if refusal is not None:
+            raise refusal
+        return folder
+
+    def _publish(
+        self, store: CheckpointStore, folder: Path, target: str, meta: dict
+    ) -> CheckpointRef:
+        size, digest = sharded.publish(folder, Path(target))
+        return self._commit(store, target, meta, size, digest)
+
+    def _write_whole(self, store: CheckpointStore, checkpoint: dict, target: str):
+        ref = super().write(store, checkpoint, target) if self._rank == 0 else None
+        return self._broadcast(ref)
+
+
+def _is_bare(filename: str) -> bool:
+    return "://" not in filename and "/" not in filename and filename not in ("", ".", "..")
+
+
+def _save_skeleton(skeleton: dict, path: Path) -> None:
+    io.save(skeleton, str(path))

@@ -250,6 +250,13 @@ def semantic_problems(
                 (key, "num_workers"),
                 quotas.refusal(f"{section.num_workers} loader workers", "max_workers", "use fewer"),
             )
+    if cfg.launcher.nproc > quotas.max_processes:
+        add(
+            ("launcher", "nproc"),
+            quotas.refusal(
+                f"{cfg.launcher.nproc} training processes", "max_processes", "use fewer"
+            ),
+        )
     policy = cfg.checkpoint
     if policy.keep_best and not policy.best_metric:
         add(("checkpoint", "keep_best"), "keep_best needs best_metric (e.g. val/accuracy)")

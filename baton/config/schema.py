@@ -160,6 +160,21 @@ class CompileConfig(_Strict):
     dynamic: bool | None = None
 
 
+class LauncherConfig(_Strict):
+    """How many processes train together (one per device; ``1``: this process alone)."""
+
+    nproc: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="training processes on this machine (one per GPU); the same config trains "
+        "on 1 or N, and a checkpoint of one resumes on the other (docs/distributed.md)",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="collective backend: 'auto' is nccl with CUDA, else gloo"
+    )
+
+
 class TrainConfig(_Strict):
     """The horizon: exactly one of ``max_epochs`` and ``max_iters``."""
 
@@ -245,6 +260,7 @@ class PipelineConfig(_Strict):
     load_from: LoadFrom | None = None
     compile: bool | CompileConfig = False
     auto_scale_lr: AutoScaleLR | None = None
+    launcher: LauncherConfig = LauncherConfig()
     amp: bool = Field(False, description="mixed precision (AmpOptimWrapper)")
 
     @field_validator("experiment_name")

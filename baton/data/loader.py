@@ -183,6 +183,15 @@ class ResumableLoader:
         pin_memory: Put batches in page-locked memory (faster copies to a GPU).
         persistent_workers: Keep the workers from one epoch to the next.
         prefetch_factor: Batches each worker reads ahead (torch's default: 2).
+        rank: This process's rank among ``world_size`` training processes.
+        world_size: Training processes sharing each batch. ``batch_size`` is then the
+            *global* batch: every batch of the epoch's one global order is split across
+            the ranks, rank ``r`` taking its samples ``r, r + world_size, ...``, so the
+            samples an epoch holds, their order and each sample's augmentation do not
+            depend on the number of processes.
+
+    Raises:
+        DataError: A batch would leave a rank without a sample (see :meth:`check_split`).
     """
 
     def __init__(
@@ -197,7 +206,11 @@ class ResumableLoader:
         pin_memory: bool = False,
         persistent_workers: bool = True,
         prefetch_factor: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if num_workers < 0:
@@ -215,12 +228,52 @@ class ResumableLoader:
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
+        self.rank = rank
+        self.world_size = world_size
+        self.check_split()
         self._batches = _EpochBatches()
         self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def check_split(self) -> None:
+        """Refuse a split that would leave a rank without a sample in some batch: the
+        global batch, or the epoch's last (smaller) batch, holds fewer samples than there
+        are ranks.
+
+        Raises:
+            DataError: Naming the sizes and the fix.
+        """
+        n = len(self.dataset)
+        last = n % self.batch_size
+        smallest = self.batch_size if (self.drop_last or last == 0) else last
+        if smallest < self.world_size:
+            which = "a batch" if smallest == self.batch_size else "the epoch's last batch"
+            raise DataError(
+                f"{which} holds {smallest} samples, fewer than the {self.world_size} "
+                f"processes that share it ({n} samples, global batch {self.batch_size}); "
+                "set drop_last: true, or use fewer processes or a larger batch_size"
+            )
+
+    def local_share(self, index: torch.Tensor) -> torch.Tensor:
+        """This rank's samples of a global batch (``index[rank::world_size]``)."""
+        if self.world_size == 1:
+            return index
+        return index[self.rank :: self.world_size]
+
+    def loss_share(self, step: int) -> float:
+        """How much of batch ``step``'s loss this rank's samples carry, relative to an even
+        split: ``local samples * world_size / global samples``. Gradients averaged across
+        ranks then equal the gradient of the whole batch's mean loss, however unevenly a
+        batch divides (1.0 when it divides evenly, and always with one process)."""
+        if self.world_size == 1:
+            return 1.0
+        n = len(self.dataset)
+        total = min(self.batch_size, n - step * self.batch_size)
+        local = len(range(self.rank, total, self.world_size))
+        return local * self.world_size / total
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The sample order of ``epoch``: a function of (seed, epoch) only."""
@@ -243,7 +296,7 @@ class ResumableLoader:
         """
         if not 0 <= start <= len(self):
             raise ValueError(f"start must be between 0 and {len(self)}, got {start}")
-        batches = self.batch_indices(epoch)[start:]
+        batches = [self.local_share(b) for b in self.batch_indices(epoch)[start:]]
         tensors = sliced_tensors(self.dataset)
         if tensors is not None:
             for index in batches:
@@ -266,7 +319,7 @@ class ResumableLoader:
             The batch; ``None`` if sample 0 cannot be read (the run reports that when it
             reaches the sample).
         """
-        size = min(self.batch_size, len(self.dataset))
+        size = len(self.local_share(torch.arange(min(self.batch_size, len(self.dataset)))))
         tensors = sliced_tensors(self.dataset)
         if tensors is not None:
             return tuple(_on_meta(t[:1], size) for t in tensors)

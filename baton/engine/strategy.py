@@ -199,6 +199,11 @@ class SingleDeviceStrategy:
         return 0
 
     @property
+    def checkpoint_suffix(self) -> str:
+        """What the checkpoints this strategy writes into its experiment end in."""
+        return ".pth"
+
+    @property
     def world_size(self) -> int:
         """Always 1: one process."""
         return 1
@@ -278,7 +283,7 @@ class SingleDeviceStrategy:
         model = assemble.model(model)
         if hasattr(model, "init_weights"):
             model.init_weights()
-        model = self.convert_model(model).to(self.device)
+        model = self._wrap_model(self.convert_model(model).to(self.device))
         self.model = self._compile_model(model, compile)
 
         if optim_wrapper is not None:
@@ -300,6 +305,15 @@ class SingleDeviceStrategy:
         self._prepared = True
         return self._prepared_components()
 
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        """The model as training calls it: as it is on one device (``DDPStrategy`` wraps it)."""
+        return model
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The model without a data-parallel wrapper: what checkpoints hold and load into."""
+        return self.model
+
     def _prepared_components(self):
         items = [self.model]
         if hasattr(self, "optim_wrapper"):
@@ -319,7 +333,7 @@ class SingleDeviceStrategy:
     def _batch_size(self) -> int | None:
         """The global training batch size ``auto_scale_lr`` scales by, if given."""
         per_device = self.dispatch_kwargs.get("train_micro_batch_size_per_gpu")
-        return None if per_device is None else self.world_size * per_device
+        return None if per_device is None else round(self.world_size * per_device)
 
     def _compile_model(self, model: nn.Module, compile: dict | bool) -> nn.Module:
         if compile is False:
@@ -417,7 +431,7 @@ class SingleDeviceStrategy:
         checkpoint = content.build(self, save_optimizer, save_param_scheduler, extra_ckpt)
         if callback is not None:
             callback(checkpoint)
-        return checkpoint, CheckpointWriter.target(self.checkpoints, filename)
+        return checkpoint, self._writer.target(self.checkpoints, filename)
 
     def wait_for_checkpoints(self) -> CheckpointRef | None:
         """Wait for a background save; return its reference.
@@ -466,7 +480,7 @@ class SingleDeviceStrategy:
         for pattern, replacement in revise_keys:
             weights = {re.sub(pattern, replacement, key): value for key, value in weights.items()}
         content.load_weights(
-            self.model, weights, strict=strict, source=filename, logger=self.logger
+            self.unwrapped_model, weights, strict=strict, source=filename, logger=self.logger
         )
         return rest
 
@@ -524,7 +538,7 @@ class SingleDeviceStrategy:
             content.restore_schedulers(self.param_schedulers, states, source)
         self._restore_randomness(meta)
         self._restore_position(meta, source)
-        grads_restored = content.restore_gradients(self.model, checkpoint)
+        grads_restored = content.restore_gradients(self.unwrapped_model, checkpoint)
         if wrapper is not None and wrapper._accumulative_counts > 1:
             accumulation = meta.get("accumulation") or {}
             counts = accumulation.get("inner_count", self.iter)

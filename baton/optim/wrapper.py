@@ -86,6 +86,9 @@ class OptimWrapper:
         self._inner_count = 0
         self._max_counts = -1
         self._remainder_counts = -1
+        # This process's share of the current batch's loss when a batch is split unevenly
+        # across processes (set by the training loop; see ResumableLoader.loss_share).
+        self.batch_share = 1.0
         # With several param groups, mmengine adds a base group that no parameter uses:
         # schedulers step it too, so ``get_lr()['base_lr']`` follows the schedule of the
         # optimizer's default lr, whatever per-group multipliers the other groups have.
@@ -288,7 +291,11 @@ class OptimWrapper:
         )
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """Divide the loss by the window size (the last, shorter window by its own size)."""
+        """Divide the loss by the window size (the last, shorter window by its own size),
+        and weigh it by :attr:`batch_share` (this process's share of a batch split
+        unevenly across processes)."""
+        if self.batch_share != 1.0:
+            loss = loss * self.batch_share
         if self._accumulative_counts == 1:
             return loss
         full_windows_end = self._max_counts - self._remainder_counts

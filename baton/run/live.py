@@ -17,10 +17,11 @@ from baton import build, randomness
 from baton.config.plan import check_plan
 from baton.config.schema import PipelineConfig
 from baton.data.loader import ResumableLoader, check_same_classes
+from baton.engine.ddp import DDPStrategy
 from baton.engine.strategy import SingleDeviceStrategy
 from baton.experiment.folder import Experiment
 from baton.run import loop
-from baton.run.resume_policy import ResumeCheck
+from baton.run.resume_policy import ResumeCheck, world_size
 from baton.trust.allowances import Trust
 from baton.trust.quotas import Quotas, has_lazy_parameters
 
@@ -67,13 +68,17 @@ class Pipeline:
         return self.strategy.iter >= self.max_iters
 
 
-def _loader(cfg, dataset, strategy: SingleDeviceStrategy) -> ResumableLoader:
+def _loader(
+    cfg, dataset, strategy: SingleDeviceStrategy, batch_size: int | None = None
+) -> ResumableLoader:
+    """A split's loader; ``batch_size`` is the global batch (default: the split's
+    ``batch_size`` per process), shared by the strategy's processes."""
     pin_memory = cfg.pin_memory
     if pin_memory is None:  # page-locked memory speeds up copies to a GPU only
         pin_memory = strategy.device.type == "cuda"
     return ResumableLoader(
         dataset,
-        cfg.batch_size,
+        batch_size or cfg.batch_size * strategy.world_size,
         shuffle=cfg.shuffle,
         seed=strategy.seed,
         drop_last=cfg.drop_last,
@@ -81,11 +86,17 @@ def _loader(cfg, dataset, strategy: SingleDeviceStrategy) -> ResumableLoader:
         pin_memory=pin_memory,
         persistent_workers=cfg.persistent_workers,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+        rank=strategy.rank,
+        world_size=strategy.world_size,
     )
 
 
 def build_pipeline(
-    cfg: PipelineConfig, experiment: Experiment | None = None, *, trust: Trust | None = None
+    cfg: PipelineConfig,
+    experiment: Experiment | None = None,
+    *,
+    trust: Trust | None = None,
+    resuming: dict | None = None,
 ) -> Pipeline:
     """Build strategy, model, optimizer, schedulers, loaders and loss from a config.
 
@@ -96,24 +107,50 @@ def build_pipeline(
         experiment: The config's experiment, if the caller holds it already.
         trust: The operator's trust, if the caller read it already (default: the
             environment's, or the run's when it holds one).
+        resuming: The ``meta`` of the checkpoint the pipeline will resume: its global batch
+            is kept (:mod:`baton.run.resume_policy.world_size`).
+
+    With ``launcher.nproc`` above 1 this builds one rank of the run: the process must have
+    been started as one (``baton.run.ranks`` starts them).
     """
     trust = trust or Trust.from_environment()
     generators = randomness.TrainingGenerators()
     with generators.active():
-        pipeline = _build(cfg, experiment or Experiment.of(cfg, trust), trust)
+        pipeline = _build(cfg, experiment or Experiment.of(cfg, trust), trust, resuming)
     pipeline.rng = generators
     return pipeline
 
 
-def _build(cfg: PipelineConfig, experiment: Experiment, trust: Trust) -> Pipeline:
-    strategy = SingleDeviceStrategy.in_experiment(
-        experiment,
-        env_kwargs={"randomness": cfg.randomness.model_dump()},
-        auto_scale_lr=cfg.auto_scale_lr.model_dump() if cfg.auto_scale_lr else None,
-    )
+def _strategy(cfg: PipelineConfig, experiment: Experiment) -> SingleDeviceStrategy:
+    """The config's strategy: one device, or one rank of ``launcher.nproc``."""
+    kwargs = {
+        "env_kwargs": {"randomness": cfg.randomness.model_dump()},
+        "auto_scale_lr": cfg.auto_scale_lr.model_dump() if cfg.auto_scale_lr else None,
+    }
+    if cfg.launcher.nproc == 1:
+        return SingleDeviceStrategy.in_experiment(experiment, **kwargs)
+    if cfg.launcher.backend != "auto":
+        kwargs["env_kwargs"]["dist_cfg"] = {"backend": cfg.launcher.backend}
+    strategy = DDPStrategy.in_experiment(experiment, **kwargs)
+    if strategy.world_size != cfg.launcher.nproc:
+        raise RuntimeError(
+            f"launcher.nproc is {cfg.launcher.nproc} but this process is one of "
+            f"{strategy.world_size}; start the run with baton run or its flow"
+        )
+    return strategy
+
+
+def _build(
+    cfg: PipelineConfig, experiment: Experiment, trust: Trust, resuming: dict | None
+) -> Pipeline:
+    strategy = _strategy(cfg, experiment)
     strategy.config_hash = cfg.config_hash
+    global_batch = world_size.global_batch(cfg, strategy.world_size, resuming)
     train_loader = _loader(
-        cfg.train_data, build.build(cfg.train_data.dataset, "dataset", trust=trust), strategy
+        cfg.train_data,
+        build.build(cfg.train_data.dataset, "dataset", trust=trust),
+        strategy,
+        global_batch,
     )
     val_loader = None
     if cfg.val_data is not None:
@@ -155,7 +192,8 @@ def _build(cfg: PipelineConfig, experiment: Experiment, trust: Trust) -> Pipelin
             "max_epochs": max_epochs,
             "max_iters": max_iters,
             "epoch_length": epoch_length,
-            "train_micro_batch_size_per_gpu": cfg.train_data.batch_size,
+            # auto_scale_lr scales by the global batch: this over the world size.
+            "train_micro_batch_size_per_gpu": global_batch / strategy.world_size,
         },
     )
     # The plan's bytes follow the model as far as it is known: with lazy parameters,

@@ -40,7 +40,11 @@ class EpochMeter:
     no wait, they are Python numbers: fewer tensor operations per iteration.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reduce: Callable[[list[float]], list[float]] | None = None) -> None:
+        # With several processes: sums the four totals across them, so that every process
+        # reports the metrics of the whole batch (a collective: every process reads the
+        # meter at the same iterations).
+        self.reduce = reduce
         self.samples = 0
         self.loss_sum: torch.Tensor | float = 0.0
         self.correct: torch.Tensor | int = 0
@@ -73,15 +77,21 @@ class EpochMeter:
         iteration of the epoch, not only those after the resume. Reading them waits
         for the device once (a checkpoint waits for it anyway).
         """
+        samples, loss_sum, correct, classified = self._totals()
         return {
-            "samples": self.samples,
-            "loss_sum": float(self.loss_sum),
-            "correct": int(self.correct),
-            "classified": self.classified,
+            "samples": int(samples),
+            "loss_sum": float(loss_sum),
+            "correct": int(correct),
+            "classified": int(classified),
         }
 
+    def _totals(self) -> list[float]:
+        totals = [self.samples, float(self.loss_sum), int(self.correct), self.classified]
+        return totals if self.reduce is None else self.reduce(totals)
+
     def load_state_dict(self, state: Mapping) -> None:
-        """Continue from sums saved by :meth:`state_dict`."""
+        """Continue from sums saved by :meth:`state_dict` (with several processes, only
+        one of them loads the totals: the others' sums start at zero)."""
         self.samples = int(state["samples"])
         self.loss_sum = float(state["loss_sum"])
         self.correct = int(state["correct"])
@@ -90,9 +100,10 @@ class EpochMeter:
 
     def result(self) -> dict[str, float]:
         if self._result is None:
-            metrics = {"loss": float(self.loss_sum) / max(self.samples, 1)}
-            if self.classified:
-                metrics["accuracy"] = int(self.correct) / self.classified
+            samples, loss_sum, correct, classified = self._totals()
+            metrics = {"loss": float(loss_sum) / max(samples, 1)}
+            if classified:
+                metrics["accuracy"] = int(correct) / classified
             self._result = metrics
         return dict(self._result)
 
@@ -141,19 +152,22 @@ def train_epoch(
         (without ``meter``: the iterations this call ran).
     """
     model, wrapper = strategy.model, strategy.optim_wrapper
+    shared = loader.world_size > 1
     schedulers = getattr(strategy, "param_schedulers", [])
     per_iter = [s for s in schedulers if not s.by_epoch]
     per_epoch = [s for s in schedulers if s.by_epoch]
     uses_train_step = hasattr(model, "train_step")
     if loss_fn is None and not uses_train_step:
         raise ValueError("a model without train_step needs a loss_fn")
-    meter = EpochMeter() if meter is None else meter
+    meter = new_meter(strategy) if meter is None else meter
     running = RunningMetrics(meter)
     model.train()
     for batch in loader.iter_epoch(strategy.epoch, start=strategy.step_in_epoch):
         if max_iters is not None and strategy.iter >= max_iters:
             break
         batch = _to_device(batch, strategy.device)
+        if shared:
+            wrapper.batch_share = loader.loss_share(strategy.step_in_epoch)
         if uses_train_step:
             log_vars = model.train_step(batch, wrapper)
             meter.update(log_vars["loss"], _batch_size(batch))
@@ -196,6 +210,7 @@ def evaluate(
     model.eval()
     meter = EpochMeter()
     sums: dict[str, float] = {}
+    reduce = _reducer(strategy)
     try:
         for batch in loader.iter_epoch(0):
             batch = _to_device(batch, strategy.device)
@@ -213,8 +228,24 @@ def evaluate(
     finally:
         model.train(was_training)
     if sums:
-        return {key: total / max(meter.samples, 1) for key, total in sums.items()}
+        keys = sorted(sums)
+        samples, *totals = [meter.samples, *(sums[k] for k in keys)]
+        if reduce is not None:
+            samples, *totals = reduce([samples, *totals])
+        return {key: total / max(samples, 1) for key, total in zip(keys, totals, strict=True)}
+    meter.reduce = reduce
     return meter.result()
+
+
+def _reducer(strategy) -> Callable[[list[float]], list[float]] | None:
+    """Sums across processes, for a strategy that trains on several (``None`` on one)."""
+    return strategy.sum_across_ranks if strategy.world_size > 1 else None
+
+
+def new_meter(strategy) -> EpochMeter:
+    """An epoch's meter for ``strategy``: its metrics cover the whole batch, however many
+    processes share it."""
+    return EpochMeter(_reducer(strategy))
 
 
 def forward_input(model: nn.Module, batch: Any) -> Any | None:

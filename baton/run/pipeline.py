@@ -11,6 +11,7 @@ benchmarks). When to evaluate and save, and where a run continues from, is decid
 
 import logging
 
+from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
 from baton.config.schema import PipelineConfig
 from baton.experiment.folder import Experiment
@@ -74,7 +75,8 @@ def restore(
     Raises:
         RuntimeError: The checkpoint is past ``to_iter``.
     """
-    pipeline = build_pipeline(cfg, experiment, trust=trust)
+    resuming = io.load_meta(checkpoint.uri) if checkpoint is not None else None
+    pipeline = build_pipeline(cfg, experiment, trust=trust, resuming=resuming)
     if checkpoint is not None:
         resume(pipeline, checkpoint)
     else:

@@ -123,10 +123,10 @@ def _continue_run(pipeline: Pipeline, meta: dict, check: resume_policy.ResumeChe
     if strategy.step_in_epoch == 0 and any(k.startswith("val/") for k in meta.get("metrics") or {}):
         pipeline.scored_epoch = strategy.epoch
     pipeline.forks = list(meta.get(FORKS_KEY) or [])
-    pipeline.meter = loop.EpochMeter()
+    pipeline.meter = loop.new_meter(strategy)
     running = meta.get(RUNNING_METRICS_KEY)
-    if strategy.step_in_epoch and running:
-        pipeline.meter.load_state_dict(running)
+    if strategy.step_in_epoch and running and strategy.rank == 0:
+        pipeline.meter.load_state_dict(running)  # the totals of every process, once
     if check.horizon_move is not None:
         check.horizon_move.retake_steps(
             strategy.param_schedulers, _plateau_view(meta.get("metrics") or {})
@@ -180,7 +180,7 @@ def train_one_epoch(
     strategy = pipeline.strategy
     interval = pipeline.config.checkpoint.interval_iters if save_iterations else None
     if strategy.step_in_epoch == 0:
-        pipeline.meter = loop.EpochMeter()
+        pipeline.meter = loop.new_meter(strategy)
 
     def hook(running: dict) -> None:
         if (
@@ -384,6 +384,9 @@ def save(
         "config": cfg.model_dump(mode="json"),
         "experiment_name": cfg.experiment_name,
         "history": pipeline.history,
+        # The batch every iteration trained on, across all processes: a resume at another
+        # number of processes keeps it (baton.run.resume_policy.world_size).
+        "global_batch_size": pipeline.train_loader.batch_size,
     }
     if strategy.step_in_epoch:
         meta[RUNNING_METRICS_KEY] = pipeline.meter.state_dict()

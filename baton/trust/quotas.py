@@ -79,6 +79,7 @@ QUOTAS = {
     "min_free_bytes": ("BATON_MIN_FREE_BYTES", "lowers"),
     "max_workers": ("BATON_MAX_WORKERS", "raises"),
     "max_iterations": ("BATON_MAX_ITERATIONS", "raises"),
+    "max_processes": ("BATON_MAX_PROCESSES", "raises"),
 }
 
 
@@ -94,7 +95,14 @@ def machine_defaults(folder: Path) -> dict[str, int]:
         "min_free_bytes": min(int(disk_size * MIN_FREE_SHARE), MIN_FREE_CAP),
         "max_workers": max(usable_cores(), MIN_DEFAULT_WORKERS),
         "max_iterations": DEFAULT_MAX_ITERATIONS,
+        "max_processes": default_processes(),
     }
+
+
+def default_processes() -> int:
+    """Training processes a run may start when the operator sets no quota: one per GPU,
+    or one per usable core on a machine without one."""
+    return torch.cuda.device_count() or usable_cores()
 
 
 def physical_memory() -> int:
@@ -143,6 +151,7 @@ class Quotas:
         min_free_bytes: Bytes a checkpoint write must leave free on its filesystem.
         max_workers: ``num_workers`` of each data split.
         max_iterations: Iterations of a run's horizon.
+        max_processes: Training processes of a run (``launcher.nproc``).
     """
 
     max_parameters: int
@@ -151,6 +160,7 @@ class Quotas:
     min_free_bytes: int
     max_workers: int
     max_iterations: int
+    max_processes: int
 
     @classmethod
     def from_environment(

@@ -296,6 +296,7 @@ FREE_CHANGES = {
     "val_data.persistent_workers": "true",
     "val_data.prefetch_factor": "3",
     "train_data.num_workers": "1",
+    "launcher.backend": "gloo",
     "train_data.pin_memory": "true",
     "train_data.persistent_workers": "true",
     "train_data.prefetch_factor": "3",
@@ -318,6 +319,7 @@ FREE_ELSEWHERE = {
     "checkpoint.keep_best",
     "checkpoint.best_metric",
     "checkpoint.best_mode",
+    "launcher.nproc",  # tests/distributed: a resume on another number of processes
 }
 # Keys that go with another one (a loader's worker options need workers).
 COMPANIONS = {

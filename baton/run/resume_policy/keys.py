@@ -56,6 +56,10 @@ KEY_CLASSES: dict[str, KeyClass] = {
     # How the loader reads: the randomness a sample sees is a function of (seed, epoch,
     # index), not of the worker that reads it (baton/data.py), so these train the same.
     "train_data.num_workers": FREE,
+    # The number of processes: a resume keeps the checkpoint's global batch, split across
+    # however many processes this run has (resume_policy/world_size.py).
+    "launcher.nproc": FREE,
+    "launcher.backend": FREE,
     "train_data.pin_memory": FREE,
     "train_data.persistent_workers": FREE,
     "train_data.prefetch_factor": FREE,
