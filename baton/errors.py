@@ -119,3 +119,8 @@ class RetentionConflictError(ConfigError):
 class DataError(BatonError):
     """A dataset cannot be read: an empty or missing folder, an unreadable file, or train
     and validation splits whose classes differ. The message names the file or folder."""
+
+
+class RankFailedError(BatonError):
+    """A training process of a run on several processes died (or never started); the
+    others were stopped. A retry starts them again from the newest committed checkpoint."""

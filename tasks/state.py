@@ -228,7 +228,5 @@ def forget(cfg: PipelineConfig) -> None:
         _stop_workers(live.pipeline)
 
 
-def _stop_workers(pipeline: pl.Pipeline) -> None:
-    for loader in (pipeline.train_loader, pipeline.val_loader):
-        if loader is not None:
-            loader.close()
+def _stop_workers(pipeline: pl.Pipeline | pl.RankedPipeline) -> None:
+    pipeline.close()  # its loader workers; on several processes, the ranks

@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from baton.checkpoint import digests, io, manifest
+from baton.checkpoint import digests, io, manifest, sharded
 from baton.checkpoint.ref import CheckpointName
 from baton.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointOutsideError
 
@@ -146,6 +146,15 @@ class ExperimentFiles:
                 ) from err
         finally:
             os.close(dir_fd)
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and name.endswith(sharded.SUFFIX):
+            os.close(fd)
+            size, digest = sharded.digest(self.checkpoint_dir / name)
+            if expected_size is not None and size != expected_size:
+                raise CheckpointCorruptError(
+                    f"{self.checkpoint_dir / name} holds {size} bytes but {expected_size} "
+                    "were committed (a shard truncated, added or removed)"
+                )
+            return size, digest
         with os.fdopen(fd, "rb") as handle:
             st = os.fstat(handle.fileno())
             if not stat.S_ISREG(st.st_mode):

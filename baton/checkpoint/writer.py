@@ -201,7 +201,8 @@ class ShardedCheckpointWriter(CheckpointWriter):
             process_group=self.group,
             coordinator=self._rank == 0,
         )
-        return self._broadcast(self._publish(store, folder, target, checkpoint["meta"]))
+        ref = self._publish(store, folder, target, checkpoint["meta"]) if self._rank == 0 else None
+        return self._broadcast(ref)
 
     def write_in_background(self, store: CheckpointStore, checkpoint: dict, target: str) -> Future:
         """Stage ``checkpoint`` to the CPU now (DCP's ``async_save``), write it from a

@@ -67,6 +67,12 @@ class Pipeline:
         """True once the horizon is reached."""
         return self.strategy.iter >= self.max_iters
 
+    def close(self) -> None:
+        """Stop the loaders' worker processes (a later epoch starts new ones)."""
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
 
 def _loader(
     cfg, dataset, strategy: SingleDeviceStrategy, batch_size: int | None = None

@@ -15,18 +15,17 @@ from baton.checkpoint import io
 from baton.checkpoint.ref import CheckpointRef
 from baton.config.schema import PipelineConfig
 from baton.experiment.folder import Experiment
-from baton.run import control
+from baton.run import control, steps
 from baton.run.control import find_resume_point, plan_resume
+from baton.run.interrupt import StopRequest
 from baton.run.live import Pipeline, build_pipeline, preload
+from baton.run.ranks import RankedPipeline
 from baton.run.steps import (
-    evaluate,
     load_weights,
     replay,
     resume,
     save,
-    save_epoch,
     train_one_epoch,
-    train_until_stopped,
 )
 from baton.trust.allowances import Trust, held_trust
 
@@ -35,6 +34,7 @@ from baton.trust.allowances import Trust, held_trust
 # (baton.run.control) are importable from here.
 __all__ = [
     "Pipeline",
+    "RankedPipeline",
     "build_pipeline",
     "evaluate",
     "find_resume_point",
@@ -43,6 +43,7 @@ __all__ = [
     "preload",
     "replay",
     "restore",
+    "restore_here",
     "resume",
     "run",
     "save",
@@ -62,8 +63,33 @@ def restore(
     evaluated: bool = False,
     experiment: Experiment | None = None,
     trust: Trust | None = None,
+) -> Pipeline | RankedPipeline:
+    """A new pipeline at a run's position (:func:`restore_here`): in this process, or, with
+    ``launcher.nproc`` above 1, in that many training processes this one drives
+    (:class:`~baton.run.ranks.RankedPipeline`; close it to stop them)."""
+    if cfg.launcher.nproc > 1:
+        return RankedPipeline.start(
+            cfg,
+            checkpoint,
+            to_iter=to_iter,
+            evaluated=evaluated,
+            trust=trust or Trust.from_environment(),
+        )
+    return restore_here(
+        cfg, checkpoint, to_iter=to_iter, evaluated=evaluated, experiment=experiment, trust=trust
+    )
+
+
+def restore_here(
+    cfg: PipelineConfig,
+    checkpoint: CheckpointRef | None,
+    *,
+    to_iter: int | None = None,
+    evaluated: bool = False,
+    experiment: Experiment | None = None,
+    trust: Trust | None = None,
 ) -> Pipeline:
-    """A new pipeline at a run's position: resumed from ``checkpoint`` (or started from
+    """A new pipeline in this process at a run's position: resumed from ``checkpoint`` (or started from
     ``load_from``/scratch), then trained again up to iteration ``to_iter``, which is
     exact because data order and RNG states are part of the checkpoint.
 
@@ -91,6 +117,34 @@ def restore(
     return pipeline
 
 
+# The steps a task runs on a live pipeline, in this process or in its ranks.
+
+
+def train_until_stopped(
+    pipeline: Pipeline | RankedPipeline, stop: StopRequest, *, progress=None
+) -> dict[str, float]:
+    """Train the current epoch (see :func:`baton.run.steps.train_until_stopped`)."""
+    if isinstance(pipeline, RankedPipeline):
+        return pipeline.train_until_stopped(stop, progress=progress)
+    return steps.train_until_stopped(pipeline, stop, progress=progress)
+
+
+def evaluate(pipeline: Pipeline | RankedPipeline) -> dict[str, float]:
+    """Validation metrics (see :func:`baton.run.steps.evaluate`)."""
+    if isinstance(pipeline, RankedPipeline):
+        return pipeline.evaluate()
+    return steps.evaluate(pipeline)
+
+
+def save_epoch(
+    pipeline: Pipeline | RankedPipeline, metrics: dict[str, float], *, background: bool = False
+) -> CheckpointRef | None:
+    """The checkpoint after an epoch (see :func:`baton.run.steps.save_epoch`)."""
+    if isinstance(pipeline, RankedPipeline):
+        return pipeline.save_epoch(metrics, background=background)
+    return steps.save_epoch(pipeline, metrics, background=background)
+
+
 class _InProcess:
     """The run's steps on the live pipeline (the plain-Python run; see baton.run.control)."""
 
@@ -103,7 +157,10 @@ class _InProcess:
         return pipeline.strategy.epoch, pipeline.finished
 
     def train(self, pipeline: Pipeline, epoch: int) -> Pipeline:
-        self.metrics = train_one_epoch(pipeline)
+        if isinstance(pipeline, RankedPipeline):
+            self.metrics = pipeline.train_until_stopped(StopRequest())
+        else:
+            self.metrics = train_one_epoch(pipeline)
         return pipeline
 
     def evaluate(self, pipeline: Pipeline, epoch: int) -> Pipeline:
@@ -136,6 +193,10 @@ def run(
             pipeline = restore(cfg, plan.checkpoint, experiment=experiment, trust=trust)
             # every check passed: a refused run changed nothing
             plan.record(cfg, experiment, fork=pipeline.pending_fork is not None)
-            steps = _InProcess(pipeline)
-            control.train_to_horizon(cfg, pipeline, steps)
-    return pipeline, steps.ref or plan.checkpoint
+            run_steps = _InProcess(pipeline)
+            try:
+                control.train_to_horizon(cfg, pipeline, run_steps)
+            finally:
+                if isinstance(pipeline, RankedPipeline):
+                    pipeline.close()  # the ranks end with the run
+    return pipeline, run_steps.ref or plan.checkpoint

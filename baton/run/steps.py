@@ -236,8 +236,10 @@ def train_until_stopped(pipeline: Pipeline, stop: StopRequest, *, progress=None)
 
     def on_iteration(running: dict) -> None:
         if strategy.iter % log_interval == 0:
+            # Read on every rank (a collective with several processes), written by one.
             record = {"iter": strategy.iter, **{f"train/{k}": v for k, v in running.items()}}
-            pipeline.experiment.metrics.append("iteration", record)
+            if strategy.rank == 0:
+                pipeline.experiment.metrics.append("iteration", record)
         if progress is not None:
             progress(running, strategy.step_in_epoch or pipeline.epoch_length)
         stop.check()
@@ -363,7 +365,8 @@ def save(
     _refuse_diverged(pipeline, metrics)
     _check_best_metric(cfg, metrics)
     if pipeline.pending_fork is not None:
-        pipeline.pending_fork.start_lineage()
+        if strategy.rank == 0:  # one lineage for all of a run's processes
+            pipeline.pending_fork.start_lineage()
         pipeline.pending_fork = None
     record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
     if name is None:
