@@ -124,6 +124,7 @@ def cmd_run(args) -> int:
             resume=args.resume,
             work_dir=args.work_dir,
             fork=args.fork,
+            nproc=args.nproc,
             return_state=True,
         )
         if not state.is_completed():
@@ -445,6 +446,13 @@ def _add_run(commands) -> None:
     )
     run.add_argument(
         "--work-dir", help="folder of all experiments (relative to here); default: the config's"
+    )
+    run.add_argument(
+        "--nproc",
+        type=_count,
+        metavar="N",
+        help="train on N processes, one per device (torchrun, DDP); default: the config's "
+        "launcher.nproc (docs/distributed.md)",
     )
     _trust_args(run)
     run.set_defaults(func=cmd_run)

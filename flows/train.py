@@ -319,6 +319,7 @@ def train_pipeline(
     work_dir: str | None = None,
     restart_of: str | None = None,
     fork: bool | None = None,
+    nproc: int | None = None,
 ) -> RunState | State:
     """Train a pipeline to its horizon, continuing from the experiment's newest checkpoint.
 
@@ -331,6 +332,7 @@ def train_pipeline(
         restart_of: Set by the restart automation: the id of the crashed run this continues. Leave empty.
         fork: True continues from the checkpoint even where the config changes the run
             (data, optimizer, schedule, seed...), recorded as a fork; default: the config's.
+        nproc: Training processes, one per device (bounded by the operator's max_processes); default: the config's launcher.nproc.
     """
     started = time.time()
     settings = {
@@ -338,6 +340,7 @@ def train_pipeline(
         "resume": resume,
         "work_dir": work_dir,
         "fork": fork,
+        "nproc": nproc,
     }
     with permanent_errors_end_the_run():
         this, deployment = checked_run(retries=FLOW_RETRIES)
@@ -371,7 +374,7 @@ def train_pipeline(
 
 
 # The parameters a restart repeats from the run it continues (all but restart_of).
-_REPEATED = ("config", "overrides", "experiment_name", "resume", "work_dir", "fork")
+_REPEATED = ("config", "overrides", "experiment_name", "resume", "work_dir", "fork", "nproc")
 
 
 def _crashed_run(restart_of: str, this: FlowRun | None) -> FlowRun:

@@ -15,7 +15,9 @@ from baton.config.parsing import MAX_NESTING, MAX_OVERRIDES, MAX_STRING, load_bo
 from baton.errors import ConfigError, short_repr
 
 # The run's settings that are parameters of their own (flow parameters, CLI flags).
-RUN_SETTINGS = ("experiment_name", "resume", "work_dir", "fork")
+RUN_SETTINGS = ("experiment_name", "resume", "work_dir", "fork", "nproc")
+# The config key of a run setting that is not a top-level key.
+_SETTING_KEYS = {"nproc": "launcher.nproc"}
 
 
 def run_settings(overrides: Iterable[str] | None = None, **named: Any) -> dict[str, Any]:
@@ -29,7 +31,9 @@ def run_settings(overrides: Iterable[str] | None = None, **named: Any) -> dict[s
     if unknown:
         raise ConfigError(f"unknown run settings {unknown}; use {', '.join(RUN_SETTINGS)}")
     settings = parse_overrides(overrides or [])
-    settings.update({key: value for key, value in named.items() if value is not None})
+    settings.update(
+        {_SETTING_KEYS.get(key, key): value for key, value in named.items() if value is not None}
+    )
     return settings
 
 
