@@ -398,7 +398,12 @@ def _check_storage(metadata: Metadata, sizes: dict[str, int], folder: Path) -> N
             )
 
 
-def read(path: str | os.PathLike, *, load_skeleton: Callable[[Path], Any]) -> dict:
+def read(
+    path: str | os.PathLike,
+    *,
+    load_skeleton: Callable[[Path], Any],
+    sections: tuple[str, ...] | None = None,
+) -> dict:
     """Load a whole sharded checkpoint into one process, as the dict a ``.pth`` holds.
 
     Works with or without a process group (each process reads every part it needs on its
@@ -406,6 +411,7 @@ def read(path: str | os.PathLike, *, load_skeleton: Callable[[Path], Any]) -> di
 
     Args:
         load_skeleton: Loads ``baton.pt`` safely (``weights_only``).
+        sections: Only these top-level keys (``("meta",)``), reading only their tensors.
 
     Raises:
         CheckpointCorruptError: A part is missing or does not fit the metadata.
@@ -421,6 +427,8 @@ def read(path: str | os.PathLike, *, load_skeleton: Callable[[Path], Any]) -> di
     skeleton = load_skeleton(path / SKELETON_FILE)
     if not isinstance(skeleton, dict):
         raise CheckpointCorruptError(f"{path / SKELETON_FILE} does not hold a checkpoint dict")
+    if sections is not None:
+        skeleton = {k: v for k, v in skeleton.items() if k in sections}
     metadata = SafeReader(str(path)).read_metadata()
     stored = metadata.state_dict_metadata
     stored_bytes: dict[str, int] = {}
