@@ -4,6 +4,7 @@ folder named like one is refused in one line, never followed nor unpickled."""
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 import random
@@ -32,6 +33,7 @@ from baton.trust import Quotas, Trust, allowances
 from .helpers import EPOCH_LENGTH, assert_bitwise_equal, flat_state, make_loader, make_strategy, mlp
 
 EPOCHS = 3
+LOGGER = logging.getLogger(__name__)
 SGD = {"optimizer": {"type": "SGD", "lr": 0.05, "momentum": 0.9}}
 
 
@@ -187,9 +189,9 @@ def test_a_changed_missing_or_extra_shard_makes_the_checkpoint_damaged(tmp_path,
     report = store.check()
     assert report.entries[0].problem is None and said in report.entries[1].problem
     assert report.latest == older
-    with pytest.raises(CheckpointError):  # the load checks the very bytes it reads
-        with io.expect_bytes(newest.uri, newest.size, newest.sha256):
-            io.load(newest.uri)
+    # the load checks the very bytes it reads
+    with pytest.raises(CheckpointError), io.expect_bytes(newest.uri, newest.size, newest.sha256):
+        io.load(newest.uri)
 
 
 def test_a_link_to_a_sharded_folder_is_not_a_checkpoint_of_the_store(tmp_path):
@@ -329,15 +331,15 @@ def test_usage_and_quotas_count_a_sharded_checkpoint_as_one_file_of_all_its_byte
 
     checkpoint = checkpoint_dict(3)
     target = str(store.target("epoch_0003.dcp"))
-    writer = CheckpointWriter(__import__("logging").getLogger("test"), quotas=quotas())
+    writer = CheckpointWriter(LOGGER, quotas=quotas())
     writer.check_room(store, checkpoint, target)
     with pytest.raises(QuotaError, match="3 checkpoint files"):
-        CheckpointWriter(
-            __import__("logging").getLogger("test"), quotas=quotas(max_experiment_files=2)
-        ).check_room(store, checkpoint, target)
+        CheckpointWriter(LOGGER, quotas=quotas(max_experiment_files=2)).check_room(
+            store, checkpoint, target
+        )
     with pytest.raises(QuotaError, match="max_experiment_bytes"):
         CheckpointWriter(
-            __import__("logging").getLogger("test"),
+            LOGGER,
             quotas=quotas(max_experiment_bytes=first.size + second.size + 100),
         ).check_room(store, checkpoint, target)
 
