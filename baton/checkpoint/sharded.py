@@ -538,7 +538,9 @@ def remove(path: Path) -> None:
     """Delete a sharded checkpoint whole: renamed away first, so that a kill during the
     deletion leaves no half checkpoint under its name (the next run removes the rest)."""
     doomed = path.parent / f"{DELETING_PREFIX}{path.name}"
-    if doomed.exists():
+    if doomed.is_symlink():
+        doomed.unlink()  # the link itself, never what it points at
+    elif doomed.exists():
         shutil.rmtree(doomed)
     os.rename(path, doomed)
     _fsync_dir(path.parent)

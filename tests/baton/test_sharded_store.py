@@ -577,3 +577,36 @@ def test_a_fifo_or_a_link_inside_is_never_opened(tmp_path, damage, capsys):
     assert main(["ckpt", "inspect", ref.uri]) == 1
     err = capsys.readouterr().err
     assert "not a regular file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_load_checkpoint_and_evaluate_tasks_take_a_sharded_checkpoint(tmp_path):
+    """What ``baton evaluate`` runs: the same metrics from a checkpoint and its sharded copy."""
+    from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
+
+    from baton import tasks
+    from baton.config import validate
+    from baton.run import pipeline as pl
+    from baton.tasks.state import config_of, forget
+    from baton.trust import deployment_environment
+
+    from .helpers import small_pipeline
+
+    data = small_pipeline(tmp_path / "wd") | {"train": {"max_epochs": 1}}
+    _, ref = pl.run(validate(data))
+    store = CheckpointStore(Path(ref.uri).parent.parent)
+    copy = commit_sharded(store, 2, checkpoint=io.load(ref.uri))
+    metrics = []
+    with (
+        temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}),
+        deployment_environment(None),
+    ):
+        cfg = tasks.validate_config.fn(data)
+        for uri in (ref.uri, copy.uri):
+            state = tasks.load_checkpoint.fn(cfg, uri)
+            try:
+                state = tasks.evaluate.fn(cfg, state, state.epoch)
+            finally:
+                forget(config_of(cfg))
+            assert state.checkpoint.uri == uri and state.epoch == 1
+            metrics.append(state.metrics)
+    assert "val/accuracy" in metrics[0] and metrics[0] == metrics[1]
