@@ -166,6 +166,19 @@ class ExperimentFiles:
                 )
             return digests.hash_file(path, handle)
 
+    def check_complete(self, name: str) -> None:
+        """Refuse to commit ``checkpoints/<name>`` when it is a sharded checkpoint's folder
+        that is not whole (no DCP metadata or ``baton.pt``, or something other than
+        regular files in it): a sharded checkpoint is committed only once every shard is
+        written. A file is taken as its writer wrote it.
+
+        Raises:
+            CheckpointCorruptError: Naming what is missing or wrong.
+        """
+        path = self.checkpoint_dir / name
+        if path.is_dir() and not path.is_symlink():
+            sharded.files_of(path)
+
     def remove_stale_temporaries(self) -> None:
         """Delete what a killed writer left: temporary files, and the folders of a sharded
         checkpoint being written (``.writing-*``) or deleted (``.deleting-*``). Only

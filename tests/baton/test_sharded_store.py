@@ -610,3 +610,14 @@ def test_the_load_checkpoint_and_evaluate_tasks_take_a_sharded_checkpoint(tmp_pa
             assert state.checkpoint.uri == uri and state.epoch == 1
             metrics.append(state.metrics)
     assert "val/accuracy" in metrics[0] and metrics[0] == metrics[1]
+
+
+def test_a_sharded_folder_that_is_not_whole_is_not_committed(tmp_path):
+    store = CheckpointStore(tmp_path / "exp")
+    ref = commit_sharded(store, 1)
+    target = store.target("epoch_0002.dcp")
+    sharded.write(checkpoint_dict(2), target, save_skeleton=save_skeleton)
+    (target / ".metadata").unlink()  # a rank's write that never finished
+    with pytest.raises(CheckpointCorruptError, match="not a complete sharded checkpoint"):
+        store.commit(str(target), epoch=2, iter=20, size=1, sha256="0" * 64)
+    assert store.list() == [ref]
