@@ -1,12 +1,10 @@
 """Contract 13: a sharded checkpoint (a ``.dcp`` folder written through DCP) is committed
-once, and is listed, verified, rotated, counted and resumed as one checkpoint; a hostile
-folder named like one is refused in one line, never followed nor unpickled."""
+once, and is listed, verified, rotated, counted and resumed as one checkpoint (hostile
+folders named like one: ``tests/security/test_sharded_checkpoints.py``)."""
 
-import dataclasses
 import json
 import logging
 import os
-import pickle
 import random
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from baton.errors import (
     CheckpointCorruptError,
     CheckpointError,
     QuotaError,
-    UnsafeCheckpointError,
     UntrustedInputError,
 )
 from baton.flows.cli import main
@@ -31,71 +28,20 @@ from baton.run.loop import train_epoch
 from baton.trust import Quotas, Trust, allowances
 
 from .helpers import EPOCH_LENGTH, assert_bitwise_equal, flat_state, make_loader, make_strategy, mlp
+from .sharding import (
+    assert_same,
+    checkpoint_dict,
+    commit_file,
+    commit_sharded,
+    link_a_shard,
+    make_fifo,
+    save_skeleton,
+    shard_of,
+)
 
 EPOCHS = 3
 LOGGER = logging.getLogger(__name__)
 SGD = {"optimizer": {"type": "SGD", "lr": 0.05, "momentum": 0.9}}
-
-
-def checkpoint_dict(seed: int = 0, **meta) -> dict:
-    """What a strategy saves for a tiny nn.Linear with SGD momentum (one step taken)."""
-    torch.manual_seed(seed)
-    model = nn.Linear(4, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
-    return {
-        "meta": {"epoch": 1, "iter": 10, "seed": seed, "rng": {"torch": torch.get_rng_state()}}
-        | meta,
-        "state_dict": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "param_schedulers": [{"base_lrs": [0.1], "last_epoch": 1}],
-    }
-
-
-def save_skeleton(skeleton: dict, path: Path) -> None:
-    io.save(skeleton, str(path))
-
-
-def commit_sharded(
-    store: CheckpointStore, epoch: int, checkpoint: dict | None = None, **metrics
-) -> CheckpointRef:
-    """Write, publish and commit a sharded checkpoint in this process (no process group)."""
-    checkpoint = checkpoint or checkpoint_dict(epoch)
-    target = store.target(f"epoch_{epoch:04d}.dcp")
-    sharded.write(checkpoint, sharded.writing_folder(target), save_skeleton=save_skeleton)
-    size, sha = sharded.publish(sharded.writing_folder(target), target)
-    return store.commit(
-        str(target), epoch=epoch, iter=epoch * 10, size=size, sha256=sha, metrics=metrics
-    )
-
-
-def commit_file(store: CheckpointStore, epoch: int) -> CheckpointRef:
-    target = store.target(f"epoch_{epoch:04d}.pth")
-    size, sha = io.save(checkpoint_dict(epoch), str(target))
-    return store.commit(str(target), epoch=epoch, iter=epoch * 10, size=size, sha256=sha)
-
-
-def assert_same(a, b) -> None:
-    """Two loaded checkpoints are equal: same structure, same types, bitwise tensors."""
-    assert type(a) is type(b)
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for key in a:
-            assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_same(x, y)
-    else:
-        assert a == b
-
-
-def shard_of(folder: Path) -> Path:
-    (shard,) = folder.glob("__*_0.distcp")
-    return shard
 
 
 # committing, listing, verifying ---------------------------------------------------------
@@ -148,17 +94,6 @@ def _remove_the_metadata(folder: Path) -> None:
     (folder / ".metadata").unlink()
 
 
-def _link_a_shard(folder: Path) -> None:
-    shard = shard_of(folder)
-    outside = folder.parent.parent / "kept-elsewhere.distcp"
-    shard.rename(outside)
-    shard.symlink_to(outside)
-
-
-def _a_fifo(folder: Path) -> None:
-    os.mkfifo(folder / "__1_0.distcp")
-
-
 def _a_subfolder(folder: Path) -> None:
     (folder / "nested").mkdir()
 
@@ -170,8 +105,8 @@ def _a_subfolder(folder: Path) -> None:
         (_remove_a_shard, "bytes in 2 files but"),
         (_add_a_file, "does not match its manifest entry"),
         (_remove_the_metadata, "not a complete sharded checkpoint"),
-        (_link_a_shard, "not a regular file"),
-        (_a_fifo, "not a regular file"),
+        (link_a_shard, "not a regular file"),
+        (make_fifo, "not a regular file"),
         (_a_subfolder, "not a regular file"),
     ],
     ids=["changed", "missing", "extra", "no-metadata", "link", "fifo", "subfolder"],
@@ -478,105 +413,6 @@ def test_a_sharded_checkpoint_may_be_named_where_a_checkpoint_file_may(tmp_path)
 
 def test_trust_knows_the_sharded_suffix_of_the_checkpoint_package():
     assert allowances.SHARDED_CHECKPOINT_SUFFIX == sharded.SUFFIX
-
-
-# hostile folders --------------------------------------------------------------------------
-
-
-class RunsACommand:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def _metadata(folder: Path):
-    """The folder's DCP metadata, read here with full unpickling (the test wrote it)."""
-    return pickle.loads((folder / ".metadata").read_bytes())
-
-
-def test_metadata_that_names_another_class_is_refused_unrun(tmp_path, capsys):
-    store = CheckpointStore(tmp_path / "exp")
-    ref = commit_sharded(store, 1)
-    marker = tmp_path / "ran"
-    (Path(ref.uri) / ".metadata").write_bytes(pickle.dumps(RunsACommand(marker)))
-
-    with pytest.raises(
-        UnsafeCheckpointError, match="refusing DCP metadata that names posix.system"
-    ):
-        io.load(ref.uri)
-    assert main(["ckpt", "inspect", ref.uri]) == 1
-    err = capsys.readouterr().err
-    assert "refusing DCP metadata" in err and len(err.strip().splitlines()) == 1
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize(
-    "place", ["/etc/hostname", "../../outside.distcp", "baton.pt"], ids=["absolute", "up", "ours"]
-)
-def test_metadata_that_points_outside_the_shards_is_refused(tmp_path, place):
-    store = CheckpointStore(tmp_path / "exp")
-    ref = commit_sharded(store, 1)
-    (tmp_path / "outside.distcp").write_bytes(shard_of(Path(ref.uri)).read_bytes())
-    metadata = _metadata(Path(ref.uri))
-    metadata.storage_data = {
-        index: dataclasses.replace(info, relative_path=place)
-        for index, info in metadata.storage_data.items()
-    }
-    (Path(ref.uri) / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointCorruptError, match="not one of the checkpoint's shard files"):
-        io.load(ref.uri)
-
-
-def test_metadata_that_claims_more_than_the_shards_hold_is_refused_before_allocating(tmp_path):
-    store = CheckpointStore(tmp_path / "exp")
-    ref = commit_sharded(store, 1)
-    metadata = _metadata(Path(ref.uri))
-    info = metadata.state_dict_metadata["state_dict/weight"]
-    info.size = torch.Size([10**6, 10**6])  # four terabytes of float32
-    (Path(ref.uri) / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointCorruptError, match="claims 4,000,000,000,000 bytes"):
-        io.load(ref.uri)
-
-
-def test_metadata_with_a_range_past_its_shard_is_refused(tmp_path):
-    store = CheckpointStore(tmp_path / "exp")
-    ref = commit_sharded(store, 1)
-    metadata = _metadata(Path(ref.uri))
-    metadata.storage_data = {
-        index: dataclasses.replace(info, length=10**12)
-        for index, info in metadata.storage_data.items()
-    }
-    (Path(ref.uri) / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointCorruptError, match="the shard is truncated"):
-        io.load(ref.uri)
-
-
-def test_a_huge_metadata_or_skeleton_file_is_not_read(tmp_path, monkeypatch):
-    store = CheckpointStore(tmp_path / "exp")
-    ref = commit_sharded(store, 1)
-    monkeypatch.setattr(sharded, "MAX_METADATA_BYTES", 64)
-    with pytest.raises(CheckpointCorruptError, match="more than DCP metadata takes"):
-        io.load(ref.uri)
-    monkeypatch.setattr(sharded, "MAX_SKELETON_BYTES", 64)
-    with pytest.raises(CheckpointCorruptError, match="non-tensor part takes"):
-        io.load(ref.uri)
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("damage", [_a_fifo, _link_a_shard], ids=["fifo", "link"])
-def test_a_fifo_or_a_link_inside_is_never_opened(tmp_path, damage, capsys):
-    store = CheckpointStore(tmp_path / "exp")
-    ref = commit_sharded(store, 1)
-    damage(Path(ref.uri))
-    with pytest.raises(CheckpointCorruptError, match="not a regular file"):
-        io.load(ref.uri)
-    with pytest.raises(CheckpointCorruptError, match="not a regular file"):
-        io.sha256_of(ref.uri)
-    assert main(["ckpt", "inspect", ref.uri]) == 1
-    err = capsys.readouterr().err
-    assert "not a regular file" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_load_checkpoint_and_evaluate_tasks_take_a_sharded_checkpoint(tmp_path):
