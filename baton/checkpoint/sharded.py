@@ -41,8 +41,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 
 from baton.checkpoint import digests
 from baton.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
@@ -155,23 +160,18 @@ def files_of(path: str | os.PathLike) -> list[str]:
             regular files, or lacks DCP's metadata or ``baton.pt`` (a write that did not
             finish).
     """
-    fd = open_folder(path)
-    try:
-        return sorted(_listing(fd, Path(path)))
-    finally:
-        os.close(fd)
+    return sorted(_files_with_sizes(Path(path)))
 
 
-def open_folder(path: str | os.PathLike, *, dir_fd: int | None = None) -> int:
-    """A descriptor of a sharded checkpoint's folder, opened without following a link
-    (``path`` relative to ``dir_fd`` when given).
+def open_folder(path: str | os.PathLike) -> int:
+    """A descriptor of a sharded checkpoint's folder, opened without following a link.
 
     Raises:
         CheckpointNotFoundError: There is no such folder.
         CheckpointCorruptError: It is a link or not a folder.
     """
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except FileNotFoundError as err:
         raise CheckpointNotFoundError(f"sharded checkpoint {str(path)!r} does not exist") from err
     except OSError as err:
@@ -376,8 +376,13 @@ def _check_storage(metadata: Metadata, sizes: dict[str, int], folder: Path) -> N
     if not isinstance(storage, dict) or not isinstance(metadata.state_dict_metadata, dict):
         raise CheckpointCorruptError(f"{folder / DCP_METADATA} is not DCP metadata")
     for index, info in storage.items():
-        name = getattr(info, "relative_path", None)
-        where = f"{folder / DCP_METADATA} places {getattr(index, 'fqn', index)!r}"
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise CheckpointCorruptError(
+                f"{folder / DCP_METADATA} is not DCP metadata (its storage names "
+                f"{type(index).__name__} -> {type(info).__name__})"
+            )
+        name = info.relative_path
+        where = f"{folder / DCP_METADATA} places {index.fqn!r}"
         if not isinstance(name, str) or name in (DCP_METADATA, SKELETON_FILE) or name not in sizes:
             raise CheckpointCorruptError(
                 f"{where} in {name!r}, which is not one of the checkpoint's shard files; "
@@ -436,20 +441,22 @@ def read(
         stored_bytes[index.fqn] = stored_bytes.get(index.fqn, 0) + info.length
     tensors: dict[str, torch.Tensor] = {}
     for key in tensor_keys(skeleton):
+        if not isinstance(key, str):
+            raise CheckpointCorruptError(f"{path / SKELETON_FILE} names a tensor by {key!r}")
         info = stored.get(key)
         if not isinstance(info, TensorStorageMetadata):
             raise CheckpointCorruptError(f"{path} has no tensor {key!r} in its DCP metadata")
         # Allocate no more than the shards hold: metadata that claims a tensor larger than
         # its stored bytes (a terabyte "weight" in a small file) is refused before any
         # memory is taken.
-        dtype = info.properties.dtype
-        claimed = math.prod(info.size) * dtype.itemsize
+        shape, dtype = _shape_and_dtype(info, f"{path / DCP_METADATA} ({key!r})")
+        claimed = math.prod(shape) * dtype.itemsize
         if claimed > stored_bytes.get(key, 0):
             raise CheckpointCorruptError(
                 f"{path / DCP_METADATA} claims {claimed:,} bytes for {key!r} but its shards "
                 f"hold {stored_bytes.get(key, 0):,}; it is not read"
             )
-        tensors[key] = torch.empty(info.size, dtype=dtype)
+        tensors[key] = torch.empty(shape, dtype=dtype)
     if tensors:
         try:
             with _single_process_quiet():
@@ -459,6 +466,24 @@ def read(
         except dcp.api.CheckpointException as err:
             raise CheckpointCorruptError(f"{path} cannot be read: {err}") from err
     return join(skeleton, tensors)
+
+
+def _shape_and_dtype(
+    info: TensorStorageMetadata, where: str
+) -> tuple[tuple[int, ...], torch.dtype]:
+    """The shape and dtype a tensor's metadata gives, checked: non-negative whole numbers
+    and a torch dtype (a pickle of allowed classes may still hold any value in them).
+
+    Raises:
+        CheckpointCorruptError: Naming the bad value.
+    """
+    shape = tuple(info.size) if isinstance(info.size, (tuple, list)) else None
+    dtype = getattr(getattr(info, "properties", None), "dtype", None)
+    if shape is None or not all(type(n) is int and n >= 0 for n in shape):
+        raise CheckpointCorruptError(f"{where} gives the shape {info.size!r}; it is not read")
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointCorruptError(f"{where} gives the dtype {dtype!r}; it is not read")
+    return shape, dtype
 
 
 def _files_with_sizes(path: Path) -> dict[str, int]:

@@ -114,3 +114,27 @@ def test_a_fifo_or_a_link_inside_is_never_opened(tmp_path, damage, capsys):
     assert main(["ckpt", "inspect", ref.uri]) == 1
     err = capsys.readouterr().err
     assert "not a regular file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_metadata_with_odd_values_in_allowed_classes_is_refused(tmp_path, capsys):
+    store = CheckpointStore(tmp_path / "exp")
+    ref = commit_sharded(store, 1)
+    metadata = _metadata(Path(ref.uri))
+    metadata.state_dict_metadata["state_dict/weight"].size = ["3", "4"]
+    (Path(ref.uri) / ".metadata").write_bytes(pickle.dumps(metadata))
+    assert main(["ckpt", "inspect", ref.uri]) == 1
+    err = capsys.readouterr().err
+    assert "gives the shape ['3', '4']" in err and len(err.strip().splitlines()) == 1
+
+    metadata.storage_data = {"state_dict/weight": "__0_0.distcp"}
+    (Path(ref.uri) / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointCorruptError, match="is not DCP metadata"):
+        io.load(ref.uri)
+
+
+def test_a_skeleton_that_names_a_tensor_oddly_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path / "exp")
+    ref = commit_sharded(store, 1)
+    io.save({"state_dict": {"__dcp_tensor__": [1]}}, str(Path(ref.uri) / sharded.SKELETON_FILE))
+    with pytest.raises(CheckpointCorruptError, match="names a tensor by"):
+        io.load(ref.uri)
