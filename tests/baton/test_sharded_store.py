@@ -457,3 +457,32 @@ def test_a_sharded_folder_that_is_not_whole_is_not_committed(tmp_path):
     with pytest.raises(CheckpointCorruptError, match="not a complete sharded checkpoint"):
         store.commit(str(target), epoch=2, iter=20, size=1, sha256="0" * 64)
     assert store.list() == [ref]
+
+
+def test_a_pipeline_auto_resumes_from_a_sharded_checkpoint_bitwise_equal(tmp_path):
+    """The run's own path: find the resume point, verify, load with the bytes checked."""
+    from baton.config import validate
+    from baton.run import pipeline as pl
+
+    from .helpers import small_pipeline
+
+    def config(work_dir: Path, epochs: int):
+        return validate(small_pipeline(work_dir) | {"train": {"max_epochs": epochs}})
+
+    straight, _ = pl.run(config(tmp_path / "a", 3))
+    _, first = pl.run(config(tmp_path / "b", 1))
+    store = CheckpointStore(Path(first.uri).parent.parent)
+    checkpoint = io.load(first.uri)
+    target = store.target("epoch_0001.dcp")
+    sharded.write(checkpoint, sharded.writing_folder(target), save_skeleton=save_skeleton)
+    size, sha = sharded.publish(sharded.writing_folder(target), target)
+    meta = checkpoint["meta"]
+    store.commit(str(target), epoch=meta["epoch"], iter=meta["iter"], size=size, sha256=sha)
+    Path(first.uri).unlink()  # only the sharded checkpoint can be resumed
+
+    resumed, last = pl.run(config(tmp_path / "b", 3))
+    assert resumed.strategy.epoch == 3 and Path(last.uri).name == "epoch_0003.pth"
+    assert not Path(first.uri).exists()  # epoch 1 was not trained again
+    names = [Path(r.uri).name for r in store.lineages()[-1].checkpoints]
+    assert names == ["epoch_0001.pth", "epoch_0001.dcp", "epoch_0002.pth", "epoch_0003.pth"]
+    assert_bitwise_equal(flat_state(straight.strategy), flat_state(resumed.strategy))
