@@ -404,6 +404,7 @@ def cmd_evaluate(args) -> int:
 
 def _check_evaluation(cfg, checkpoint: str) -> None:
     """What can be told before any run: the config can evaluate, the file is a checkpoint."""
+    from baton.checkpoint import sharded
     from baton.errors import CheckpointError, ConfigError
     from baton.experiment import Experiment
     from baton.flows.evaluate import NO_VAL_DATA
@@ -415,7 +416,10 @@ def _check_evaluation(cfg, checkpoint: str) -> None:
         checkpoint, experiment_dir=Experiment.of(cfg).root, what="checkpoint"
     )
     if "://" not in uri and Path(uri).is_dir():
-        return  # a sharded checkpoint's folder (the trust check allows no other folder)
+        # a sharded checkpoint's folder (the trust check allows no other): whole, and
+        # holding only regular files
+        sharded.files_of(uri)
+        return
     if "://" not in uri:
         with open(uri, "rb") as handle:
             head = handle.read(4)

@@ -486,3 +486,18 @@ def test_a_pipeline_auto_resumes_from_a_sharded_checkpoint_bitwise_equal(tmp_pat
     names = [Path(r.uri).name for r in store.lineages()[-1].checkpoints]
     assert names == ["epoch_0001.pth", "epoch_0001.dcp", "epoch_0002.pth", "epoch_0003.pth"]
     assert_bitwise_equal(flat_state(straight.strategy), flat_state(resumed.strategy))
+
+
+def test_baton_evaluate_checks_a_sharded_checkpoint_before_any_run(tmp_path):
+    from baton.config import load_config
+    from baton.flows.cli import _check_evaluation
+
+    from .helpers import small_pipeline
+
+    cfg = load_config(small_pipeline(tmp_path / "wd"))
+    store = CheckpointStore(tmp_path / "wd" / "exp")
+    ref = commit_sharded(store, 1)
+    _check_evaluation(cfg, ref.uri)
+    _remove_the_metadata(Path(ref.uri))
+    with pytest.raises(CheckpointCorruptError, match="not a complete sharded checkpoint"):
+        _check_evaluation(cfg, ref.uri)
