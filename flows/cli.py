@@ -210,6 +210,7 @@ def _not_a_checkpoint(path: Path) -> str | None:
     """What a local file is when it cannot be a checkpoint; ``None`` when it may be one."""
     import stat
 
+    from baton.checkpoint import sharded
     from baton.checkpoint.store import CheckpointStore
 
     try:
@@ -221,7 +222,12 @@ def _not_a_checkpoint(path: Path) -> str | None:
     if stat.S_ISDIR(mode):
         if CheckpointStore(path).manifest_path.exists():
             return f"an experiment folder; list its checkpoints with `baton ckpt list {path}`"
-        return "a directory, not a checkpoint file"
+        if path.name.endswith(sharded.SUFFIX) and not path.is_symlink():
+            return None  # a sharded checkpoint: loading it checks what it holds
+        return (
+            "a directory, not a checkpoint file (a sharded checkpoint is a folder named "
+            f"*{sharded.SUFFIX})"
+        )
     if not stat.S_ISREG(mode):
         return "a device or special file, not a checkpoint file"
     with open(path, "rb") as handle:
@@ -239,15 +245,20 @@ def _not_a_checkpoint(path: Path) -> str | None:
 
 
 def cmd_ckpt_inspect(args) -> int:
-    """What a checkpoint file holds (loaded safely); one line and exit 1 for anything that
-    is not a checkpoint."""
-    from baton.checkpoint import io
+    """What a checkpoint holds (loaded safely): a file, or a sharded checkpoint's folder
+    (then also its files and the world size that wrote it); one line and exit 1 for
+    anything that is not a checkpoint."""
+    from baton.checkpoint import io, sharded
 
+    shards = None
     if io.is_local(args.checkpoint):
-        what = _not_a_checkpoint(io.local_path(args.checkpoint))
+        path = io.local_path(args.checkpoint)
+        what = _not_a_checkpoint(path)
         if what is not None:
             print(f"baton: {args.checkpoint} is {what}", file=sys.stderr)
             return 1
+        if sharded.is_sharded(path):
+            shards = {name: (path / name).stat().st_size for name in sharded.files_of(path)}
     size, digest = io.sha256_of(args.checkpoint)
     checkpoint = io.load(args.checkpoint)
     meta = dict(checkpoint.get("meta") or {}) if isinstance(checkpoint, dict) else {}
@@ -257,11 +268,16 @@ def cmd_ckpt_inspect(args) -> int:
         "file": args.checkpoint,
         "size": size,
         "sha256": digest,
-        "sections": sorted(checkpoint)
-        if isinstance(checkpoint, dict)
-        else type(checkpoint).__name__,
-        "meta": meta,
+        "sharded": shards is not None,
     }
+    if shards is not None:
+        if "world_size" in meta:
+            summary["world_size"] = meta["world_size"]
+        summary["files"] = shards
+    summary["sections"] = (
+        sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+    )
+    summary["meta"] = meta
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -389,6 +405,7 @@ def cmd_evaluate(args) -> int:
 
 def _check_evaluation(cfg, checkpoint: str) -> None:
     """What can be told before any run: the config can evaluate, the file is a checkpoint."""
+    from baton.checkpoint import sharded
     from baton.errors import CheckpointError, ConfigError
     from baton.experiment import Experiment
     from baton.flows.evaluate import NO_VAL_DATA
@@ -399,6 +416,11 @@ def _check_evaluation(cfg, checkpoint: str) -> None:
     uri = Trust.from_environment().check_checkpoint(
         checkpoint, experiment_dir=Experiment.of(cfg).root, what="checkpoint"
     )
+    if "://" not in uri and Path(uri).is_dir():
+        # a sharded checkpoint's folder (the trust check allows no other): whole, and
+        # holding only regular files
+        sharded.files_of(uri)
+        return
     if "://" not in uri:
         with open(uri, "rb") as handle:
             head = handle.read(4)
@@ -406,7 +428,8 @@ def _check_evaluation(cfg, checkpoint: str) -> None:
         if not (head.startswith(b"PK") or head[:1] == b"\x80"):
             raise CheckpointError(
                 f"{checkpoint!r} is not a torch checkpoint (neither a zip archive nor a "
-                "pickle); name a .pth file written by baton, mmengine or torch.save"
+                "pickle); name a .pth file written by baton, mmengine or torch.save, or a "
+                "sharded checkpoint's .dcp folder"
             )
 
 

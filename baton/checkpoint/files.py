@@ -4,6 +4,7 @@ Layout of an experiment's home (``work_dir/<experiment>/``)::
 
     checkpoints/epoch_0003.pth     the files of lineage 1
     checkpoints/L2-epoch_0001.pth  the files of lineage 2 (never the same file as lineage 1's)
+    checkpoints/epoch_0004.dcp/    a sharded checkpoint: one folder, one checkpoint
     manifest.json                  snapshot: lineages and committed checkpoints (paths relative)
     manifest.journal               what was committed since the snapshot, one record a line
     .lock                          held by the process that trains the experiment
@@ -11,8 +12,9 @@ Layout of an experiment's home (``work_dir/<experiment>/``)::
 **Only its own files.** Manifest paths are relative to the experiment folder, so a moved
 experiment resumes where it was and a copied one is independent. The store reads,
 verifies and deletes only regular files directly inside its own ``checkpoints/`` folder,
-opened without following links; anything else a manifest names (an absolute path, a
-``..``, a link, a device) is reported and never followed or deleted.
+and sharded checkpoints there (:mod:`baton.checkpoint.sharded`: real folders holding only
+regular files), opened without following links; anything else a manifest names (an
+absolute path, a ``..``, a link, a device) is reported and never followed or deleted.
 
 :class:`ExperimentFiles` is the one owner of these paths: nobody else joins them. The rest
 of the folder (metrics, logs, TensorBoard) is :class:`baton.experiment.Experiment`'s.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,18 +93,15 @@ class ExperimentFiles:
         return path.name if same else None
 
     def own_file_names(self) -> list[str]:
-        """The regular files directly inside the checkpoint folder, sorted (none when the
-        folder is missing or is not a real folder)."""
+        """The checkpoints directly inside the checkpoint folder, sorted: its regular files,
+        and its real folders named as sharded checkpoints (``epoch_0003.dcp``); none when
+        the folder is missing or is not a real folder."""
         try:
             dir_fd = self.open_checkpoint_dir()
         except (FileNotFoundError, CheckpointOutsideError):
             return []
         try:
-            return sorted(
-                name
-                for name in os.listdir(dir_fd)
-                if stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-            )
+            return sorted(name for name in os.listdir(dir_fd) if _is_checkpoint_entry(dir_fd, name))
         finally:
             os.close(dir_fd)
 
@@ -124,56 +124,86 @@ class ExperimentFiles:
             ) from err
 
     def hash_own(self, name: str, expected_size: int | None = None) -> tuple[int, str]:
-        """Size and sha256 of ``checkpoints/<name>``, a regular file, opened without
-        following a link.
+        """Size and sha256 of ``checkpoints/<name>``, opened without following a link: a
+        regular file's bytes, or a sharded checkpoint's folder digest
+        (:func:`baton.checkpoint.sharded.folder_digest`: a shard changed, missing or added
+        changes it).
 
         Raises:
             CheckpointNotFoundError: The file is gone.
-            CheckpointOutsideError: It is a link, a folder or a device.
-            CheckpointCorruptError: Its size is not ``expected_size``.
+            CheckpointOutsideError: It is a link or a device.
+            CheckpointCorruptError: Its size is not ``expected_size``; a sharded
+                checkpoint holding anything but regular files, or incomplete.
         """
+        path = self.checkpoint_dir / name
         dir_fd = self.open_checkpoint_dir()
         try:
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
             except FileNotFoundError as err:
-                raise CheckpointNotFoundError(
-                    f"{self.checkpoint_dir / name} does not exist (deleted?)"
-                ) from err
+                raise CheckpointNotFoundError(f"{path} does not exist (deleted?)") from err
             except OSError as err:
                 raise CheckpointOutsideError(
-                    f"{self.checkpoint_dir / name} is a symbolic link; the store does not follow it"
+                    f"{path} is a symbolic link; the store does not follow it"
                 ) from err
         finally:
             os.close(dir_fd)
-        if stat.S_ISDIR(os.fstat(fd).st_mode) and name.endswith(sharded.SUFFIX):
-            os.close(fd)
-            size, digest = sharded.digest(self.checkpoint_dir / name)
-            if expected_size is not None and size != expected_size:
-                raise CheckpointCorruptError(
-                    f"{self.checkpoint_dir / name} holds {size} bytes but {expected_size} "
-                    "were committed (a shard truncated, added or removed)"
-                )
-            return size, digest
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                return sharded.folder_digest(fd, path, expected_size=expected_size)
+            finally:
+                os.close(fd)
         with os.fdopen(fd, "rb") as handle:
-            st = os.fstat(handle.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise CheckpointOutsideError(
-                    f"{self.checkpoint_dir / name} is not a regular file; the store does not read it"
+                    f"{path} is not a regular file; the store does not read it"
                 )
             if expected_size is not None and st.st_size != expected_size:
                 raise CheckpointCorruptError(
-                    f"{self.checkpoint_dir / name} has {st.st_size} bytes but {expected_size} "
+                    f"{path} has {st.st_size} bytes but {expected_size} "
                     "were committed (truncated or overwritten)"
                 )
-            return digests.hash_file(self.checkpoint_dir / name, handle)
+            return digests.hash_file(path, handle)
+
+    def check_complete(self, name: str) -> None:
+        """Refuse to commit ``checkpoints/<name>`` when it is a sharded checkpoint's folder
+        that is not whole (no DCP metadata or ``baton.pt``, or something other than
+        regular files in it): a sharded checkpoint is committed only once every shard is
+        written. A file is taken as its writer wrote it.
+
+        Raises:
+            CheckpointCorruptError: Naming what is missing or wrong.
+        """
+        path = self.checkpoint_dir / name
+        if path.is_dir() and not path.is_symlink():
+            sharded.files_of(path)
 
     def remove_stale_temporaries(self) -> None:
-        """Delete temporary files a killed writer left (only called under the lock, before
-        this run writes anything, so none of them belongs to a live write)."""
+        """Delete what a killed writer left: temporary files, and the folders of a sharded
+        checkpoint being written (``.writing-*``) or deleted (``.deleting-*``). Only
+        called under the lock, before this run writes anything, so none of them belongs
+        to a live write; a link is never followed (nor removed)."""
         for folder in (self.root, self.checkpoint_dir):
             if folder.is_dir() and not folder.is_symlink():
                 for leftover in folder.glob(".*.tmp"):
                     if leftover.is_file() and not leftover.is_symlink():
                         leftover.unlink(missing_ok=True)
                         logger.info("removed %s, left by an interrupted write", leftover.name)
+        if not self.checkpoint_dir.is_dir() or self.checkpoint_dir.is_symlink():
+            return
+        for prefix in (sharded.WRITING_PREFIX, sharded.DELETING_PREFIX):
+            for leftover in self.checkpoint_dir.glob(f"{prefix}*"):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    # rmtree removes the links inside a folder, never what they point at
+                    shutil.rmtree(leftover)
+                    logger.info("removed %s, left by an interrupted write", leftover.name)
+
+
+def _is_checkpoint_entry(dir_fd: int, name: str) -> bool:
+    """A regular file, or a real folder with a sharded checkpoint's name."""
+    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    if stat.S_ISREG(mode):
+        return True
+    parsed = CheckpointName.parse(name)
+    return stat.S_ISDIR(mode) and parsed is not None and parsed.sharded

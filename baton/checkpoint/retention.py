@@ -3,7 +3,10 @@
 Rotation acts within the committing lineage and never deletes the checkpoint just
 committed, a checkpoint another lineage starts from, or another lineage's files. The
 files it drops are deleted only after the commit that drops them is durable, and only
-when they are regular files inside the store's own ``checkpoints/`` folder.
+when they are regular files inside the store's own ``checkpoints/`` folder, or sharded
+checkpoints there (real folders of regular files), each deleted whole or not at all
+(:func:`baton.checkpoint.sharded.remove`: renamed away first, so a kill during the
+deletion leaves no half checkpoint under its name; the next lock removes the rest).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import stat
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
-from baton.checkpoint import manifest
+from baton.checkpoint import manifest, sharded
 from baton.checkpoint.files import ExperimentFiles
 
 logger = logging.getLogger(__name__)
@@ -133,8 +136,9 @@ def _unlink_in(dir_fd: int, name: str) -> None:
 
 
 def delete_rotated(files: ExperimentFiles, names: list[str]) -> None:
-    """Delete the checkpoint files ``names`` that rotation dropped, leaving alone any
-    that is gone or is not a regular file."""
+    """Delete the checkpoints ``names`` that rotation dropped: a regular file, or a
+    sharded checkpoint's folder whole; leave alone any that is gone, a link, or anything
+    else (a device, a folder holding more than regular files)."""
     if not names:
         return
     dir_fd = files.open_checkpoint_dir()
@@ -144,10 +148,17 @@ def delete_rotated(files: ExperimentFiles, names: list[str]) -> None:
                 mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
             except FileNotFoundError:
                 continue
-            if not stat.S_ISREG(mode):
-                logger.warning("rotation left %s alone: not a regular file", name)
+            if stat.S_ISDIR(mode) and sharded.is_removable(files.checkpoint_dir / name):
+                sharded.remove(files.checkpoint_dir / name)
+            elif stat.S_ISREG(mode):
+                _unlink_in(dir_fd, name)
+            else:
+                logger.warning(
+                    "rotation left %s alone: neither a regular file nor a folder of regular "
+                    "files (remove it by hand if it is not needed)",
+                    name,
+                )
                 continue
-            _unlink_in(dir_fd, name)
             logger.info("rotation removed %s", files.checkpoint_dir / name)
     finally:
         os.close(dir_fd)

@@ -200,15 +200,19 @@ def load(uri: str, *, map_location: MapLocation = "cpu", trusted: bool | None = 
 def load_meta(uri: str) -> dict:
     """A checkpoint's ``meta`` (``{}`` if it has none), without reading its tensors where
     that can be avoided: a local file of torch's zip format is memory-mapped, so only its
-    pickled structure is read; anything else is loaded whole (safely, as :func:`load`).
+    pickled structure is read; of a sharded checkpoint, ``baton.pt`` and the tensors of
+    ``meta`` are read; anything else is loaded whole (safely, as :func:`load`).
 
     Raises:
         As :func:`load`.
     """
     checkpoint = None
     if _is_sharded(uri):
-        skeleton = load(str(local_path(uri) / sharded.SKELETON_FILE))
-        meta = skeleton.get("meta") if isinstance(skeleton, dict) else None
+        # Only the tensors of meta (its RNG states) are read, not the weights.
+        read = sharded.read(
+            local_path(uri), load_skeleton=lambda path: load(str(path)), sections=("meta",)
+        )
+        meta = read.get("meta")
         return meta if isinstance(meta, dict) else {}
     if is_local(uri):
         _open_regular_file(local_path(uri)).close()  # a device or FIFO is refused, not mapped

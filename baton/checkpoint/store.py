@@ -134,13 +134,16 @@ class CheckpointStore:
         return lineages[-1] if lineages else None
 
     def verify(self, ref: CheckpointRef) -> None:
-        """Check that the file still has the committed size and sha256.
+        """Check that the file still has the committed size and sha256 (a sharded
+        checkpoint: its folder's digest, so a shard changed, missing or added fails).
 
         Raises:
             CheckpointNotFoundError: The file is gone.
-            CheckpointCorruptError: Its size or checksum differs.
-            CheckpointOutsideError: The reference is not a regular file inside this
-                store's ``checkpoints/`` folder (a path elsewhere, a link, a device).
+            CheckpointCorruptError: Its size or checksum differs; a sharded checkpoint
+                holding anything but regular files, or not whole.
+            CheckpointOutsideError: The reference is not a regular file (or a sharded
+                checkpoint's real folder) inside this store's ``checkpoints/`` folder (a
+                path elsewhere, a link, a device).
         """
         name = self._files.own_name(ref.uri)
         if name is None:
@@ -342,11 +345,16 @@ class CheckpointStore:
     ) -> CheckpointRef:
         """Record a fully written checkpoint in the newest lineage, then apply retention.
 
-        An entry for the same file is replaced (a checkpoint written again at the same
-        position). Files dropped by retention are deleted after the commit is durable.
+        ``uri`` is a file, or a sharded checkpoint's folder (``epoch_0003.dcp``, published
+        by :func:`baton.checkpoint.sharded.publish`; ``size`` and ``sha256`` are its
+        :func:`~baton.checkpoint.sharded.digest`), committed as one checkpoint. An entry
+        for the same name is replaced (a checkpoint written again at the same position).
+        Checkpoints dropped by retention are deleted after the commit is durable, a
+        sharded one whole.
 
         Raises:
             CheckpointOutsideError: ``uri`` is not a file inside this store's folder.
+            CheckpointCorruptError: ``uri`` is a sharded checkpoint that is not whole.
             CheckpointError: The file is another lineage's committed checkpoint.
             ExperimentMovedError: The folder was moved or deleted while the run trained.
         """
@@ -356,6 +364,7 @@ class CheckpointStore:
                 f"{uri} is not inside {self.checkpoint_dir}; only the experiment's own "
                 "checkpoints are committed to its manifest"
             )
+        self._files.check_complete(name)
         with committed.manifest_lock(self.root):
             self.check_in_place()
             state = committed.writable(self._files)

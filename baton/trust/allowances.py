@@ -115,6 +115,11 @@ MAX_CONFIG_FILE_BYTES = 1 << 20
 # The longest file or folder name Linux file systems take (NAME_MAX), in bytes.
 MAX_NAME_BYTES = 255
 
+# The name ending of a sharded checkpoint's folder (``baton.checkpoint.sharded.SUFFIX``,
+# which trust sits below; a test holds the two equal): such a folder is a checkpoint
+# where one may be named, what it holds is checked by the checkpoint package.
+SHARDED_CHECKPOINT_SUFFIX = ".dcp"
+
 
 def where_to_set(setting: str) -> str:
     """One sentence naming where an operator sets ``setting``."""
@@ -327,8 +332,9 @@ class Trust:
         """Refuse a checkpoint outside the experiment and the operator's roots.
 
         A local file must be a regular file inside ``experiment_dir`` or a checkpoint
-        root (after following links); a URI must use an allowed scheme. Returns the URI
-        to load (local paths made absolute).
+        root (after following links), or a sharded checkpoint there: a real folder (the
+        name given is not a link) whose name ends in ``.dcp``; a URI must use an allowed
+        scheme. Returns the URI to load (local paths made absolute).
 
         Raises:
             UntrustedInputError: With the reason and what to do instead.
@@ -350,7 +356,8 @@ class Trust:
                 f"{' and the checkpoint roots' if where else ''}; copy the file into the "
                 f"experiment's checkpoints/ folder, or {where_to_set('checkpoint_roots')}"
             )
-        check_regular_file(real, what)
+        if not _is_sharded_folder(path):
+            check_regular_file(real, what)
         return str(path)
 
     def check_config_path(self, value: str) -> Path:
@@ -400,6 +407,15 @@ def check_regular_file(path: Path, what: str, *, max_bytes: int | None = None) -
         raise UntrustedInputError(
             f"{what} {str(path)!r} is {info.st_size} bytes, more than {max_bytes}"
         )
+
+
+def _is_sharded_folder(path: Path) -> bool:
+    """A real folder (not a link to one) named as a sharded checkpoint."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and path.name.endswith(SHARDED_CHECKPOINT_SUFFIX)
 
 
 def project_dir(environ: Mapping[str, str] | None = None) -> Path:
