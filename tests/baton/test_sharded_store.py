@@ -252,6 +252,7 @@ def quotas(**limits) -> Quotas:
         "min_free_bytes": 1,
         "max_workers": 2,
         "max_iterations": 10**6,
+        "max_processes": 2,
     }
     return Quotas(**(values | limits))
 
