@@ -103,9 +103,9 @@ DEPLOYMENTS_WORK_DIR_VARIABLE = "BATON_DEPLOYMENTS_WORK_DIR"
 DEFAULT_DEPLOYMENTS_WORK_DIR = "work_dirs/deployments"
 # Keys of a [tool.baton.deployments."<flow>/<deployment>"] table.
 DEPLOYMENT_KEYS = ("work_dir", "checkpoint_roots")
-# Sub-tables and single values of [tool.baton] besides SETTINGS.
-# Sub-tables of [tool.baton] (quotas: baton.trust.quotas; deployments: below), and a folder.
-SUBTABLES = ("quotas", "deployments")
+# Sub-tables of [tool.baton] (quotas: baton.trust.quotas; deployments: below; tracking:
+# baton.tracking.settings), and a folder.
+SUBTABLES = ("quotas", "deployments", "tracking")
 _OTHER_KEYS = (*SUBTABLES, "deployments_work_dir")
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,127}")
 
