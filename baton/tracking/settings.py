@@ -4,7 +4,7 @@ run tries to send them.
 Like every trust setting they come only from the operator (contract 10): the worker's
 environment (``BATON_MLFLOW_TRACKING_URI``, ``BATON_MLFLOW_EXPERIMENT``,
 ``BATON_TRACKING_QUEUE_SIZE``, ``BATON_TRACKING_CLOSE_TIMEOUT_S``,
-``BATON_TRACKING_RETRY_S``, ``BATON_MLFLOW_COPY_CHECKPOINTS``), which wins, or the
+``BATON_TRACKING_RETRY_S``, ``BATON_TRACKING_POLL_S``, ``BATON_MLFLOW_COPY_CHECKPOINTS``), which wins, or the
 ``[tool.baton.tracking]`` table of the project's pyproject.toml (the same names in lower
 case, without ``BATON_``). A run's config, overrides and parameters cannot name a tracker:
 a hostile run form could otherwise send the run's config and metrics anywhere.
@@ -31,6 +31,9 @@ DEFAULT_QUEUE_SIZE = 100_000
 DEFAULT_CLOSE_TIMEOUT_S = 30.0
 # How long the sender waits before it tries again after a failed send.
 DEFAULT_RETRY_S = 5.0
+# How often the sender reads what the metrics log gained (a value reaches the tracker
+# about this long after the run recorded it).
+DEFAULT_POLL_S = 1.0
 
 # setting -> (environment variable, type)
 _SETTINGS: dict[str, tuple[str, type]] = {
@@ -39,6 +42,7 @@ _SETTINGS: dict[str, tuple[str, type]] = {
     "queue_size": ("BATON_TRACKING_QUEUE_SIZE", int),
     "close_timeout_s": ("BATON_TRACKING_CLOSE_TIMEOUT_S", float),
     "retry_s": ("BATON_TRACKING_RETRY_S", float),
+    "poll_s": ("BATON_TRACKING_POLL_S", float),
     "mlflow_copy_checkpoints": ("BATON_MLFLOW_COPY_CHECKPOINTS", bool),
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -55,6 +59,7 @@ class TrackingSettings:
         queue_size: Values waiting to be sent at most; more are dropped and reported.
         close_timeout_s: How long the end of a run waits for the tracker.
         retry_s: How long the sender waits after a failed send.
+        poll_s: How often the sender reads what the metrics log gained.
         mlflow_copy_checkpoints: Upload each committed checkpoint file as an MLflow
             artifact too (by default only a reference: path, sha256, epoch, iteration).
     """
@@ -64,6 +69,7 @@ class TrackingSettings:
     queue_size: int = DEFAULT_QUEUE_SIZE
     close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S
     retry_s: float = DEFAULT_RETRY_S
+    poll_s: float = DEFAULT_POLL_S
     mlflow_copy_checkpoints: bool = False
 
     @property
@@ -110,7 +116,7 @@ class TrackingSettings:
                 f"tracking queue_size {self.queue_size} must be at least 1; set "
                 "BATON_TRACKING_QUEUE_SIZE or queue_size under [tool.baton.tracking]"
             )
-        for name in ("close_timeout_s", "retry_s"):
+        for name in ("close_timeout_s", "retry_s", "poll_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise UntrustedInputError(

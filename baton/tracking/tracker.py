@@ -142,6 +142,7 @@ class RunTracker:
             max_items=settings.queue_size,
             retry_s=settings.retry_s,
             collect=self._collect,
+            poll_s=settings.poll_s,
             name=f"mlflow tracking of {identity.experiment} L{identity.lineage}",
         )
 
