@@ -58,7 +58,7 @@ def steps(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in history)
 
 
-def read_artifacts(**filters):
+def read_artifacts():
     async def read():
         async with get_client() as client:
             return await client.read_artifacts()
