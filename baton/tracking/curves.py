@@ -57,6 +57,8 @@ def plot_history(history: list[dict]) -> bytes | None:
     plt = _pyplot()
     if plt is None:
         return None
+    from matplotlib.ticker import MaxNLocator  # installed: pyplot was found
+
     figure, axes = plt.subplots(1, len(panels), figsize=FIGURE_INCHES, squeeze=False)
     try:
         for axis, (title, lines) in zip(axes[0], panels.items(), strict=True):
@@ -64,6 +66,7 @@ def plot_history(history: list[dict]) -> bytes | None:
                 axis.plot(epochs, values, marker="o", markersize=3, label=key)
             axis.set_title(title)
             axis.set_xlabel("epoch")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.grid(alpha=0.3)
             axis.legend(fontsize="small")
             if title == "learning rate" and all(v > 0 for _, vs in lines.values() for v in vs):
