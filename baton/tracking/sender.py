@@ -1,9 +1,11 @@
 """A bounded queue and one background thread that delivers it to a tracker (a sink), so
 that a tracker that is down or slow never fails or stalls training (contract 14).
 
-Training only puts values in the queue (never blocks, never raises). The thread sends
-them in batches; a failed send keeps its batch at the head of the queue and is tried
-again every ``retry_s``; what comes while the queue is full is dropped and counted. At
+Training only puts values in the queue (never blocks, never raises), or leaves them in a
+record the thread reads (``collect``: the metrics log), asked only for what fits. The
+thread sends them in batches; a failed send keeps its batch at the head of the queue and
+is tried again every ``retry_s``; while the queue is full, a record waits to be read and
+what is put is dropped and counted. At
 the end, :meth:`Sender.close` waits a bounded time for the queue to drain; what is left
 is counted as unsent. :class:`SendReport` says all of it, for the log and the run's
 summary: a loss is reported, never hidden.
@@ -86,8 +88,9 @@ class Sender:
         sink: The tracker's client.
         max_items: The queue's bound.
         retry_s: The wait after a failed connection or send.
-        collect: Called from the thread every ``poll_s`` and once more at close; what it
-            returns joins the queue (the tracker reading the metrics log as it grows).
+        collect: Called from the thread every ``poll_s`` and once more at close, with the
+            room left in the queue; what it returns joins the queue (the tracker reading
+            the metrics log as it grows: what does not fit stays in the log for later).
         poll_s: How often ``collect`` is called.
         name: The thread's name and the tracker's name in log lines.
     """
@@ -98,7 +101,7 @@ class Sender:
         *,
         max_items: int,
         retry_s: float,
-        collect: Callable[[], list[Any]] | None = None,
+        collect: Callable[[int], list[Any]] | None = None,
         poll_s: float = DEFAULT_POLL_S,
         name: str = "tracker",
     ) -> None:
@@ -202,10 +205,13 @@ class Sender:
                     return
                 closing = self._closing and not self._collected_last
             now = time.monotonic()
-            if self._collect is not None and (closing or now >= next_collect):
-                self._run_collect()
+            exhausted = False
+            if self._collect is None:
+                exhausted = True
+            elif closing or now >= next_collect:
+                exhausted = self._run_collect()
                 next_collect = now + self._poll_s
-            if closing:
+            if closing and exhausted:  # at the end, the record is read to its end
                 with self._cond:
                     self._collected_last = True
             if not self._opened and not self._attempt(self._sink.open):
@@ -232,15 +238,21 @@ class Sender:
                 self._cond.wait(timeout)
         self._attempt(lambda: self._sink.close(self._finished))
 
-    def _run_collect(self) -> None:
+    def _run_collect(self) -> bool:
+        """Queue what the record gained, as much as fits; True when it had nothing more."""
+        with self._cond:
+            room = self._max_items - len(self._queue)
+        if room <= 0:
+            return False  # the record keeps what does not fit; read once the tracker took some
         try:
-            items = self._collect()
+            items = self._collect(room)
         except Exception as err:  # reading the run's own record failed: say so, go on
             logger.warning(
                 "%s: could not read what to send (%s: %s)", self._name, type(err).__name__, err
             )
-            return
+            return True
         self.put(items)
+        return not items
 
     def _attempt(self, action: Callable[[], None]) -> bool:
         """Run one call to the tracker; note a failure (logged at the first of a series)."""

@@ -17,6 +17,7 @@ reference (path, sha256, size, epoch, iteration); the file itself is copied only
 the operator asks (``mlflow_copy_checkpoints``).
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -205,7 +206,10 @@ class RunTracker:
         if self._report is None:
             self.checkpoints_committed()
             timeout = self._settings.close_timeout_s if timeout_s is None else timeout_s
-            self._report = self.sender.close(timeout, finished=finished)
+            report = self.sender.close(timeout, finished=finished)
+            if report.unsent:  # what the sender had not read yet is lost to the tracker too
+                report = dataclasses.replace(report, unsent=report.unsent + self._unread())
+            self._report = report
             logger.info("mlflow tracking: %s", self._report.describe())
         return self._report
 
@@ -225,32 +229,37 @@ class RunTracker:
 
     # --- the sender's thread --------------------------------------------------------------
 
-    def _collect(self) -> list[Any]:
-        """The values of the metrics records appended since the last read (at the first
-        read, also the lineage's records up to the resume position)."""
+    def _collect(self, room: int) -> list[Any]:
+        """The values of the metrics records appended since the last read, at most
+        ``room`` of them (a record that does not fit is read next time), and, from the
+        lines older than this run, the lineage's records up to the resume position."""
         if not self._path.exists():
             return []
         with open(self._path, "rb") as handle:
             handle.seek(self._offset)
             data = handle.read()
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
-        first_read = self._offset == 0
         items: list[Any] = []
-        position = self._offset
         for line in data[:end].splitlines(keepends=True):
-            older = position < self._start_offset
-            position += len(line)
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line a crash cut short
-            if not isinstance(record, dict):
-                continue
-            if older and not (first_read and self._earlier_of_lineage(record)):
-                continue
-            items += _metrics_of(record)
-        self._offset += end
+            record = _record(line)
+            found = _metrics_of(record)
+            if self._offset < self._start_offset and not self._earlier_of_lineage(record):
+                found = []
+            if items and len(items) + len(found) > room:
+                break
+            items += found
+            self._offset += len(line)
         return items
+
+    def _unread(self) -> int:
+        """Values in the metrics log beyond what the sender read (at the end of a run the
+        tracker did not take everything)."""
+        if not self._path.exists():
+            return 0
+        with open(self._path, "rb") as handle:
+            handle.seek(self._offset)
+            lines = handle.read().splitlines()
+        return sum(len(_metrics_of(_record(line))) for line in lines)
 
     def _earlier_of_lineage(self, record: dict) -> bool:
         """Whether an older record belongs to this lineage at or before the resume point."""
@@ -263,6 +272,15 @@ class RunTracker:
         if record.get("kind") == "epoch":
             return isinstance(record.get("epoch"), int) and record["epoch"] <= epoch
         return isinstance(record.get("iter"), int) and record["iter"] <= iteration
+
+
+def _record(line: bytes) -> dict:
+    """One metrics.jsonl line as a record (``{}`` for a line a crash cut short)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _metrics_of(record: dict) -> list[Metric]:

@@ -263,3 +263,25 @@ def test_without_matplotlib_there_is_no_plot_and_one_log_line(monkeypatch, caplo
     assert [r.message for r in caplog.records].count(
         "matplotlib is not installed: no curves (pip install 'baton[plots]')"
     ) == 1
+
+
+def test_a_full_queue_leaves_the_record_unread_and_drops_nothing():
+    release = threading.Event()
+    sink = RecordingSink(block=release)
+    source = [metric(s) for s in range(1, 31)]
+    asked: list[int] = []
+
+    def collect(room: int) -> list:
+        asked.append(room)
+        taken = source[:room]
+        del source[:room]
+        return taken
+
+    sender = Sender(sink, max_items=5, retry_s=0.01, collect=collect, poll_s=0.01)
+    sender.start()
+    time.sleep(0.1)  # the tracker hangs: the queue fills, the record waits
+    assert max(asked) <= 5 and len(source) == 25
+    release.set()
+    report = sender.close(10, finished=True)
+    assert [m.step for b in sink.batches for m in b] == list(range(1, 31))
+    assert (report.sent, report.dropped, report.unsent) == (30, 0, 0)
