@@ -19,6 +19,7 @@ the operator asks (``mlflow_copy_checkpoints``).
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -80,6 +81,8 @@ class RunIdentity:
         if self.flow_run_id:
             tags["prefect.flow_run_id"] = self.flow_run_id
             tags["prefect.flow_run_name"] = self.flow_run_name
+            # one tag per flow run that continued the lineage: the run's whole story
+            tags[f"prefect.flow_runs/{self.flow_run_id}"] = self.flow_run_name
         if self.flow_run_url:
             tags["prefect.flow_run_url"] = self.flow_run_url
         return tags
@@ -161,6 +164,13 @@ class RunTracker:
         """Start tracking the run, or return ``None`` when the operator set no tracker."""
         settings = TrackingSettings.from_environment() if settings is None else settings
         if not settings.enabled:
+            return None
+        if importlib.util.find_spec("mlflow") is None:
+            logger.warning(
+                "a tracking URI is set but mlflow is not installed: nothing is tracked; "
+                "install it on the worker (pip install 'baton[mlflow]') or unset "
+                "BATON_MLFLOW_TRACKING_URI"
+            )
             return None
         lineage = next((x for x in experiment.store.lineages() if x.id == identity.lineage), None)
         started = lineage.started if lineage is not None and identity.lineage > 1 else 0.0

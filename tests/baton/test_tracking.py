@@ -285,3 +285,24 @@ def test_a_full_queue_leaves_the_record_unread_and_drops_nothing():
     report = sender.close(10, finished=True)
     assert [m.step for b in sink.batches for m in b] == list(range(1, 31))
     assert (report.sent, report.dropped, report.unsent) == (30, 0, 0)
+
+
+def test_a_tracking_uri_without_mlflow_installed_tracks_nothing_and_says_so(
+    tmp_path, monkeypatch, caplog
+):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a),
+    )
+    experiment = Experiment(tmp_path, "exp")
+    settings = TrackingSettings(mlflow_tracking_uri="http://mlflow:5000")
+    with caplog.at_level(logging.WARNING, logger="baton.tracking.tracker"):
+        tracker = RunTracker.start(
+            experiment, identity(experiment), {}, resume_epoch=0, resume_iter=0, settings=settings
+        )
+    assert tracker is None
+    assert "mlflow is not installed" in caplog.text and "baton[mlflow]" in caplog.text

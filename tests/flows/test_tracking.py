@@ -171,6 +171,11 @@ def test_a_rerun_after_sigkill_continues_the_same_run_without_duplicate_or_missi
     [run] = runs_of(tracked, "killed")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"] != killed.data.tags["prefect.flow_run_id"]
+    flow_runs = {k for k in run.data.tags if k.startswith("prefect.flow_runs/")}
+    assert flow_runs == {
+        f"prefect.flow_runs/{run.data.tags['prefect.flow_run_id']}",
+        f"prefect.flow_runs/{killed.data.tags['prefect.flow_run_id']}",
+    }
     assert run.info.run_name == killed.info.run_name  # the lineage's first flow run
     for key in EPOCH_KEYS:
         assert steps(tracked, run.info.run_id, key) == list(range(1, EPOCHS + 1)), key
