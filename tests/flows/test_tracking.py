@@ -89,6 +89,7 @@ def test_a_flow_run_is_one_mlflow_run_of_its_lineage(prefect_harness, tracked, t
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] == flow_run_id
+    assert tags["prefect.flow_run_url"].endswith(f"/flow-run/{flow_run_id}")
     assert tags["baton.lineage"] == "1"
     assert tags["baton.config_hash"] == validate(cfg).config_hash
     # params: the resolved config, flattened
