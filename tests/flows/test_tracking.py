@@ -194,6 +194,20 @@ def test_a_rerun_after_sigkill_continues_the_same_run_without_duplicate_or_missi
     assert {m.step: m.value for m in history} == pytest.approx(last)
 
 
+def test_checkpoint_files_are_copied_only_when_the_operator_asks(
+    prefect_harness, tracked, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("BATON_MLFLOW_COPY_CHECKPOINTS", "1")
+    cfg = small_config(tmp_path / "wd", name="copied", **{"train.max_epochs": 2})
+    assert train_pipeline(config=cfg, return_state=True).is_completed()
+    [run] = runs_of(tracked, "copied")
+    copies = mlflow.MlflowClient(tracked).list_artifacts(run.info.run_id, "checkpoints")
+    refs = CheckpointStore(Path(cfg["work_dir"]) / "copied").list()
+    assert {(Path(a.path).name, a.file_size) for a in copies} == {
+        (Path(r.uri).name, r.size) for r in refs
+    }
+
+
 @pytest.fixture
 def silent_server():
     """A tracking URI whose server accepts connections and never answers."""
