@@ -112,6 +112,7 @@ class MlflowSink:
             }
             have = run.data.params
             self.continued = True
+            self.run_name = run.info.run_name  # the lineage's first flow run's
         else:
             run = client.create_run(
                 experiment_id, run_name=self.run_name, tags={RUN_KEY_TAG: self.run_key}

@@ -125,6 +125,11 @@ class Sender:
         self._last_error: str | None = None
         self._failing = False
 
+    @property
+    def name(self) -> str:
+        """The sender's name in log lines."""
+        return self._name
+
     def start(self) -> None:
         """Start the thread (once)."""
         with self._cond:
@@ -161,7 +166,8 @@ class Sender:
         tracker's run (``finished``: training reached its horizon) and stop.
 
         Returns:
-            The final report; what could not be sent in time is counted ``unsent``.
+            The final report (the caller says it): what could not be sent in time is
+            counted ``unsent``.
         """
         with self._cond:
             if self._closing:
@@ -176,10 +182,7 @@ class Sender:
             if thread is not None and thread.is_alive():
                 self._abandoned = True
                 self._cond.notify_all()
-            report = self._report_locked()
-        if report.lost:
-            logger.warning("%s: %s", self._name, report.describe())
-        return report
+            return self._report_locked()
 
     def _report_locked(self) -> SendReport:
         unsent = len(self._queue) if (self._abandoned or not self._thread_alive()) else 0

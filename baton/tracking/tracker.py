@@ -220,20 +220,21 @@ class RunTracker:
             if report.unsent:  # what the sender had not read yet is lost to the tracker too
                 report = dataclasses.replace(report, unsent=report.unsent + self._unread())
             self._report = report
-            logger.info("mlflow tracking: %s", self._report.describe())
+            level = logging.WARNING if report.lost else logging.INFO
+            logger.log(level, "%s: %s", self.sender.name, report.describe())
         return self._report
 
     def summary_lines(self) -> list[str]:
         """Markdown lines for the run's summary: the tracker run's link and what was lost."""
         report = self._report or self.sender.report()
         url = self.run_url
-        name = text(self.identity.flow_run_name)
+        name = text(getattr(self.sink, "run_name", None) or self.identity.flow_run_name)
         where = f"[{name}]({url})" if url else f"{name} (no link: the tracker was not reached)"
         lines = [f"- MLflow run: {where}, {text(report.describe())}"]
         if report.lost:
             lines.append(
                 f"- **{report.lost} tracked value(s) never reached MLflow**: "
-                "`metrics.jsonl` in the experiment folder holds them all"
+                "the experiment folder holds them all (`metrics.jsonl`, the manifest)"
             )
         return lines
 
