@@ -76,13 +76,15 @@ def flow_run_name(run_id) -> str:
 
 
 def test_a_flow_run_is_one_mlflow_run_of_its_lineage(prefect_harness, tracked, tmp_path):
-    # a flaky model: the training task fails once and its retry goes on in the same run
-    model = flaky(tmp_path, failures=1)
+    # a flaky model: the training task fails three times, more than its two retries, and
+    # the flow's retry goes on: the task's retries and the flow's continue the same run
+    model = flaky(tmp_path, failures=3)
     cfg = small_config(
         tmp_path / "wd", name="tracked", model=model, **{"train.log_interval": LOG_INTERVAL}
     )
     state = train_pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state.message
+    assert (tmp_path / "budget").read_text() == "3"
     [run] = runs_of(tracked, "tracked")
     flow_run_id = str(state.state_details.flow_run_id)
     assert run.info.run_name == flow_run_name(flow_run_id)
