@@ -1,4 +1,4 @@
-"""The ``baton`` command: run, validate, inspect checkpoints, evaluate.
+"""The ``baton`` command: run, validate, inspect checkpoints, evaluate, report.
 
 Exit codes: 0 success, 1 failure, 2 bad config or bad arguments.
 """
@@ -184,6 +184,39 @@ def cmd_ckpt_list(args) -> int:
         print(f"OUTSIDE {what}: {why}; reported, never read or deleted")
     for lineage in report.lineages:
         print(_lineage_line(lineage, newest=lineage is report.lineages[-1]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Print an experiment's per-epoch history and write its curves (loss, accuracy,
+    learning rate per epoch) to a PNG: the plot of the run summary. Reads only the
+    experiment; writes only the PNG."""
+    from baton.experiment.metrics import history_table
+    from baton.tracking.curves import write_plot
+
+    experiment = _experiment_at(Path(args.experiment_dir))
+    history = experiment.metrics.epochs()
+    print(history_table(history))
+    if not history:
+        print(
+            f"baton: {experiment.root} has no epochs recorded yet: nothing to plot", file=sys.stderr
+        )
+        return 1
+    output = Path(args.output or f"{experiment.name}-curves.png")
+    if output.is_dir():
+        print(
+            f"baton: {output} is a folder; name the PNG file to write (--output curves.png)",
+            file=sys.stderr,
+        )
+        return 2
+    written = write_plot(history, output)
+    if written is None:
+        print(
+            "baton: no plot (matplotlib is not installed: pip install 'baton[plots]')",
+            file=sys.stderr,
+        )
+    else:
+        print(f"\ncurves written to {written}")
     return 0
 
 
@@ -542,6 +575,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_validate)
 
     _add_ckpt(commands)
+
+    report = commands.add_parser(
+        "report", help="an experiment's history table, and its curves as a PNG"
+    )
+    report.add_argument("experiment_dir", help="the experiment's folder (work_dir/<name>)")
+    report.add_argument(
+        "--output",
+        "-o",
+        metavar="PNG",
+        help="where to write the curves (default: ./<name>-curves.png)",
+    )
+    report.set_defaults(func=cmd_report)
 
     evaluate = commands.add_parser("evaluate", help="validation metrics of a checkpoint")
     evaluate.add_argument("checkpoint")

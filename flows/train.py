@@ -599,12 +599,14 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
             if state.finished:
                 print(f"{cfg['experiment_name']} is already complete at epoch {state.epoch}")
                 note = "Already complete: nothing left to train."
-                reporter.finish(state, summarize(cfg, state, started, note=note))
+                tracking = reporter.end_tracking(finished=True)
+                reporter.finish(state, summarize(cfg, state, started, note, tracking))
                 return state
             steps = _FlowSteps(cfg, reporter)
             before_epoch = _checkpoint_then_stop(cfg, stop)
             state = control.train_to_horizon(config, state, steps, before_epoch=before_epoch)
-            reporter.finish(state, summarize(cfg, state, started))
+            tracking = reporter.end_tracking(finished=state.finished)
+            reporter.finish(state, summarize(cfg, state, started, tracking=tracking))
             if stop.requested:
                 stopping = True
                 _stop_after_training(state, stop, watch)

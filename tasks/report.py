@@ -1,7 +1,9 @@
-"""Reporting: per-epoch metrics (metrics.jsonl, TensorBoard) and the flow run's artifacts
-(summary, progress, metrics table, newest checkpoint), kept up to date in place by the
-flow between its tasks, and the run summary task."""
+"""Reporting: per-epoch metrics (metrics.jsonl, TensorBoard, MLflow when the operator set
+a tracking URI) and the flow run's artifacts (summary, progress, metrics table, newest
+checkpoint), kept up to date in place by the flow between its tasks, and the run summary
+task (with the curves)."""
 
+import base64
 import contextvars
 import dataclasses
 import functools
@@ -21,6 +23,7 @@ from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import PrefectHTTPStatusError
+from prefect.runtime import flow_run
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from baton.checkpoint import io
@@ -29,6 +32,7 @@ from baton.experiment.metrics import history_table
 from baton.markdown import code_block, inline_code, text
 from baton.tasks._common import artifact_key, run_logger
 from baton.tasks.state import RunState, config_of
+from baton.tracking import RunIdentity, RunTracker, plot_history
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -385,6 +389,8 @@ class EpochReporter:
         self._linked: str | None = None
         self._published_at = time.monotonic()
         self._writer = None  # TensorBoard: one event file per run, flushed every epoch
+        self._config = config
+        self.tracker: RunTracker | None = None  # MLflow, when the operator set a tracker
 
     @property
     def publish_failed(self) -> bool:
@@ -397,6 +403,7 @@ class EpochReporter:
         Outside a flow run (``task.fn`` calls) nothing is published."""
         self._started = True
         self._state = state
+        self.tracker = _start_tracking(self.experiment, self._config, state)
         run_id = _flow_run_id()
         if run_id is None:
             return
@@ -418,6 +425,8 @@ class EpochReporter:
         self._tensorboard(state)
         if not self._started:
             self.start(state)
+        if self.tracker is not None:
+            self.tracker.checkpoints_committed()
         if self._artifacts is None:
             return
         self._state = state
@@ -443,6 +452,15 @@ class EpochReporter:
         self._set_summary(summary, description)
         self._artifacts.publish()
 
+    def end_tracking(self, *, finished: bool, timeout_s: float | None = None) -> list[str]:
+        """Send what the tracker still lacks (bounded by the operator's close timeout, or
+        ``timeout_s``) and end its run; returns the summary's lines about it (the MLflow
+        run's link, what was lost), empty when nothing is tracked."""
+        if self.tracker is None:
+            return []
+        self.tracker.close(finished=finished, timeout_s=timeout_s)
+        return self.tracker.summary_lines()
+
     def republish(self) -> None:
         """Publish the newest artifacts again, at once: call it when the Prefect API is
         back after an outage. It runs in the caller's context (its Prefect settings):
@@ -457,6 +475,9 @@ class EpochReporter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        tracking = []
+        if self.tracker is not None:  # a run that stops early: its tracker run is KILLED
+            tracking = self.end_tracking(finished=False, timeout_s=timeout_s)
         if self._artifacts is None:
             return
         if not self._finished and self._state is not None:
@@ -470,6 +491,8 @@ class EpochReporter:
             ]
             if state.checkpoint is not None:
                 lines += ["", f"Newest checkpoint: {inline_code(state.checkpoint.uri)}"]
+            if tracking:
+                lines += ["", *tracking]
             self._set_summary(
                 "\n".join(lines),
                 f"{text(self.name)}: stopped at epoch {state.epoch}/{state.max_epochs}",
@@ -529,6 +552,32 @@ class EpochReporter:
         self._writer.flush()
 
 
+def _start_tracking(
+    experiment: Experiment, config: dict[str, Any], state: RunState
+) -> RunTracker | None:
+    """The run's tracker, when the operator set one (``baton.tracking.settings``): the
+    flow run is the tracker run of its lineage, continued by every run of the lineage."""
+    head = experiment.store.head()
+    run_id = _flow_run_id()
+    name = (flow_run.get_name() if run_id is not None else None) or experiment.name
+    identity = RunIdentity(
+        flow_run_id=str(run_id) if run_id is not None else None,
+        flow_run_name=name,
+        flow_run_url=flow_run.get_flow_run_ui_url() if run_id is not None else None,
+        experiment=experiment.name,
+        experiment_dir=str(experiment.root),
+        lineage=head.id if head is not None else 1,  # the first commit starts lineage 1
+        config_hash=config_of(config).config_hash,
+    )
+    return RunTracker.start(
+        experiment,
+        identity,
+        config,
+        resume_epoch=state.epoch,
+        resume_iter=state.iter,
+    )
+
+
 def _flow_run_id() -> UUID | None:
     """The flow run the caller runs in (its own, or its task run's), or None."""
     flow = FlowRunContext.get()
@@ -555,10 +604,36 @@ def _link(uri: str) -> str:
     return urllib.parse.quote(uri, safe=":/@%?=&#~+,;")
 
 
+def curves_markdown(history: list[dict]) -> str:
+    """The history's curves as a markdown image, or ``""`` without a plot.
+
+    The image travels inside the markdown as a ``data:image/png;base64`` URI. Prefect's
+    image artifact takes only a URL the browser can fetch, and a run has no address of its
+    own to serve one from (a ``file://`` URL is refused by browsers; a route would have to
+    outlive the run). The v2 UI renders a data-URI PNG in a markdown artifact (checked in
+    headless Chromium: ``tests/deployments/test_ui.py`` asserts the image decoded), while
+    it shows inline SVG as text; so: a small PNG (~30-50 kB of base64).
+    """
+    png = plot_history(history)
+    if png is None:
+        return ""
+    return f"![loss, accuracy and learning rate per epoch](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
 @task(name="summarize", cache_policy=NO_CACHE)
-def summarize(config: dict[str, Any], state: RunState, started: float, note: str = "") -> str:
+def summarize(
+    config: dict[str, Any],
+    state: RunState,
+    started: float,
+    note: str = "",
+    tracking: list[str] | None = None,
+) -> str:
     """The run's markdown summary: result, curves, checkpoints, config, time
-    (:meth:`EpochReporter.finish` publishes it)."""
+    (:meth:`EpochReporter.finish` publishes it).
+
+    Args:
+        tracking: Lines about the tracker (:meth:`EpochReporter.end_tracking`).
+    """
     cfg = config_of(config)
     experiment = Experiment.of(cfg)
     history = experiment.metrics.epochs()
@@ -579,10 +654,14 @@ def summarize(config: dict[str, Any], state: RunState, started: float, note: str
     if best is not None:
         value = best.metrics[policy.best_metric]
         lines.append(f"- best {text(policy.best_metric)}: **{value:.4f}** (epoch {best.epoch})")
+    lines += tracking or []
     for key in ("train/loss", "val/loss", "val/accuracy"):
         series = [r[key] for r in history if key in r]
         if series:
             lines.append(f"- {key}: `{sparkline(series)}` {series[0]:.4f} → {series[-1]:.4f}")
+    curves = curves_markdown(history)
+    if curves:
+        lines += ["", "## Curves", "", curves]
     if history:
         lines += ["", history_table(history, markdown=True)]
     lines += ["", "## Checkpoints", ""]

@@ -19,6 +19,7 @@ PACKAGES = (
     "trust",
     "checkpoint",
     "experiment",
+    "tracking",
     "data",
     "optim",
     "build",

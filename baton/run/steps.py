@@ -168,7 +168,9 @@ def train_one_epoch(
     stop_at: int | None = None,
     save_iterations: bool = True,
 ) -> dict[str, float]:
-    """Train the current epoch (or its rest) and return ``train/*`` metrics.
+    """Train the current epoch (or its rest) and return ``train/*`` metrics: the epoch's
+    running means and ``train/lr``, the first parameter group's learning rate after the
+    epoch's last iteration (before the epoch's own schedulers step).
 
     Args:
         on_iteration: Called with the running metrics after every iteration.
@@ -181,8 +183,12 @@ def train_one_epoch(
     interval = pipeline.config.checkpoint.interval_iters if save_iterations else None
     if strategy.step_in_epoch == 0:
         pipeline.meter = loop.new_meter(strategy)
+    lr = [_learning_rate(strategy)]
 
     def hook(running: dict) -> None:
+        # after the iteration's schedulers stepped, before the epoch's: the same value
+        # whether the epoch ran in one piece or was resumed inside
+        lr[0] = _learning_rate(strategy)
         if (
             interval
             and strategy.iter % interval == 0
@@ -205,7 +211,17 @@ def train_one_epoch(
         on_iteration=hook,
         meter=pipeline.meter,
     )
-    return {f"train/{k}": v for k, v in metrics.items()}
+    result = {f"train/{k}": v for k, v in metrics.items()}
+    if lr[0] is not None:
+        result["train/lr"] = lr[0]
+    return result
+
+
+def _learning_rate(strategy) -> float | None:
+    """The learning rate of the optimizer's first parameter group, if it has one."""
+    wrapper = getattr(strategy, "optim_wrapper", None)
+    groups = getattr(getattr(wrapper, "optimizer", None), "param_groups", None)
+    return float(groups[0]["lr"]) if groups else None
 
 
 def _committed_here(pipeline: Pipeline, name: CheckpointName) -> bool:

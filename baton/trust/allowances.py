@@ -29,7 +29,9 @@ or ``deployments_work_dir`` under ``[tool.baton]``, by default the project's
 The project folder is ``BATON_PROJECT_DIR`` or the current directory: configs passed by
 path must live in its ``configs/`` (or a config root), relative paths resolve against it.
 The operator's quotas live beside these settings, in ``[tool.baton.quotas]`` and
-``BATON_MAX_*`` variables (:mod:`baton.trust.quotas`).
+``BATON_MAX_*`` variables (:mod:`baton.trust.quotas`), and so does the tracker a run's
+metrics go to (``[tool.baton.tracking]``, ``BATON_MLFLOW_TRACKING_URI``:
+``baton.tracking.settings``).
 
 **Read once per run.** The environment and pyproject.toml are read together
 (:class:`OperatorSettings`), and a :class:`Trust` keeps what it was read from, so the quotas
@@ -103,9 +105,9 @@ DEPLOYMENTS_WORK_DIR_VARIABLE = "BATON_DEPLOYMENTS_WORK_DIR"
 DEFAULT_DEPLOYMENTS_WORK_DIR = "work_dirs/deployments"
 # Keys of a [tool.baton.deployments."<flow>/<deployment>"] table.
 DEPLOYMENT_KEYS = ("work_dir", "checkpoint_roots")
-# Sub-tables and single values of [tool.baton] besides SETTINGS.
-# Sub-tables of [tool.baton] (quotas: baton.trust.quotas; deployments: below), and a folder.
-SUBTABLES = ("quotas", "deployments")
+# Sub-tables of [tool.baton] (quotas: baton.trust.quotas; deployments: below; tracking:
+# baton.tracking.settings), and a folder.
+SUBTABLES = ("quotas", "deployments", "tracking")
 _OTHER_KEYS = (*SUBTABLES, "deployments_work_dir")
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,127}")
 

@@ -166,7 +166,12 @@ def test_running_metrics_are_the_sample_weighted_means_so_far(tmp_path):
         expected = sum(x * c for x, c in zip(losses[: i + 1], counts[: i + 1], strict=True)) / n
         assert running["loss"] == pytest.approx(expected, rel=1e-12)
         assert running["accuracy"] == sum(hits[: i + 1]) / n
-    assert metrics == {"train/loss": seen[-1]["loss"], "train/accuracy": seen[-1]["accuracy"]}
+    lr = p.strategy.optim_wrapper.optimizer.param_groups[0]["lr"]
+    assert metrics == {
+        "train/loss": seen[-1]["loss"],
+        "train/accuracy": seen[-1]["accuracy"],
+        "train/lr": lr,
+    }
 
 
 def _plateau_cfg(tmp_path, *overrides):

@@ -1,5 +1,6 @@
 """The real Prefect UI in headless Chromium: open the deployment, fill in the run form,
-submit, and see the run complete. Screenshots go to the test's output folder.
+submit, see the run complete, and see its summary's curves (the image decoded, not only
+present). Screenshots go to the test's output folder.
 
 Needs Debian's chromium (``apt-get install chromium``) and the ``playwright`` package
 (no browser download: it drives the system Chromium); skipped without them.
@@ -8,6 +9,8 @@ Needs Debian's chromium (``apt-get install chromium``) and the ``playwright`` pa
 import shutil
 
 import pytest
+
+from baton.tasks._common import artifact_key
 
 from ..flows.conftest import small_config
 from .test_server import Server
@@ -94,9 +97,39 @@ def test_run_from_the_ui_form(ui_server, tmp_path):
             page.goto(f"{local}/v2/runs/flow-run/{run_id}")
             page.get_by_text("Completed").first.wait_for(timeout=60_000)
             page.screenshot(path=str(shots / "finished-run.png"), full_page=True)
+
+            # The run summary's curves: a PNG inside the markdown (tasks/report.py says
+            # why); the UI must show it, so the image must have decoded in the browser.
+            summary = _summary_artifact(ui_server, run_id, artifact_key("ui-run", "summary"))
+            assert "](data:image/png;base64," in summary["data"]
+            page.goto(f"{local}/v2/artifacts/artifact/{summary['id']}")
+            curves = page.get_by_role("img", name="loss, accuracy and learning rate per epoch")
+            curves.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "img => img.complete && img.naturalWidth > 0", arg=curves.element_handle()
+            )
+            width, height = curves.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            assert width >= 400 and height >= 100, (width, height)
+            curves.scroll_into_view_if_needed()
+            page.screenshot(path=str(shots / "summary-curves.png"), full_page=True)
         finally:
             browser.close()
     experiment = ui_server.work_dir("train-pipeline/train-from-ui") / "ui-run"
     assert (experiment / "checkpoints" / "epoch_0002.pth").exists()
-    assert sorted(p.name for p in shots.iterdir()) == ["finished-run.png", "run-form.png"]
+    assert sorted(p.name for p in shots.iterdir()) == [
+        "finished-run.png",
+        "run-form.png",
+        "summary-curves.png",
+    ]
     print(f"screenshots in {shots}")
+
+
+def _summary_artifact(server: Server, run_id: str, key: str) -> dict:
+    """The run's summary artifact (id and markdown), read from the server's API."""
+    response = server.http.post(
+        "/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": [key]}}},
+    )
+    response.raise_for_status()
+    [summary] = response.json()
+    return summary
