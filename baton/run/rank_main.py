@@ -44,16 +44,21 @@ DRIVER_GONE = 70
 
 class AgreedStop(StopRequest):
     """A termination request every rank acts on at the same iteration: every
-    ``STOP_CHECK_EVERY`` checks, the ranks learn whether any of them was asked to stop."""
+    ``STOP_CHECK_EVERY`` iterations, and at the epoch's last, the ranks learn whether any
+    of them was asked to stop (one small collective)."""
 
-    def __init__(self, asked: threading.Event) -> None:
+    def __init__(self, asked: threading.Event, pipeline: Pipeline) -> None:
         super().__init__()
         self._asked = asked
-        self._checks = 0
+        self._pipeline = pipeline
 
     def check(self, *_args) -> None:
-        self._checks += 1
-        if self._checks % STOP_CHECK_EVERY:
+        strategy = self._pipeline.strategy
+        at_end = (
+            strategy.step_in_epoch >= self._pipeline.epoch_length
+            or strategy.iter >= self._pipeline.max_iters
+        )
+        if strategy.iter % STOP_CHECK_EVERY and not at_end:
             return
         flag = torch.tensor([1.0 if self._asked.is_set() else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -132,7 +137,7 @@ class Rank:
     def do_train(self) -> dict:
         self.asked_to_stop.clear()
         metrics = steps.train_until_stopped(
-            self.pipeline, AgreedStop(self.asked_to_stop), progress=self._progress()
+            self.pipeline, AgreedStop(self.asked_to_stop, self.pipeline), progress=self._progress()
         )
         return {"position": self._position(), "metrics": metrics}
 
