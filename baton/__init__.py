@@ -1,4 +1,4 @@
-"""baton: restartable PyTorch training with mmengine's single-device strategy API.
+"""baton: restartable PyTorch training with mmengine's single-device and DDP strategy APIs.
 
 The engine: no Prefect here. ``tasks`` and ``flows`` build on it. Its packages, each
 importing only those before it (``tests/test_layering.py``, ``docs/architecture.md``):
@@ -17,6 +17,7 @@ from baton.checkpoint import (
     register_scheme,
     trusted_loading,
 )
+from baton.engine.ddp import DDPStrategy
 from baton.engine.strategy import SingleDeviceStrategy
 from baton.errors import (
     BatonError,
@@ -29,6 +30,7 @@ from baton.errors import (
     ExperimentLockedError,
     ExperimentMovedError,
     ExperimentNotWritableError,
+    RankFailedError,
     ResumeConfigError,
     UnsafeCheckpointError,
 )
@@ -46,10 +48,12 @@ __all__ = [
     "CheckpointStore",
     "CheckpointWriteError",
     "ConfigError",
+    "DDPStrategy",
     "ExperimentLockedError",
     "ExperimentMovedError",
     "ExperimentNotWritableError",
     "OptimWrapper",
+    "RankFailedError",
     "ResumeConfigError",
     "RetentionPolicy",
     "SingleDeviceStrategy",

@@ -159,14 +159,18 @@ def _end(state: State) -> State:
 
 def _earlier_restart(crashed: FlowRun, this: FlowRun | None) -> FlowRun | None:
     """Another run that continues ``crashed`` and was created before this one (and is
-    not Cancelled or Failed), if any."""
+    not Cancelled or Failed), if any. Only a run with this run's parameters counts: one
+    with others is refused as a restart (it fails on its own), and must not make this one
+    give way while it has not failed yet."""
     if this is None:
         return None
+    mine = {key: (this.parameters or {}).get(key) for key in _REPEATED}
     others = [
         run
         for run in _restarts_of(crashed)
         if run.id != this.id
         and run.created < this.created
+        and {key: (run.parameters or {}).get(key) for key in _REPEATED} == mine
         and not (run.state and (run.state.is_cancelled() or run.state.is_failed()))
     ]
     return min(others, key=lambda run: run.created, default=None)

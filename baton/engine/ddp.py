@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from baton import build, randomness
 from baton.checkpoint.writer import ShardedCheckpointWriter
 from baton.engine.strategy import SingleDeviceStrategy
+from baton.errors import ConfigError
 
 # How long a collective waits for a rank before failing (a dead peer): torch's default is
 # 30 minutes, during which a crashed run would hold its devices doing nothing.
@@ -175,11 +176,22 @@ class DDPStrategy(SingleDeviceStrategy):
     def _wrap_model(self, model: nn.Module) -> nn.Module:
         spec = dict(self.model_wrapper or {})
         wrapper_type = spec.pop("type", None)
+        wrapper = (
+            DistributedDataParallel
+            if wrapper_type is None
+            else build.resolve(wrapper_type, "model_wrapper")
+        )
+        if hasattr(model, "train_step") and not hasattr(wrapper, "train_step"):
+            # Calling model.train_step past the wrapper would skip its gradient hooks:
+            # every rank would train alone, silently.
+            raise ConfigError(
+                f"{type(model).__name__} trains itself with train_step, which "
+                f"{wrapper.__name__} does not forward (its gradients would not be averaged "
+                "across processes); give a model_wrapper with train_step (mmengine's "
+                "MMDistributedDataParallel), or train the model on one process"
+            )
         device_ids = [self.local_rank] if self.device.type == "cuda" else None
-        if wrapper_type is None:
-            return DistributedDataParallel(model, device_ids=device_ids, **spec)
-        wrapper = build.resolve(wrapper_type, "model_wrapper")
-        return wrapper(module=model, device_ids=device_ids, **spec)
+        return wrapper(model, device_ids=device_ids, **spec)
 
     @property
     def unwrapped_model(self) -> nn.Module:

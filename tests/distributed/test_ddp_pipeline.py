@@ -12,7 +12,7 @@ import torch
 from baton import SingleDeviceStrategy
 from baton.checkpoint.store import CheckpointStore
 from baton.engine.ddp import DDPStrategy
-from baton.errors import DataError, RankFailedError
+from baton.errors import ConfigError, DataError, RankFailedError
 from baton.run import pipeline as pl
 
 from .helpers import (
@@ -140,3 +140,21 @@ def test_ddp_strategy_outside_torchrun_says_how_to_start_it(monkeypatch):
     with pytest.raises(ValueError, match="sync_bn 'mmcv' is not supported"):
         DDPStrategy(work_dir="unused", sync_bn="mmcv")
     assert not os.environ.get("RANK")
+
+
+def test_background_sharded_saves_end_bitwise_equal_to_foreground_saves(tmp_path):
+    foreground = config(tmp_path / "fg", 2)
+    pl.run(foreground)
+    background = config(tmp_path / "bg", 2, **{"checkpoint.async_save": True})
+    pl.run(background)
+    store = CheckpointStore(Path(background.work_dir) / "ddp")
+    assert [r.epoch for r in store.list()] == [1, 2, 3, 4]
+    for ref in store.list():
+        store.verify(ref)
+    assert_bitwise_equal(latest(foreground), latest(background))
+
+
+def test_a_model_with_train_step_needs_a_wrapper_that_has_one(tmp_path):
+    model = {"type": "tests.distributed.models.StepMLP", "in_features": 8, "num_classes": 3}
+    with pytest.raises(ConfigError, match="model_wrapper"):
+        pl.run(config(tmp_path, 2, model=model))

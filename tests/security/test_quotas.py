@@ -215,6 +215,36 @@ def test_loader_workers_are_at_most_the_quota(tmp_path, monkeypatch):
     )
 
 
+def test_training_processes_are_at_most_the_quota(tmp_path, monkeypatch):
+    cfg = small_pipeline(tmp_path)
+    cfg["launcher"] = {"nproc": 3}
+    monkeypatch.setenv("BATON_MAX_PROCESSES", "2")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert _problems(err).keys() == {"launcher.nproc"}
+    assert (
+        "3 training processes, more than the quota of 2 (max_processes); use fewer, or an "
+        "operator raises it with BATON_MAX_PROCESSES" in _problems(err)["launcher.nproc"]
+    )
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_runs_nproc_setting_is_bounded_by_the_quota_too(tmp_path, monkeypatch):
+    from baton.config import run_settings
+
+    monkeypatch.setenv("BATON_MAX_PROCESSES", "2")
+    with pytest.raises(ConfigError, match="launcher.nproc"):
+        load_config(small_pipeline(tmp_path), run_settings(None, nproc=64))
+
+
+def test_the_default_processes_quota_is_the_gpus_or_the_cores(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    cfg = small_pipeline(tmp_path)
+    cfg["launcher"] = {"nproc": (torch.cuda.device_count() or cores) + 1}
+    with pytest.raises(ConfigError, match=r"\(max_processes\)"):
+        load_config(cfg)
+
+
 def test_the_default_workers_quota_is_the_cores(tmp_path):
     cores = len(os.sched_getaffinity(0))
     cfg = small_pipeline(tmp_path)
