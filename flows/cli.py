@@ -252,6 +252,7 @@ def cmd_ckpt_inspect(args) -> int:
     meta = dict(checkpoint.get("meta") or {}) if isinstance(checkpoint, dict) else {}
     meta.pop("rng", None)
     meta.pop("config", None)
+    environment = meta.pop("environment", None)
     summary = {
         "file": args.checkpoint,
         "size": size,
@@ -260,6 +261,7 @@ def cmd_ckpt_inspect(args) -> int:
         if isinstance(checkpoint, dict)
         else type(checkpoint).__name__,
         "meta": meta,
+        "environment": environment or "none recorded (written by mmengine, or by an older baton)",
     }
     print(json.dumps(summary, indent=2, default=str))
     return 0
