@@ -1,4 +1,4 @@
-"""The ``baton`` command: run, validate, inspect and compare checkpoints, evaluate.
+"""The ``baton`` command: run, validate, inspect and compare checkpoints, verify, evaluate.
 
 Exit codes: 0 success, 1 failure, 2 bad config or bad arguments.
 """
@@ -393,6 +393,41 @@ def cmd_ckpt_retention(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Train an experiment's newest checkpoint (or B) again from the one before it (or A)
+    and compare the result with it bit for bit. In this process, without Prefect or any
+    network; nothing is written into the experiment. Exit 0 bitwise equal, 1 different,
+    2 a pair that cannot be verified (said why, and what to verify instead)."""
+    from baton.errors import BatonError
+
+    paths = args.paths
+    if len(paths) > 2:
+        print("baton: verify takes an experiment folder, or two checkpoints A B", file=sys.stderr)
+        return 2
+    # The operator named the experiment here: its folder, and its work_dir for the
+    # recorded config, are trusted in this process (as `baton run --work-dir` does).
+    folder = Path(paths[-1]).expanduser().absolute()
+    root = folder if len(paths) == 1 else folder.parent.parent
+    for name, value in (
+        ("BATON_WORK_DIR_ROOTS", root.parent),
+        ("BATON_CHECKPOINT_ROOTS", root),
+    ):
+        current = [v for v in os.environ.get(name, "").split(os.pathsep) if v]
+        os.environ[name] = os.pathsep.join([*current, str(value)])
+    _trust_operator_flags(args)
+    try:
+        from baton.run import verify
+
+        experiment = _experiment_at(root)
+        a, b = verify.pair_of(experiment, *(paths if len(paths) == 2 else ()))
+        verdict = verify.verify(experiment, a, b)
+    except BatonError as err:
+        print(f"baton: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(verdict.lines()))
+    return 0 if verdict.equal else 1
+
+
 def cmd_evaluate(args) -> int:
     _trust_operator_flags(args)
 
@@ -564,6 +599,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_validate)
 
     _add_ckpt(commands)
+
+    verify = commands.add_parser(
+        "verify",
+        help="train a checkpoint again from an earlier one and compare bit for bit",
+        description="Rebuild the run from checkpoint A, train it to checkpoint B's position "
+        "in memory and compare every tensor and value with B. Given an experiment folder: "
+        "its newest checkpoint against the one before it. Exit 0 bitwise equal, 1 "
+        "different, 2 a pair that cannot be verified.",
+    )
+    verify.add_argument(
+        "paths", nargs="+", metavar="EXPERIMENT_DIR | A B", help="an experiment, or A and B"
+    )
+    _trust_args(verify)
+    verify.set_defaults(func=cmd_verify)
 
     evaluate = commands.add_parser("evaluate", help="validation metrics of a checkpoint")
     evaluate.add_argument("checkpoint")

@@ -555,8 +555,8 @@ class SingleDeviceStrategy:
         self._restore_randomness(meta)
         self._restore_position(meta, source)
         grads_restored = content.restore_gradients(self.model, checkpoint)
+        accumulation = meta.get("accumulation") or {}
         if wrapper is not None and wrapper._accumulative_counts > 1:
-            accumulation = meta.get("accumulation") or {}
             counts = accumulation.get("inner_count", self.iter)
             # A window the saved run's horizon closed early was stepped: nothing was lost.
             closed_by_horizon = counts == accumulation.get("max_counts")
@@ -565,6 +565,15 @@ class SingleDeviceStrategy:
                 counts,
                 self._max_iters(wrapper._accumulative_counts),
                 grads_restored=grads_restored or closed_by_horizon,
+            )
+        elif wrapper is not None and "inner_count" in accumulation:
+            # Without accumulation the counters steer nothing, but a checkpoint records
+            # them: put back, a resumed run's next checkpoint equals an uninterrupted
+            # run's entry for entry (baton verify compares them all).
+            wrapper.initialize_count_status(
+                self.model,
+                int(accumulation["inner_count"]),
+                int(accumulation.get("max_counts", wrapper._max_counts)),
             )
         self.logger.info("resumed from %s at epoch %d, iter %d", source, self.epoch, self.iter)
 
