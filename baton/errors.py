@@ -117,6 +117,11 @@ class VerificationRefusedError(ConfigError):
     equality with this one. The message says which, and what to verify instead."""
 
 
+class NotReproducedError(BatonError):
+    """A checkpoint trained again from an earlier one of its lineage is not bitwise equal
+    to it (``baton verify``); the message names the first entries that differ."""
+
+
 class RetentionConflictError(ConfigError):
     """A run asks for another retention than the one its experiment was created with. A
     run cannot change what an experiment keeps; an operator can (``baton ckpt retention``)."""

@@ -416,11 +416,9 @@ def cmd_verify(args) -> int:
         os.environ[name] = os.pathsep.join([*current, str(value)])
     _trust_operator_flags(args)
     try:
-        from baton.run import verify
+        from baton.run.verify import verify_experiment
 
-        experiment = _experiment_at(root)
-        a, b = verify.pair_of(experiment, *(paths if len(paths) == 2 else ()))
-        verdict = verify.verify(experiment, a, b)
+        verdict = verify_experiment(root, *(paths if len(paths) == 2 else ()))
     except BatonError as err:
         print(f"baton: {err}", file=sys.stderr)
         return 2

@@ -87,6 +87,20 @@ class Verdict:
             f"other than {Path(self.b.uri).name}"
         )
 
+    def summary(self) -> dict:
+        """The verdict as a small JSON-able value (what the Prefect task returns)."""
+        return {
+            "equal": self.equal,
+            "a": self.a.model_dump(mode="json"),
+            "b": self.b.model_dump(mode="json"),
+            "compared": self.compared,
+            "differ": self.total,
+            "differences": [str(d) for d in self.differences],
+            "notes": list(self.notes),
+            "verdict": self.headline(),
+            "markdown": self.markdown(),
+        }
+
     def lines(self) -> list[str]:
         """The verdict as text: the headline, the first differences, the notes."""
         out = [self.headline()]
@@ -288,6 +302,7 @@ def verify(
     b: CheckpointRef,
     *,
     trust: Trust | None = None,
+    work_dir: str | None = None,
 ) -> Verdict:
     """Train from A to B's position again, in memory, and compare the result with B.
 
@@ -295,6 +310,11 @@ def verify(
         experiment: The experiment both are committed in (read, never written).
         a, b: The pair, as :func:`pair_of` returns it.
         trust: The operator's trust (default: the environment's).
+        work_dir: Validate B's config with this ``work_dir`` instead of its own (a
+            deployment's run may name only its own folder; nothing is written there
+            either). ``work_dir`` says where an experiment lives, not what it trains: the
+            comparison leaves out ``meta.config.work_dir`` and checks instead that B's
+            config hash is the replayed config's with B's ``work_dir`` put back.
 
     Raises:
         VerificationRefusedError: B records no config, or its environment breaks bitwise
@@ -317,7 +337,9 @@ def verify(
                 "written by a baton pipeline, so its run cannot be rebuilt; compare two files "
                 "with baton ckpt diff instead"
             )
-        cfg = load_config(b_meta["config"], trust=trust)
+        recorded = b_meta["config"]
+        moved = work_dir is not None and work_dir != recorded.get("work_dir")
+        cfg = load_config({**recorded, "work_dir": work_dir} if moved else recorded, trust=trust)
         a_meta = io.load_meta(a.uri)
         with tempfile.TemporaryDirectory(prefix="baton-verify-") as workspace:
             # The replay's own folder: its strategy's log, and nothing else, goes there.
@@ -333,24 +355,38 @@ def verify(
                 pipeline.train_loader.close()
                 if pipeline.val_loader is not None:
                     pipeline.val_loader.close()
-        _compare(verdict, replayed, b_file)
+        ignore = NOT_COMPARED
+        if moved:
+            ignore += ("meta.config.work_dir", "meta.config_hash")
+            ran = cfg.model_copy(update={"work_dir": recorded.get("work_dir")}).config_hash
+            if ran != b_meta.get("config_hash"):
+                verdict.notes.append("meta.config_hash differs from the replayed config's")
+                verdict.total += 1
+                verdict.differences.append(
+                    compare.Difference(
+                        "meta.config_hash", "value", f"{ran[:12]} vs {b_meta.get('config_hash')}"
+                    )
+                )
+        _compare(verdict, replayed, b_file, ignore)
     logger.info("verify %s", verdict.headline())
     return verdict
 
 
-def _counted(entries: Iterator, counter: list[int]) -> Iterator:
+def _counted(entries: Iterator, counter: list[int], ignore: tuple[str, ...]) -> Iterator:
     for name, value in entries:
-        if not any(name == p or name.startswith(p + ".") for p in NOT_COMPARED):
+        if not any(name == p or name.startswith(p + ".") for p in ignore):
             counter[0] += 1
         yield name, value
 
 
-def _compare(verdict: Verdict, replayed: dict, b_file: MappedCheckpoint) -> None:
+def _compare(
+    verdict: Verdict, replayed: dict, b_file: MappedCheckpoint, ignore: tuple[str, ...]
+) -> None:
     counter = [0]
     found = compare.diff(
-        _counted(compare.entries(replayed), counter),
+        _counted(compare.entries(replayed), counter, ignore),
         b_file.entries(),
-        ignore=NOT_COMPARED,
+        ignore=ignore,
         release_b=b_file.release,
     )
     for difference in found:
@@ -358,3 +394,40 @@ def _compare(verdict: Verdict, replayed: dict, b_file: MappedCheckpoint) -> None
         if len(verdict.differences) < SHOWN:
             verdict.differences.append(difference)
     verdict.compared = counter[0]
+
+
+def verify_experiment(
+    experiment_dir: str | Path,
+    a: str | None = None,
+    b: str | None = None,
+    *,
+    work_dir: str | None = None,
+) -> Verdict:
+    """Verify a pair of an experiment's checkpoints (``a`` and ``b``, or its newest and
+    the one before): the entry of the CLI, the task and the flow.
+
+    The experiment's checkpoints must lie inside the operator's checkpoint roots
+    (``BATON_CHECKPOINT_ROOTS``, a deployment's ``checkpoint_roots``): the folder comes
+    from a user, as any checkpoint path does.
+
+    Raises:
+        VerificationRefusedError: As :func:`pair_of` and :func:`verify`, or the folder
+            holds no experiment.
+        UntrustedInputError: The checkpoints are outside the operator's roots.
+    """
+    with held_trust():
+        trust = Trust.from_environment()
+        path = Path(experiment_dir).expanduser().absolute()
+        try:
+            experiment = Experiment(path.parent, path.name)
+        except ValueError as err:
+            raise VerificationRefusedError(f"{path} is not an experiment folder: {err}") from err
+        if not experiment.store.manifest_path.exists():
+            raise VerificationRefusedError(
+                f"{path} holds no experiment (no manifest.json); name an experiment's folder "
+                "(work_dir/<experiment_name>) or two of its checkpoint files"
+            )
+        first, second = pair_of(experiment, a, b)
+        for ref in (first, second):
+            trust.check_checkpoint(ref.uri, experiment_dir=None, what="checkpoint to verify")
+        return verify(experiment, first, second, trust=trust, work_dir=work_dir)
