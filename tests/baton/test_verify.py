@@ -16,7 +16,7 @@ from baton.flows.cli import main
 from baton.run import pipeline as pl
 from baton.run import verify as v
 
-from .helpers import small_pipeline
+from .helpers import HALVING_PLATEAU, small_pipeline
 
 
 def config(work_dir, **changes):
@@ -74,6 +74,28 @@ def test_a_long_stretch_across_epochs_and_validations_verifies(experiment):
     a, b = by_name(experiment, "iter_000003.pth"), by_name(experiment, "iter_000009.pth")
     verdict = v.verify(experiment, a, b)
     assert verdict.equal, verdict.lines()
+
+
+ADAMW_ACCUMULATED = {
+    "optim_wrapper": {
+        "optimizer": {"type": "AdamW", "lr": 0.01},
+        "accumulative_counts": 3,
+        "clip_grad": {"max_norm": 1.0},
+    },
+    "param_scheduler": [{"type": "LinearLR", "start_factor": 0.1, "by_epoch": False, "end": 5}],
+}
+PLATEAU = {"param_scheduler": [HALVING_PLATEAU]}
+
+
+@pytest.mark.parametrize("changes", [ADAMW_ACCUMULATED, PLATEAU], ids=["accumulation", "plateau"])
+def test_every_pair_of_a_lineage_verifies(tmp_path, changes):
+    """Inside accumulation windows (gradients saved mid-window), and with a schedule that
+    follows validation (the replay validates where the run did)."""
+    experiment, _ = trained(tmp_path, **changes)
+    refs = experiment.store.list()
+    for a, b in [(refs[0], refs[-1]), (refs[1], refs[2]), (refs[2], refs[4])]:
+        verdict = v.verify(experiment, a, b)
+        assert verdict.equal, verdict.lines()
 
 
 def test_the_cli_exits_0_for_an_equal_pair(experiment, capsys):
