@@ -242,16 +242,16 @@ def _check_environment(b_meta: dict, a_meta: dict, current: dict, notes: list[st
         notes.append(
             f"environment differs, not in a way that breaks exactness: {changes_text(changes)}"
         )
-    between = fingerprint.breaking(
-        fingerprint.fingerprint_changes(a_meta.get(fingerprint.ENVIRONMENT_KEY), saved or {})
-        if saved
-        else None
-    )
-    if between:
-        notes.append(
-            "A and B were trained in environments that differ "
-            f"({changes_text(between)}): the stretch was replayed in B's"
+    if isinstance(saved, dict):
+        between = fingerprint.breaking(
+            fingerprint.fingerprint_changes(a_meta.get(fingerprint.ENVIRONMENT_KEY), saved)
         )
+        if between:
+            notes.append(
+                f"A and B were trained in environments that differ ({changes_text(between)}): "
+                "the stretch between them may have been trained in either, so a difference "
+                "may be the environment's"
+            )
 
 
 def changes_text(changes: list[fingerprint.FingerprintChange]) -> str:

@@ -105,6 +105,8 @@ def test_changes_are_classified():
     saved = {**current, "cpu_capability": "AVX2", "python": "3.10.0", "numpy": "0.1"}
     changes = fingerprint.fingerprint_changes(saved, current)
     assert {c.field for c in changes} == {"cpu_capability", "python", "numpy"}
+    patch = {**current, "python": current["python"].rsplit(".", 1)[0] + ".99"}
+    assert fingerprint.fingerprint_changes(patch, current) == []  # a patch release
     assert [c.field for c in fingerprint.breaking(changes)] == ["cpu_capability", "python"]
     assert "instruction set" in fingerprint.describe(fingerprint.breaking(changes))
 
