@@ -66,7 +66,14 @@ class FingerprintChange:
         return self.field in BREAKS_BITWISE
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.before} -> {self.after}"
+        return f"{self.field}: {_shown(self.before)} -> {_shown(self.after)}"
+
+
+def _shown(value: Any) -> str:
+    """A recorded value as a message shows it, cut short (a file's fingerprint may hold
+    anything)."""
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def current_world_size(world_size: int | None = None) -> int:
