@@ -41,9 +41,10 @@ def trained(tmp_path, **changes):
 
 
 def snapshot(root: Path) -> dict:
-    """Every file of the folder with its bytes' digest and modification time."""
+    """Every folder, and every file with its bytes' digest and modification time."""
     found = {}
     for folder, _, files in os.walk(root):
+        found[folder] = Path(folder).stat().st_mtime
         for name in files:
             path = Path(folder) / name
             found[str(path)] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime)
