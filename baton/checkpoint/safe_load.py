@@ -203,7 +203,8 @@ def _torch_load(
 def load_mapped(uri: str) -> tuple[Any, tuple[int, int] | None]:
     """Load a checkpoint safely with its tensors memory-mapped, when it can be: a local
     file of torch's zip format is mapped (its tensors are read from the file only as they
-    are used, page by page); anything else is loaded whole, as :func:`load` does.
+    are used, page by page); anything else (a legacy pickle, a remote URI, a folder) is
+    loaded whole, as :func:`load` does.
 
     The file mapped is the one opened, hashed (inside :func:`expect_bytes`) and checked to
     be a regular file: it is mapped through its open descriptor where the system names
@@ -217,7 +218,8 @@ def load_mapped(uri: str) -> tuple[Any, tuple[int, int] | None]:
     Raises:
         As :func:`load`.
     """
-    if not is_local(uri) or _TRUSTED.get():
+    if not is_local(uri) or _TRUSTED.get() or local_path(uri).is_dir():
+        # A folder (a sharded checkpoint) is :func:`load`'s to read, or to refuse.
         return load(uri), None
     with _open_regular_file(local_path(uri)) as handle:
         if not handle.read(4).startswith(b"PK"):  # the legacy format cannot be mapped
