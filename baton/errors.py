@@ -111,6 +111,17 @@ class ResumeConfigError(ConfigError, CheckpointMismatchError):
     the message lists them and names the explicit fork."""
 
 
+class VerificationRefusedError(ConfigError):
+    """Two checkpoints cannot be verified against each other: not of one lineage, in the
+    wrong order, not committed, or trained in an environment that breaks bitwise
+    equality with this one. The message says which, and what to verify instead."""
+
+
+class NotReproducedError(BatonError):
+    """A checkpoint trained again from an earlier one of its lineage is not bitwise equal
+    to it (``baton verify``); the message names the first entries that differ."""
+
+
 class RetentionConflictError(ConfigError):
     """A run asks for another retention than the one its experiment was created with. A
     run cannot change what an experiment keeps; an operator can (``baton ckpt retention``)."""

@@ -1,4 +1,5 @@
-"""The ``baton`` command: run, validate, inspect checkpoints, evaluate, report.
+"""The ``baton`` command: run, validate, inspect and compare checkpoints, verify, evaluate,
+report.
 
 Exit codes: 0 success, 1 failure, 2 bad config or bad arguments.
 """
@@ -297,6 +298,7 @@ def cmd_ckpt_inspect(args) -> int:
     meta = dict(checkpoint.get("meta") or {}) if isinstance(checkpoint, dict) else {}
     meta.pop("rng", None)
     meta.pop("config", None)
+    environment = meta.pop("environment", None)
     summary = {
         "file": args.checkpoint,
         "size": size,
@@ -311,8 +313,47 @@ def cmd_ckpt_inspect(args) -> int:
         sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
     )
     summary["meta"] = meta
+    summary["environment"] = (
+        environment or "none recorded (written by mmengine, or by an older baton)"
+    )
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def cmd_ckpt_diff(args) -> int:
+    """Which entries of two checkpoint files differ (tensors: how many elements, max
+    absolute and relative difference; other values: both sides). Streams: the files are
+    memory-mapped and compared a part at a time. Exit 0 identical, 1 different, 2 when a
+    file cannot be compared."""
+    from baton.checkpoint import io
+    from baton.checkpoint.mapped import diff_files
+    from baton.errors import CheckpointError
+
+    for path in (args.a, args.b):
+        what = _not_a_checkpoint(io.local_path(path)) if io.is_local(path) else None
+        if what is not None:
+            print(f"baton: {path} is {what}; name two checkpoint files", file=sys.stderr)
+            return 2
+    try:
+        differences = diff_files(args.a, args.b, ignore=tuple(args.ignore or ()))
+        tensors, values, shown = 0, 0, 0
+        for difference in differences:
+            is_tensor = difference.kind in ("values", "dtype", "shape")
+            tensors += is_tensor
+            values += not is_tensor
+            if shown < args.limit:
+                print(difference)
+                shown += 1
+    except CheckpointError as err:
+        print(f"baton: {err}", file=sys.stderr)
+        return 2
+    if tensors + values > shown:
+        print(f"... and {tensors + values - shown} more (--limit)")
+    if not tensors + values:
+        print(f"{args.a} and {args.b}: identical (every tensor bitwise equal, same metadata)")
+        return 0
+    print(f"{tensors} tensor(s) and {values} other value(s) differ")
+    return 1
 
 
 def _experiment_at(path: Path):
@@ -403,6 +444,39 @@ def cmd_ckpt_retention(args) -> int:
         "applies it from the next commit; `baton ckpt prune` applies it now"
     )
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Train an experiment's newest checkpoint (or B) again from the one before it (or A)
+    and compare the result with it bit for bit. In this process, without Prefect or any
+    network; nothing is written into the experiment. Exit 0 bitwise equal, 1 different,
+    2 a pair that cannot be verified (said why, and what to verify instead)."""
+    from baton.errors import BatonError
+
+    paths = args.paths
+    if len(paths) > 2:
+        print("baton: verify takes an experiment folder, or two checkpoints A B", file=sys.stderr)
+        return 2
+    # The operator named the experiment here: its folder, and its work_dir for the
+    # recorded config, are trusted in this process (as `baton run --work-dir` does).
+    folder = Path(paths[-1]).expanduser().absolute()
+    root = folder if len(paths) == 1 else folder.parent.parent
+    for name, value in (
+        ("BATON_WORK_DIR_ROOTS", root.parent),
+        ("BATON_CHECKPOINT_ROOTS", root),
+    ):
+        current = [v for v in os.environ.get(name, "").split(os.pathsep) if v]
+        os.environ[name] = os.pathsep.join([*current, str(value)])
+    _trust_operator_flags(args)
+    try:
+        from baton.run.verify import verify_experiment
+
+        verdict = verify_experiment(root, *(paths if len(paths) == 2 else ()))
+    except BatonError as err:
+        print(f"baton: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(verdict.lines()))
+    return 0 if verdict.equal else 1
 
 
 def cmd_evaluate(args) -> int:
@@ -515,7 +589,7 @@ def _add_run(commands) -> None:
 
 
 def _add_ckpt(commands) -> None:
-    ckpt = commands.add_parser("ckpt", help="list, inspect or prune checkpoints")
+    ckpt = commands.add_parser("ckpt", help="list, inspect, compare or prune checkpoints")
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
     listing = ckpt_commands.add_parser(
         "list", help="an experiment's checkpoints and their validity"
@@ -525,6 +599,21 @@ def _add_ckpt(commands) -> None:
     inspect_ = ckpt_commands.add_parser("inspect", help="what a checkpoint file holds")
     inspect_.add_argument("checkpoint")
     inspect_.set_defaults(func=cmd_ckpt_inspect)
+    compare = ckpt_commands.add_parser(
+        "diff", help="which tensors and metadata of two checkpoints differ, and by how much"
+    )
+    compare.add_argument("a", metavar="A")
+    compare.add_argument("b", metavar="B")
+    compare.add_argument(
+        "--ignore",
+        action="append",
+        metavar="NAME",
+        help="an entry, or a prefix of entries, not to compare (e.g. meta.time)",
+    )
+    compare.add_argument(
+        "--limit", type=_count, default=50, metavar="N", help="show at most N differences"
+    )
+    compare.set_defaults(func=cmd_ckpt_diff)
     prune = ckpt_commands.add_parser(
         "prune", help="delete the committed checkpoints a retention policy does not keep"
     )
@@ -587,6 +676,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the curves (default: ./<name>-curves.png)",
     )
     report.set_defaults(func=cmd_report)
+    verify = commands.add_parser(
+        "verify",
+        help="train a checkpoint again from an earlier one and compare bit for bit",
+        description="Rebuild the run from checkpoint A, train it to checkpoint B's position "
+        "in memory and compare every tensor and value with B. Given an experiment folder: "
+        "its newest checkpoint against the one before it. Exit 0 bitwise equal, 1 "
+        "different, 2 a pair that cannot be verified.",
+    )
+    verify.add_argument(
+        "paths", nargs="+", metavar="EXPERIMENT_DIR | A B", help="an experiment, or A and B"
+    )
+    _trust_args(verify)
+    verify.set_defaults(func=cmd_verify)
 
     evaluate = commands.add_parser("evaluate", help="validation metrics of a checkpoint")
     evaluate.add_argument("checkpoint")

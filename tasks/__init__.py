@@ -11,6 +11,7 @@ from baton.tasks.report import EpochReporter, summarize
 from baton.tasks.resume_point import find_resume_point
 from baton.tasks.state import RunState
 from baton.tasks.train import train_epoch
+from baton.tasks.verify import verify_checkpoint
 
 __all__ = [
     "EpochReporter",
@@ -23,4 +24,5 @@ __all__ = [
     "summarize",
     "train_epoch",
     "validate_config",
+    "verify_checkpoint",
 ]

@@ -24,10 +24,16 @@ ACCUMULATED_GRADS_KEY = "accumulated_grads"
 
 
 def build(
-    strategy, save_optimizer: bool, save_param_scheduler: bool, extra_ckpt: dict | None
+    strategy,
+    save_optimizer: bool,
+    save_param_scheduler: bool,
+    extra_ckpt: dict | None,
+    *,
+    environment: dict | None = None,
 ) -> dict:
     """The checkpoint dict of a prepared strategy's current state (``extra_ckpt`` is
-    copied, never changed; its ``meta`` joins the checkpoint's)."""
+    copied, never changed; its ``meta`` joins the checkpoint's). ``environment`` is the
+    strategy's fingerprint of the environment (``meta['environment']``)."""
     extra = copy.deepcopy(extra_ckpt) if extra_ckpt else {}
     wrapper = getattr(strategy, "optim_wrapper", None)
     meta = ckpt_format.make_meta(
@@ -45,6 +51,7 @@ def build(
             else None
         ),
         extra_meta=extra.pop("meta", None),
+        environment=environment,
     )
     meta["world_size"] = strategy.world_size
     model = strategy.unwrapped_model

@@ -4,7 +4,7 @@
 
     {
       "meta": {"epoch", "iter", "step_in_epoch", "seed", "rng", "time", "baton",
-               "config_hash", "accumulation", ...caller's extra meta},
+               "config_hash", "accumulation", "environment", ...caller's extra meta},
       "state_dict": {...model weights, on CPU...},
       "optimizer": {...optimizer state, on CPU...},        # unless save_optimizer=False
       "param_schedulers": [{...}, ...],                    # unless save_param_scheduler=False
@@ -51,9 +51,11 @@ def make_meta(
     config_hash: str | None,
     accumulation: dict | None,
     extra_meta: Mapping | None,
+    environment: dict | None = None,
 ) -> dict:
     """The ``meta`` section: position and provenance, then the caller's extras, then the
-    keys the strategy owns (seed, RNG states, time, version)."""
+    keys the strategy owns (seed, RNG states, time, version, the environment's
+    fingerprint when given)."""
     meta: dict = {
         "epoch": epoch,
         "iter": iter,
@@ -70,6 +72,8 @@ def make_meta(
         baton=__version__,
         format=FORMAT_VERSION,
     )
+    if environment is not None:
+        meta["environment"] = environment
     return meta
 
 

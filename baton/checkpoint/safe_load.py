@@ -176,25 +176,68 @@ def load(uri: str, *, map_location: MapLocation = "cpu", trusted: bool | None = 
     with open_binary(uri) as handle:
         data: BinaryIO = handle if is_local(uri) else io.BytesIO(handle.read())
         _check_expected(uri, data)
-        try:
-            if trusted:
-                logger.warning("loading %s with full unpickling (trusted_loading is on)", uri)
-                return torch.load(data, map_location=map_location, weights_only=False)
-            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-                return torch.load(data, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
-                raise UnsafeCheckpointError(
-                    f"refusing to load {uri!r}: it holds Python objects that safe loading "
-                    f"does not allow ({_first_line(err)}). Nothing from the file was run. "
-                    "If you trust the file's origin, load it inside `with "
-                    "baton.trusted_loading():`"
-                ) from err
-            raise CheckpointCorruptError(f"{uri!r} is not a readable checkpoint: {err}") from err
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-            raise CheckpointCorruptError(
-                f"{uri!r} is not a readable checkpoint (truncated or damaged?): {_first_line(err)}"
+        return _torch_load(uri, data, map_location=map_location, trusted=trusted)
+
+
+def _torch_load(
+    uri: str, source: BinaryIO | str, *, map_location: MapLocation, trusted: bool, mmap=False
+) -> Any:
+    """``torch.load`` of ``source`` (the file ``uri``), safely unless ``trusted``, its
+    errors turned into baton's."""
+    try:
+        if trusted:
+            logger.warning("loading %s with full unpickling (trusted_loading is on)", uri)
+            return torch.load(source, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
+            raise UnsafeCheckpointError(
+                f"refusing to load {uri!r}: it holds Python objects that safe loading "
+                f"does not allow ({_first_line(err)}). Nothing from the file was run. "
+                "If you trust the file's origin, load it inside `with "
+                "baton.trusted_loading():`"
             ) from err
+        raise CheckpointCorruptError(f"{uri!r} is not a readable checkpoint: {err}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointCorruptError(
+            f"{uri!r} is not a readable checkpoint (truncated or damaged?): {_first_line(err)}"
+        ) from err
+
+
+def load_mapped(uri: str) -> tuple[Any, tuple[int, int] | None]:
+    """Load a checkpoint safely with its tensors memory-mapped, when it can be: a local
+    file of torch's zip format is mapped (its tensors are read from the file only as they
+    are used, page by page); anything else (a legacy pickle, a remote URI, a folder) is
+    loaded whole, as :func:`load` does.
+
+    The file mapped is the one opened, hashed (inside :func:`expect_bytes`) and checked to
+    be a regular file: it is mapped through its open descriptor where the system names
+    one (``/proc/self/fd``), so a file renamed over it meanwhile is not the one read.
+
+    Returns:
+        The checkpoint, and the mapped file's ``(st_dev, st_ino)`` (``None`` when it was
+        loaded whole), by which its pages can be found and given back
+        (:mod:`baton.checkpoint.mapped`).
+
+    Raises:
+        As :func:`load`.
+    """
+    if not is_local(uri) or _TRUSTED.get() or local_path(uri).is_dir():
+        # A folder (a sharded checkpoint) is :func:`load`'s to read, or to refuse.
+        return load(uri), None
+    with _open_regular_file(local_path(uri)) as handle:
+        if not handle.read(4).startswith(b"PK"):  # the legacy format cannot be mapped
+            handle.seek(0)
+            _check_expected(uri, handle)
+            return _torch_load(uri, handle, map_location="cpu", trusted=False), None
+        handle.seek(0)
+        _check_expected(uri, handle)
+        status = os.fstat(handle.fileno())
+        by_descriptor = Path(f"/proc/self/fd/{handle.fileno()}")
+        source = str(by_descriptor) if by_descriptor.exists() else str(local_path(uri))
+        checkpoint = _torch_load(uri, source, map_location="cpu", trusted=False, mmap=True)
+    return checkpoint, (status.st_dev, status.st_ino)
 
 
 def load_meta(uri: str) -> dict:

@@ -46,7 +46,7 @@ from baton.checkpoint.loaders import load_uri
 from baton.checkpoint.ref import CheckpointRef
 from baton.checkpoint.store import CheckpointStore, RetentionPolicy
 from baton.checkpoint.writer import CheckpointWriter
-from baton.engine import assemble, environment
+from baton.engine import assemble, environment, fingerprint
 from baton.engine.convert import revert_sync_batchnorm
 from baton.errors import CheckpointError
 from baton.experiment.folder import Experiment
@@ -428,10 +428,39 @@ class SingleDeviceStrategy:
         first), build the checkpoint dict, let the callback edit it, resolve the target."""
         self._require_prepared(what)
         self.wait_for_checkpoints()
-        checkpoint = content.build(self, save_optimizer, save_param_scheduler, extra_ckpt)
+        checkpoint = self.checkpoint_dict(
+            save_optimizer=save_optimizer,
+            save_param_scheduler=save_param_scheduler,
+            extra_ckpt=extra_ckpt,
+        )
         if callback is not None:
             callback(checkpoint)
         return checkpoint, self._writer.target(self.checkpoints, filename)
+
+    def checkpoint_dict(
+        self,
+        *,
+        save_optimizer: bool = True,
+        save_param_scheduler: bool = True,
+        extra_ckpt: dict | None = None,
+    ) -> dict:
+        """baton's addition: the dict :meth:`save_checkpoint` would write now, kept in
+        memory (``baton verify`` compares a replayed state with a committed file)."""
+        self._require_prepared("checkpoint_dict")
+        return content.build(
+            self,
+            save_optimizer,
+            save_param_scheduler,
+            extra_ckpt,
+            environment=self.environment_fingerprint(),
+        )
+
+    def environment_fingerprint(self) -> dict:
+        """baton's addition: the environment this strategy trains in, as every checkpoint
+        records it (``meta['environment']``, see :mod:`baton.engine.fingerprint`)."""
+        return fingerprint.environment_fingerprint(
+            self.device, config_hash=self.config_hash, world_size=self.world_size
+        )
 
     def wait_for_checkpoints(self) -> CheckpointRef | None:
         """Wait for a background save; return its reference.
@@ -530,6 +559,7 @@ class SingleDeviceStrategy:
         file saved without optimizer state with a fresh optimizer) loads it once.
         """
         meta = checkpoint.get("meta") or {}
+        self._warn_environment_changes(meta, source)
         wrapper = getattr(self, "optim_wrapper", None)
         if resume_optimizer and wrapper is not None:
             content.restore_optimizer(wrapper, checkpoint, source)
@@ -539,8 +569,8 @@ class SingleDeviceStrategy:
         self._restore_randomness(meta)
         self._restore_position(meta, source)
         grads_restored = content.restore_gradients(self.unwrapped_model, checkpoint)
+        accumulation = meta.get("accumulation") or {}
         if wrapper is not None and wrapper._accumulative_counts > 1:
-            accumulation = meta.get("accumulation") or {}
             counts = accumulation.get("inner_count", self.iter)
             # A window the saved run's horizon closed early was stepped: nothing was lost.
             closed_by_horizon = counts == accumulation.get("max_counts")
@@ -550,7 +580,31 @@ class SingleDeviceStrategy:
                 self._max_iters(wrapper._accumulative_counts),
                 grads_restored=grads_restored or closed_by_horizon,
             )
+        elif wrapper is not None and "inner_count" in accumulation:
+            # Without accumulation the counters steer nothing, but a checkpoint records
+            # them: put back, a resumed run's next checkpoint equals an uninterrupted
+            # run's entry for entry (baton verify compares them all).
+            wrapper.initialize_count_status(
+                self.model,
+                int(accumulation["inner_count"]),
+                int(accumulation.get("max_counts", wrapper._max_counts)),
+            )
         self.logger.info("resumed from %s at epoch %d, iter %d", source, self.epoch, self.iter)
+
+    def _warn_environment_changes(self, meta: dict, source: str) -> None:
+        """Warn, naming each field, when the checkpoint was trained in an environment
+        that differs in a way that breaks bitwise equality (docs/resume.md)."""
+        changes = fingerprint.fingerprint_changes(
+            meta.get(fingerprint.ENVIRONMENT_KEY), self.environment_fingerprint()
+        )
+        broken = fingerprint.breaking(changes)
+        if broken:
+            self.logger.warning(
+                "%s was trained in another environment, so this run cannot continue bitwise "
+                "equal to an uninterrupted one: %s",
+                source,
+                fingerprint.describe(broken),
+            )
 
     def _restore_position(self, meta: dict, source: str) -> None:
         self.epoch = int(meta.get("epoch", 0))

@@ -384,19 +384,38 @@ def save(
         if strategy.rank == 0:  # one lineage for all of a run's processes
             pipeline.pending_fork.start_lineage()
         pipeline.pending_fork = None
-    record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
     if name is None:
-        # Keyed by both: a fork to another epoch length reaches an iteration count again.
-        position = (strategy.epoch, strategy.iter)
-        pipeline.history = [h for h in pipeline.history if (h["epoch"], h["iter"]) != position] + [
-            record
-        ]
+        add_to_history(pipeline, metrics)
         # Mid-epoch positions (a max_iters horizon, an emergency save) are named by iteration.
         name = (
             CheckpointName.for_iter(strategy.iter)
             if strategy.step_in_epoch
             else CheckpointName.for_epoch(strategy.epoch)
         )
+    save_fn = strategy.save_checkpoint_async if background else strategy.save_checkpoint
+    return save_fn(
+        str(name),
+        save_optimizer=cfg.checkpoint.save_optimizer,
+        extra_ckpt={"meta": checkpoint_meta(pipeline, metrics)},
+    )
+
+
+def add_to_history(pipeline: Pipeline, metrics: dict[str, float]) -> None:
+    """Record the current position's metrics in the run's history (what an epoch's save
+    does; the history travels in every checkpoint's ``meta``)."""
+    strategy = pipeline.strategy
+    record = {"epoch": strategy.epoch, "iter": strategy.iter, **metrics}
+    # Keyed by both: a fork to another epoch length reaches an iteration count again.
+    position = (strategy.epoch, strategy.iter)
+    pipeline.history = [h for h in pipeline.history if (h["epoch"], h["iter"]) != position] + [
+        record
+    ]
+
+
+def checkpoint_meta(pipeline: Pipeline, metrics: dict[str, float]) -> dict:
+    """The ``meta`` a pipeline's checkpoint adds to the strategy's own: metrics, config,
+    history, the running metrics inside an epoch, the forks in its ancestry."""
+    cfg = pipeline.config
     meta = {
         "metrics": metrics,
         "architecture_hash": cfg.architecture_hash,
@@ -407,14 +426,11 @@ def save(
         # number of processes keeps it (baton.run.resume_policy.world_size).
         "global_batch_size": pipeline.train_loader.batch_size,
     }
-    if strategy.step_in_epoch:
+    if pipeline.strategy.step_in_epoch:
         meta[RUNNING_METRICS_KEY] = pipeline.meter.state_dict()
     if pipeline.forks:
         meta[FORKS_KEY] = pipeline.forks
-    save_fn = strategy.save_checkpoint_async if background else strategy.save_checkpoint
-    return save_fn(
-        str(name), save_optimizer=cfg.checkpoint.save_optimizer, extra_ckpt={"meta": meta}
-    )
+    return meta
 
 
 def save_epoch(
