@@ -337,6 +337,14 @@ def verify(
                 "written by a baton pipeline, so its run cannot be rebuilt; compare two files "
                 "with baton ckpt diff instead"
             )
+        processes = int(b_meta.get("world_size") or 1)
+        if processes != 1:
+            raise VerificationRefusedError(
+                f"{Path(b.uri).name} was written by {processes} processes, and verify replays "
+                "in one, where the gradients are summed in another order: bitwise equality "
+                "cannot hold (docs/distributed.md); verify a lineage trained on one process, "
+                "or compare two checkpoints with baton ckpt diff"
+            )
         recorded = b_meta["config"]
         moved = work_dir is not None and work_dir != recorded.get("work_dir")
         cfg = load_config({**recorded, "work_dir": work_dir} if moved else recorded, trust=trust)

@@ -12,8 +12,9 @@ import torch
 from baton import SingleDeviceStrategy
 from baton.checkpoint.store import CheckpointStore
 from baton.engine.ddp import DDPStrategy
-from baton.errors import ConfigError, DataError, RankFailedError
+from baton.errors import ConfigError, DataError, RankFailedError, VerificationRefusedError
 from baton.run import pipeline as pl
+from baton.run.verify import verify_experiment
 
 from .helpers import (
     assert_bitwise_equal,
@@ -40,7 +41,7 @@ def _no_process_left():
     assert processes_marked(mark) == [], "a rank or torchrun outlived its run"
 
 
-def test_two_processes_resume_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+def test_two_processes_resume_bitwise_equal_to_an_uninterrupted_run(tmp_path, monkeypatch):
     reference = config(tmp_path / "reference", 2, **{"train.max_epochs": 4})
     pl.run(reference)
     resumed = config(tmp_path / "resumed", 2, **{"train.max_epochs": 2})
@@ -51,6 +52,10 @@ def test_two_processes_resume_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert checkpoint["meta"]["world_size"] == 2
     assert len(checkpoint["meta"]["rng_ranks"]) == 2
     assert_bitwise_equal(latest(reference), checkpoint)
+    # verify replays in one process: a pair written by two is refused, saying why
+    monkeypatch.setenv("BATON_CHECKPOINT_ROOTS", str(tmp_path))
+    with pytest.raises(VerificationRefusedError, match="written by 2 processes"):
+        verify_experiment(Path(resumed.work_dir) / "ddp")
 
 
 @pytest.mark.parametrize(("saved", "resumed_on"), [(2, 1), (2, 3), (1, 2)])
