@@ -221,6 +221,12 @@ def main() -> None:
     parser.add_argument(
         "--interval-iters", type=int, default=None, help="also checkpoint every N iterations"
     )
+    parser.add_argument(
+        "--api-url",
+        default=None,
+        help="an external Prefect server's API (e.g. http://127.0.0.1:4200/api, started "
+        "with `prefect server start`); default: the embedded server `baton run` launches",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,8 +235,14 @@ def main() -> None:
     from baton.flows.train import train_pipeline
 
     root = Path(tempfile.mkdtemp(prefix="baton-overhead-"))
-    # The server `baton run` uses: launched by the run, heartbeats off.
-    with prefect_api(EmbeddedServer()):
+    if args.api_url:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        server = temporary_settings({PREFECT_API_URL: args.api_url})
+    else:
+        # The server `baton run` uses: launched by the run, heartbeats off.
+        server = prefect_api(EmbeddedServer())
+    with server:
         train_pipeline(config=config(root / "warmup", "warmup", 256, 1))
         loop_times, call_times, span_times, server_cpu, anatomy = [], [], [], [], []
 
@@ -288,6 +300,13 @@ def main() -> None:
         f"{[round(r, 3) for r in pair_ratios]}, median {median(pair_ratios):.3f} (target <= 1.05)"
     )
     print(f"  ratio of medians (flow span / loop): {median(span_times) / median(loop_times):.3f}")
+    spread = (max(loop_times) - min(loop_times)) / median(loop_times)
+    print(
+        f"  noise: the plain loop's own runs spread over {100 * spread:.1f} % of their median "
+        f"({min(loop_times):.2f}-{max(loop_times):.2f} s); a ratio closer to 1 than that is "
+        "not a difference this machine can show"
+    )
+    print(f"  server: {args.api_url or 'embedded (as baton run launches it)'}")
     print(f"  plain loop, best     {loop:7.2f} s   ({loop / args.epochs:.2f} s per epoch)")
     print(f"  flow task span, best {span:7.2f} s   ratio of bests {span / loop:.3f}")
     print(f"  flow whole call, best{call:7.2f} s   ratio of bests {call / loop:.3f}")

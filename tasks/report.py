@@ -4,6 +4,7 @@ checkpoint), kept up to date in place by the flow between its tasks, and the run
 task (with the curves)."""
 
 import base64
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -13,9 +14,11 @@ import math
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
 
+import prefect.context
 from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import SyncPrefectClient
@@ -24,7 +27,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
 from baton.checkpoint import io
 from baton.experiment import Experiment
@@ -146,6 +149,10 @@ class _RunArtifacts:
         # answer was lost).
         self._ids: dict[str, UUID] = {}
         self._adopt = True
+        # Owned by the helper thread: its client, kept between passes (see _connection).
+        self._client: SyncPrefectClient | None = None
+        self._client_url: str | None = None
+        self._settings = None
 
     @property
     def failing(self) -> bool:
@@ -211,6 +218,12 @@ class _RunArtifacts:
             self._thread.start()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._drop_client()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not (self._waiting and (self._wake or self._closing)):
@@ -269,16 +282,7 @@ class _RunArtifacts:
         done: set[str] = set()
         lost: set[str] = set()
         try:
-            # An httpx setting of its own gets a new client, on the API URL of this
-            # context, and few retries (a busy server's 503): get_client() would
-            # otherwise hand over the flow run's client, which retries a refused
-            # connection for minutes once it has connected; the next pass is the retry.
-            with (
-                temporary_settings({PREFECT_CLIENT_MAX_RETRIES: PASS_RETRIES}),
-                get_client(
-                    httpx_settings={"timeout": REQUEST_TIMEOUT_S}, sync_client=True
-                ) as client,
-            ):
+            with self._connection() as client:
                 if self._adopt:
                     lost = self._find_cards(client)
                     self._adopt = False
@@ -288,8 +292,41 @@ class _RunArtifacts:
                         done.add(kind)
         except Exception as err:  # an artifact is not worth a failed run; it waits
             self._adopt = True
+            self._drop_client()
             return done, lost, err
         return done, lost, None
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[SyncPrefectClient]:
+        """The helper thread's client, in settings of its own: few retries (a busy
+        server's 503; get_client() would otherwise hand over the flow run's client, which
+        retries a refused connection for minutes once it has connected: the next pass is
+        the retry) and a short timeout, on the API URL of this pass's context.
+
+        The settings and the client are made once and kept from pass to pass (a new one
+        after a failed pass, or when the API URL changes): each new client builds an SSL
+        context and each new settings object reads the environment and the profiles,
+        ~5 ms of Python in all, and that time is taken from the training loop next door
+        (the GIL; docs/performance.md)."""
+        context = prefect.context.get_settings_context()
+        url = context.settings.api.url
+        if self._client is None or self._client_url != url:
+            self._drop_client()
+            self._settings = context.settings.copy_with_update(
+                updates={PREFECT_CLIENT_MAX_RETRIES: PASS_RETRIES}
+            )
+            with prefect.context.SettingsContext(profile=context.profile, settings=self._settings):
+                client = get_client(httpx_settings={"timeout": REQUEST_TIMEOUT_S}, sync_client=True)
+                client.__enter__()
+            self._client, self._client_url = client, url
+        with prefect.context.SettingsContext(profile=context.profile, settings=self._settings):
+            yield self._client
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.__exit__(None, None, None)
 
     def _put(self, client: SyncPrefectClient, kind: str, card: _Card) -> None:
         card_id = self._ids.get(kind)
