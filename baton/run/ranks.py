@@ -66,6 +66,18 @@ KILL_TIMEOUT_S = 5
 POLL_S = 0.1
 
 _PR_SET_PDEATHSIG = 1
+# ``python -c _LAUNCH TORCHRUN-ARGS``: torchrun, set to get SIGTERM when the driver dies.
+# The setting survives ``exec``; it is made in the child itself because a ``preexec_fn``
+# is not safe in a driver that runs threads (Prefect's), and with nothing imported first,
+# so that it costs no start-up time.
+_LAUNCH = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    f"    ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0)\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'torch.distributed.run', *sys.argv[1:]])\n"
+)
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
@@ -109,8 +121,8 @@ class RankGroup:
         env.setdefault("OMP_NUM_THREADS", str(torch_threads()))
         command = [
             sys.executable,
-            "-m",
-            "torch.distributed.run",
+            "-c",
+            _LAUNCH,  # torchrun, made to die with this process
             "--standalone",
             f"--nproc-per-node={self.nproc}",
             "--max-restarts=0",
@@ -123,7 +135,6 @@ class RankGroup:
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # a signal to the driver's group is for the driver
-            preexec_fn=die_with_parent,
         )
         _OPEN.add(self)
         try:
