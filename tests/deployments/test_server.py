@@ -229,9 +229,11 @@ def test_deployments_are_registered_with_a_typed_form(server):
         "resume",
         "work_dir",
         "fork",
+        "nproc",
         "restart_of",
     }
     assert all(schema[name].get("description") for name in schema)
+    assert {"type": "integer"} in schema["nproc"]["anyOf"]  # the form takes a number
     assert ui["work_pool_name"] == POOL
     nightly = server.deployment("train-pipeline/nightly-digits-mlp")
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
