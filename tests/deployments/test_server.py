@@ -215,6 +215,7 @@ def ui_parameters(cfg: dict) -> dict:
         "resume": None,
         "work_dir": None,
         "fork": None,
+        "nproc": None,
         "restart_of": None,
     }
 
