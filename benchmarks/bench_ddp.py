@@ -32,38 +32,17 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("BATON_WORK_DIR_ROOTS", tempfile.gettempdir())
 
+from bench_overhead import config as overhead_config
+
 from baton.config import load_config
 
 HERE = Path(__file__).resolve().parent
 
 
 def config(work_dir: Path, samples: int, epochs: int, hidden: int) -> dict:
-    return load_config(
-        {
-            "experiment_name": "bench-ddp",
-            "work_dir": str(work_dir),
-            "randomness": {"seed": 0, "deterministic": True},
-            "model": {
-                "type": "MLP",
-                "in_features": 64,
-                "num_classes": 10,
-                "hidden": [hidden, hidden],
-            },
-            "train_data": {
-                "dataset": {
-                    "type": "SyntheticClassification",
-                    "num_samples": samples,
-                    "num_features": 64,
-                    "num_classes": 10,
-                },
-                "batch_size": 64,
-            },
-            "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.01, "momentum": 0.9}},
-            "train": {"max_epochs": epochs, "log_interval": 1000},
-            "checkpoint": {"keep_last": None},
-            "launcher": {"nproc": 2},
-        }
-    ).model_dump(mode="json")
+    """bench_overhead's pipeline (the same model, data and optimizer) on 2 processes."""
+    cfg = overhead_config(work_dir, "bench-ddp", samples, epochs, hidden)
+    return load_config({**cfg, "launcher": {"nproc": 2}}).model_dump(mode="json")
 
 
 def plain(samples: int, epochs: int, hidden: int, io: bool = False) -> dict:

@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from baton.checkpoint import digests
+from baton.checkpoint.atomic import fsync_dir
 from baton.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
 
 SUFFIX = ".dcp"
@@ -551,11 +552,11 @@ def publish(folder: Path, target: Path) -> tuple[int, str]:
         CheckpointCorruptError: The folder is not complete.
     """
     size, sha = digest(folder)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     if target.exists():
         remove(target)
     os.rename(folder, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return size, sha
 
 
@@ -568,13 +569,5 @@ def remove(path: Path) -> None:
     elif doomed.exists():
         shutil.rmtree(doomed)
     os.rename(path, doomed)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(doomed)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
