@@ -372,8 +372,12 @@ def train_pipeline(
                     )
             settings["work_dir"] = work_dir_of(deployment, work_dir)
             cfg = validate_config(config, overrides, settings)
-            state = _train(cfg, started, crashed)
-            forget(config_of(cfg))  # inside: the run's trust is held here
+            try:
+                state = _train(cfg, started, crashed)
+            finally:
+                # Whatever ended the run: its loader workers, and on several processes its
+                # ranks, end with it. Inside: the run's trust is held here.
+                forget(config_of(cfg))
     return state
 
 

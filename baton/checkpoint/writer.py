@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from baton.checkpoint import io, sharded
 from baton.checkpoint.ref import CheckpointName, CheckpointRef
@@ -116,7 +117,7 @@ class CheckpointWriter:
             return None
         try:
             return pending.result()
-        except (CheckpointError, OSError) as err:
+        except (CheckpointError, OSError, CheckpointException) as err:
             self.logger.error(
                 "%s; nothing was committed, the next checkpoint will hold this state", err
             )

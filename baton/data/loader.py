@@ -190,8 +190,8 @@ class ResumableLoader:
             samples an epoch holds, their order and each sample's augmentation do not
             depend on the number of processes.
 
-    Raises:
-        DataError: A batch would leave a rank without a sample (see :meth:`check_split`).
+    A training loader should call :meth:`check_split` (a rank without a sample would stall
+    the others' gradients); an evaluation may give a rank an empty share.
     """
 
     def __init__(
@@ -230,7 +230,6 @@ class ResumableLoader:
         self.prefetch_factor = prefetch_factor
         self.rank = rank
         self.world_size = world_size
-        self.check_split()
         self._batches = _EpochBatches()
         self._loader: DataLoader | None = None
 
@@ -303,7 +302,9 @@ class ResumableLoader:
                 yield tuple(t[index] for t in tensors)
             return
         seeds = sample_seeds(self.seed, epoch, len(self.dataset))
-        self._batches.batches = [[(i, seeds[i]) for i in b.tolist()] for b in batches]
+        # An empty share (an evaluation's small last batch on several processes) is not
+        # read: a training loader never has one (check_split).
+        self._batches.batches = [[(i, seeds[i]) for i in b.tolist()] for b in batches if len(b)]
         for batch in self._dataloader():
             if isinstance(batch, _Failure):
                 raise batch.error()

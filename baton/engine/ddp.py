@@ -113,7 +113,9 @@ class DDPStrategy(SingleDeviceStrategy):
         super().__init__(env_kwargs=env, **kwargs)
         # Checkpoint collectives get a gloo group of their own: a background save's thread
         # must never share a group with training's collectives (that hangs or breaks).
-        self.checkpoint_group = dist.new_group(backend="gloo")
+        self.checkpoint_group = dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+        )
         self._writer = ShardedCheckpointWriter(self.logger, process_group=self.checkpoint_group)
 
     # environment ----------------------------------------------------------------------
@@ -204,11 +206,23 @@ class DDPStrategy(SingleDeviceStrategy):
         """Every rank's RNG states go into the checkpoint (``meta['rng_ranks']``; rank 0's
         also as ``meta['rng']``, which a single-device resume restores): the dict every
         rank hands DCP must be the same on all."""
+        self._share_buffers()
         checkpoint, target = super()._start_save(*args)
         ranks = self.rng_states_of_ranks()
         checkpoint["meta"]["rng"] = ranks[0]
         checkpoint["meta"]["rng_ranks"] = ranks
         return checkpoint, target
+
+    def _share_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm's running statistics) before a save,
+        as the wrapper's next forward would (``broadcast_buffers``): the dict every rank
+        hands DCP must be the same on all, and a resume must continue with rank 0's. With
+        ``broadcast_buffers=False`` each rank keeps its own, and a checkpoint holds one
+        rank's: such a resume is not exact (docs/distributed.md)."""
+        if not getattr(self.model, "broadcast_buffers", False):
+            return
+        for buffer in self.unwrapped_model.buffers():
+            dist.broadcast(buffer.data, src=0)
 
     # randomness -----------------------------------------------------------------------
 

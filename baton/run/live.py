@@ -158,6 +158,7 @@ def _build(
         strategy,
         global_batch,
     )
+    train_loader.check_split()
     val_loader = None
     if cfg.val_data is not None:
         dataset = build.build(cfg.val_data.dataset, "dataset", trust=trust)

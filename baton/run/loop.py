@@ -213,6 +213,8 @@ def evaluate(
     reduce = _reducer(strategy)
     try:
         for batch in loader.iter_epoch(0):
+            if _batch_size(batch) == 0:
+                continue  # this process's share of a small last batch (several processes)
             batch = _to_device(batch, strategy.device)
             if hasattr(model, "val_step"):
                 count = _batch_size(batch)

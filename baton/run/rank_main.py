@@ -61,6 +61,8 @@ class AgreedStop(StopRequest):
         if strategy.iter % STOP_CHECK_EVERY and not at_end:
             return
         flag = torch.tensor([1.0 if self._asked.is_set() else 0.0])
+        if dist.get_backend() == "nccl":  # NCCL takes device tensors only
+            flag = flag.to(strategy.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             self.signum = signal.SIGTERM
@@ -106,6 +108,10 @@ class Rank:
             except Exception as err:
                 reply = ("error", _describe(err))
             self.connection.send(reply)
+            if command == "train":
+                # Cleared once the call it was sent for has answered, never before: a stop
+                # sent just as the call began is not lost.
+                self.asked_to_stop.clear()
 
     def _position(self) -> tuple[int, int, int]:
         strategy = self.pipeline.strategy
@@ -135,7 +141,6 @@ class Rank:
         }
 
     def do_train(self) -> dict:
-        self.asked_to_stop.clear()
         metrics = steps.train_until_stopped(
             self.pipeline, AgreedStop(self.asked_to_stop, self.pipeline), progress=self._progress()
         )
@@ -190,7 +195,7 @@ def main() -> None:
     host, port = os.environ[ranks.ADDRESS_ENV].rsplit(":", 1)
     authkey = bytes.fromhex(os.environ.pop(ranks.AUTHKEY_ENV))
     connection = Client((host, int(port)), authkey=authkey)
-    connection.send(int(os.environ["RANK"]))
+    connection.send((int(os.environ["RANK"]), os.getpid()))
     rank = Rank(connection)
     threading.Thread(target=rank.listen, name="baton-rank-listen", daemon=True).start()
     rank.serve()

@@ -41,6 +41,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
 
@@ -107,6 +108,7 @@ class RankGroup:
         self._process: subprocess.Popen | None = None
         self._connections: list[Connection] = []
         self._listener: Listener | None = None
+        self._pids: list[int] = []  # the ranks': torchrun starts each in a session of its own
 
     def start(self) -> None:
         """Start the ranks and wait until every one has connected.
@@ -118,7 +120,7 @@ class RankGroup:
         self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
         host, port = self._listener.address
         env = {**os.environ, ADDRESS_ENV: f"{host}:{port}", AUTHKEY_ENV: authkey.hex()}
-        env.setdefault("OMP_NUM_THREADS", str(torch_threads()))
+        env.setdefault("OMP_NUM_THREADS", str(torch_threads(self.nproc)))
         command = [
             sys.executable,
             "-c",
@@ -153,10 +155,13 @@ class RankGroup:
         listener = self._listener
 
         def accept() -> None:
-            for _ in range(self.nproc):
+            while True:
                 try:
                     connection = listener.accept()
-                    arrived.put((int(connection.recv()), connection))
+                    rank, pid = connection.recv()
+                    arrived.put((int(rank), int(pid), connection))
+                except AuthenticationError:
+                    continue  # not one of our ranks (a port scan, another user): ignored
                 except (OSError, EOFError):  # closed: the start failed or timed out
                     return
 
@@ -170,10 +175,11 @@ class RankGroup:
                 )
             self._check_alive()
             try:
-                rank, connection = arrived.get(timeout=POLL_S)
+                rank, pid, connection = arrived.get(timeout=POLL_S)
             except queue.Empty:
                 continue
             by_rank[rank] = connection
+            self._pids.append(pid)
         return [by_rank[r] for r in range(self.nproc)]
 
     def _check_alive(self) -> None:
@@ -295,6 +301,19 @@ class RankGroup:
         _signal_session(process.pid, signal.SIGKILL)  # anything torchrun left behind
         process.wait()
         self._drop()
+        self._kill_ranks()
+
+    def _kill_ranks(self) -> None:
+        """Make sure no rank outlives torchrun (each leads a session of its own, so the
+        signals above reach only torchrun): SIGKILL any still alive, and wait for it."""
+        pids, self._pids = self._pids, []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        for pid in pids:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     @property
     def running(self) -> bool:
@@ -317,15 +336,24 @@ def rank_error(rank: int, described: tuple[str, str, str, str]) -> BaseException
     return err
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, waiting for torchrun's exit to be reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _signal_session(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signum)  # torchrun leads its own session: it and every rank
 
 
-def torch_threads() -> int:
+def torch_threads(nproc: int) -> int:
     """Threads each rank gives torch when the operator's environment sets none: the
     machine's cores shared by the ranks (torchrun's own default is 1)."""
-    return max(1, (os.cpu_count() or 1) // 2)
+    return max(1, (os.cpu_count() or 1) // nproc)
 
 
 _OPEN: "weakref.WeakSet[RankGroup]" = weakref.WeakSet()

@@ -163,3 +163,12 @@ def test_a_model_with_train_step_needs_a_wrapper_that_has_one(tmp_path):
     model = {"type": "tests.distributed.models.StepMLP", "in_features": 8, "num_classes": 3}
     with pytest.raises(ConfigError, match="model_wrapper"):
         pl.run(config(tmp_path, 2, model=model))
+
+
+def test_a_validation_batch_too_small_to_split_is_evaluated_all_the_same(tmp_path):
+    # 65 validation samples in batches of 64 per process x 2: the last batch of one sample
+    # leaves rank 1 without a share; validation sums what every rank scored.
+    cfg = config(tmp_path, 2, **{"val_data.dataset.num_samples": 65, "train.max_epochs": 1})
+    _, ref = pl.run(cfg)
+    assert 0.0 <= ref.metrics["val/accuracy"] <= 1.0
+    assert ref.metrics["val/loss"] == ref.metrics["val/loss"]  # not NaN
