@@ -152,11 +152,6 @@ class DDPStrategy(SingleDeviceStrategy):
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
-    @property
-    def checkpoint_suffix(self) -> str:
-        """Checkpoints of the experiment are sharded folders."""
-        return ".dcp"
-
     def sum_across_ranks(self, values: list[float]) -> list[float]:
         """Element-wise sums of ``values`` over every rank (a collective: every rank calls
         it at the same point). Float64, so counts stay exact."""

@@ -199,11 +199,6 @@ class SingleDeviceStrategy:
         return 0
 
     @property
-    def checkpoint_suffix(self) -> str:
-        """What the checkpoints this strategy writes into its experiment end in."""
-        return ".pth"
-
-    @property
     def world_size(self) -> int:
         """Always 1: one process."""
         return 1

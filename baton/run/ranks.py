@@ -315,11 +315,6 @@ class RankGroup:
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
 
-    @property
-    def running(self) -> bool:
-        """True while the ranks are up and connected."""
-        return bool(self._connections) and self._process is not None
-
 
 def rank_error(rank: int, described: tuple[str, str, str, str]) -> BaseException:
     """The error a rank raised, as its type where that is one of baton's (so that a

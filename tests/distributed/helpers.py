@@ -1,11 +1,8 @@
 """Runs on several processes: configs, the ranks' processes, and the comparison of runs."""
 
 import os
-import shutil
 import uuid
 from pathlib import Path
-
-import torch
 
 from baton.checkpoint import io
 from baton.checkpoint.store import CheckpointStore
@@ -40,15 +37,6 @@ def latest(cfg) -> dict:
     ref = CheckpointStore(Path(cfg.work_dir) / cfg.experiment_name).latest()
     assert ref is not None, "no checkpoint"
     return io.load(ref.uri)
-
-
-def copy_experiment(cfg, work_dir: Path):
-    """The config moved to a copy of its experiment under ``work_dir`` (a run's history
-    shared by two continuations)."""
-    source = Path(cfg.work_dir) / cfg.experiment_name
-    shutil.copytree(source, work_dir / cfg.experiment_name)
-    (work_dir / cfg.experiment_name / ".lock").unlink(missing_ok=True)
-    return cfg.model_copy(update={"work_dir": str(work_dir)})
 
 
 def losses(checkpoint: dict) -> list[float]:
@@ -87,15 +75,3 @@ def processes_marked(mark: str, *, rank: int | None = None) -> list[int]:
             continue
         found.append(int(entry.name))
     return found
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    """Weights, optimizer state and schedulers bitwise equal."""
-    assert a["meta"]["iter"] == b["meta"]["iter"]
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for pid, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            other = b["optimizer"]["state"][pid][name]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
-    assert a["param_schedulers"] == b["param_schedulers"]

@@ -19,8 +19,15 @@ from baton.run import pipeline as pl
 
 from ..faults import forwards_so_far
 from ..flows.conftest import prefect_harness  # noqa: F401 - the session's Prefect
-from ..flows.helpers import finish, run_env, start, stop_group, wait_for
-from .helpers import MARK, assert_bitwise_equal, config, latest, processes_marked
+from ..flows.helpers import (
+    assert_same_training_result,
+    finish,
+    run_env,
+    start,
+    stop_group,
+    wait_for,
+)
+from .helpers import MARK, config, latest, processes_marked
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -99,7 +106,7 @@ def test_flow_process_sigkilled_then_rerun_ends_bitwise_equal(tmp_path, env, ref
         time.sleep(0.1)
     assert processes_marked(env[MARK]) == [], "the ranks outlived the killed flow process"
     finish(cfg, env, tmp_path)
-    assert_bitwise_equal(reference, latest(config(tmp_path / "wd", 2, model=slow(progress))))
+    assert_same_training_result(reference, latest(config(tmp_path / "wd", 2, model=slow(progress))))
 
 
 def test_a_sigkilled_rank_fails_the_task_and_its_retry_ends_bitwise_equal(tmp_path, env, reference):
@@ -116,7 +123,7 @@ def test_a_sigkilled_rank_fails_the_task_and_its_retry_ends_bitwise_equal(tmp_pa
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-3000:]
     assert "a training process died" in text
-    assert_bitwise_equal(reference, latest(config(tmp_path / "wd", 2, model=slow(progress))))
+    assert_same_training_result(reference, latest(config(tmp_path / "wd", 2, model=slow(progress))))
 
 
 def test_sigterm_reaches_every_rank_and_commits_a_whole_sharded_checkpoint(
@@ -124,7 +131,10 @@ def test_sigterm_reaches_every_rank_and_commits_a_whole_sharded_checkpoint(
 ):
     progress = tmp_path / "progress"
     wd = tmp_path / "wd"
-    cfg = as_dict(config(wd, 2, model=slow(progress)))
+    # Slow iterations: the signal, sent at epoch 2's first iteration, must reach the ranks
+    # before its last one, where they agree to stop, on a busy machine too (0.75 s here).
+    model = slow(progress, delay=0.25)
+    cfg = as_dict(config(wd, 2, model=model))
     process = start(cfg, env, tmp_path)
     try:
         assert wait_for(lambda: forwards_so_far(progress) >= EPOCH_LENGTH + 1, process)
@@ -142,4 +152,4 @@ def test_sigterm_reaches_every_rank_and_commits_a_whole_sharded_checkpoint(
     assert Path(emergency[-1].uri).suffix == ".dcp"
     store.verify(emergency[-1])  # every rank's part, DCP's metadata, baton.pt
     finish(cfg, env, tmp_path)
-    assert_bitwise_equal(reference, latest(config(wd, 2, model=slow(progress))))
+    assert_same_training_result(reference, latest(config(wd, 2, model=model)))
