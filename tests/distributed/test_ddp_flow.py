@@ -4,6 +4,7 @@ of which the run ends bitwise equal to an uninterrupted one and no process is le
 
 import asyncio
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -122,7 +123,9 @@ def test_a_sigkilled_rank_fails_the_task_and_its_retry_ends_bitwise_equal(tmp_pa
         stop_group(process)
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-3000:]
-    assert "a training process died" in text
+    # Which side reports the death first is a race: torchrun (the driver sees a process
+    # die) or rank 0 (its collective with the dead rank fails); both fail the task.
+    assert re.search(r"a training process died|rank 0 raised", text), text[-3000:]
     assert_same_training_result(reference, latest(config(tmp_path / "wd", 2, model=slow(progress))))
 
 
