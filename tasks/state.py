@@ -181,10 +181,12 @@ def live_pipeline(
         _stop_workers(stale.pipeline)  # a failed epoch's workers may be dead or mid-batch
     inside = _resumable_in_epoch(cfg, state) if state is not None and within_epoch else None
     if state is None or inside is not None:
-        pipeline = pl.restore(cfg, inside or checkpoint)
+        pipeline = pl.restore(cfg, inside or checkpoint, own_process=True)
     else:
         evaluated = any(key.startswith("val/") for key in state.metrics)
-        pipeline = pl.restore(cfg, checkpoint, to_iter=state.iter, evaluated=evaluated)
+        pipeline = pl.restore(
+            cfg, checkpoint, to_iter=state.iter, evaluated=evaluated, own_process=True
+        )
     with _LOCK:
         _LIVE[_key(cfg)] = _Live(pipeline, cfg.config_hash)
     return pipeline, False

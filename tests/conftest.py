@@ -13,6 +13,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("BATON_ALLOWED_MODULES", "tests")
 os.environ.setdefault("BATON_WORK_DIR_ROOTS", os.path.realpath(tempfile.gettempdir()))
 os.environ.setdefault("BATON_DATA_ROOTS", os.path.realpath(tempfile.gettempdir()))
+# Flows train in a process forked from the test's (baton.run.own_process), which is safe
+# only while this process has no OpenMP workers: one torch thread here, as a flow's
+# process that never trains has (the tests' tiny models gain nothing from two).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

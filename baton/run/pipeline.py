@@ -19,6 +19,7 @@ from baton.run import control, steps
 from baton.run.control import find_resume_point, plan_resume
 from baton.run.interrupt import StopRequest
 from baton.run.live import Pipeline, build_pipeline, preload
+from baton.run.own_process import ForkRefused, TrainingProcess, fork_refused
 from baton.run.ranks import RankedPipeline
 from baton.run.steps import (
     load_weights,
@@ -63,18 +64,32 @@ def restore(
     evaluated: bool = False,
     experiment: Experiment | None = None,
     trust: Trust | None = None,
+    own_process: bool = False,
 ) -> Pipeline | RankedPipeline:
     """A new pipeline at a run's position (:func:`restore_here`): in this process, or, with
     ``launcher.nproc`` above 1, in that many training processes this one drives
-    (:class:`~baton.run.ranks.RankedPipeline`; close it to stop them)."""
-    if cfg.launcher.nproc > 1:
-        return RankedPipeline.start(
-            cfg,
-            checkpoint,
-            to_iter=to_iter,
-            evaluated=evaluated,
-            trust=trust or Trust.from_environment(),
-        )
+    (:class:`~baton.run.ranks.RankedPipeline`; close it to stop them).
+
+    Args:
+        own_process: On one device, train in a process forked from this one, away from
+            this process's other threads (a flow's: :mod:`baton.run.own_process`), where
+            a fork is safe; else here, with the reason logged.
+    """
+    if cfg.launcher.nproc > 1 or own_process:
+        refused = fork_refused() if cfg.launcher.nproc == 1 else None
+        try:
+            if refused is None:
+                return RankedPipeline.start(
+                    cfg,
+                    checkpoint,
+                    to_iter=to_iter,
+                    evaluated=evaluated,
+                    trust=trust or Trust.from_environment(),
+                    group=TrainingProcess() if cfg.launcher.nproc == 1 else None,
+                )
+        except ForkRefused as err:
+            refused = str(err)
+        logger.info("training in this process: %s", refused)
     return restore_here(
         cfg, checkpoint, to_iter=to_iter, evaluated=evaluated, experiment=experiment, trust=trust
     )

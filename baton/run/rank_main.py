@@ -38,8 +38,6 @@ from baton.trust.allowances import Trust, held_trust
 STOP_CHECK_EVERY = 8
 # Seconds between two progress reports of rank 0.
 PROGRESS_EVERY_S = 0.5
-# Exit code of a rank whose driver went away.
-DRIVER_GONE = 70
 
 
 class AgreedStop(StopRequest):
@@ -69,11 +67,26 @@ class AgreedStop(StopRequest):
         super().check()
 
 
+class AskedStop(StopRequest):
+    """A termination request of the driver, acted on at the next iteration (a process that
+    trains alone: nobody to agree with)."""
+
+    def __init__(self, asked: threading.Event) -> None:
+        super().__init__()
+        self._asked = asked
+
+    def check(self, *_args) -> None:
+        if self._asked.is_set():
+            self.signum = signal.SIGTERM
+        super().check()
+
+
 class Rank:
     """This process's part of the run: its connection to the driver and its pipeline."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        self._sending = threading.Lock()  # results, progress and log records share it
         self.commands: Queue = Queue()
         self.asked_to_stop = threading.Event()
         self.pipeline: Pipeline | None = None
@@ -86,7 +99,7 @@ class Rank:
             try:
                 command, args = self.connection.recv()
             except (EOFError, OSError):
-                os._exit(DRIVER_GONE)  # the driver is gone: nobody will read a result
+                os._exit(ranks.DRIVER_GONE)  # the driver is gone: nobody will read a result
             if command == "stop":
                 self.asked_to_stop.set()
                 continue
@@ -107,11 +120,16 @@ class Rank:
                 reply = ("interrupted", (interrupted.checkpoint, self._position()))
             except Exception as err:
                 reply = ("error", _describe(err))
-            self.connection.send(reply)
+            self.send(reply)
             if command == "train":
                 # Cleared once the call it was sent for has answered, never before: a stop
                 # sent just as the call began is not lost.
                 self.asked_to_stop.clear()
+
+    def send(self, message: tuple) -> None:
+        """Send ``message`` to the driver (from any thread)."""
+        with self._sending:
+            self.connection.send(message)
 
     def _position(self) -> tuple[int, int, int]:
         strategy = self.pipeline.strategy
@@ -141,9 +159,11 @@ class Rank:
         }
 
     def do_train(self) -> dict:
-        metrics = steps.train_until_stopped(
-            self.pipeline, AgreedStop(self.asked_to_stop, self.pipeline), progress=self._progress()
-        )
+        if dist.is_initialized():
+            stop = AgreedStop(self.asked_to_stop, self.pipeline)
+        else:
+            stop = AskedStop(self.asked_to_stop)
+        metrics = steps.train_until_stopped(self.pipeline, stop, progress=self._progress())
         return {"position": self._position(), "metrics": metrics}
 
     def do_evaluate(self) -> dict:
@@ -166,7 +186,7 @@ class Rank:
             now = time.monotonic()
             if strategy.rank == 0 and now - last["sent"] >= PROGRESS_EVERY_S:
                 last["sent"] = now
-                self.connection.send(("progress", (last["running"], step)))
+                self.send(("progress", (last["running"], step)))
 
         return report
 
@@ -196,10 +216,15 @@ def main() -> None:
     authkey = bytes.fromhex(os.environ.pop(ranks.AUTHKEY_ENV))
     connection = Client((host, int(port)), authkey=authkey)
     connection.send((int(os.environ["RANK"]), os.getpid()))
-    rank = Rank(connection)
+    serve(Rank(connection))
+    connection.close()
+
+
+def serve(rank: Rank) -> None:
+    """Serve the driver's commands until ``exit`` (the driver's end closing ends the
+    process)."""
     threading.Thread(target=rank.listen, name="baton-rank-listen", daemon=True).start()
     rank.serve()
-    connection.close()
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ EXIT_TIMEOUT_S = 10
 KILL_TIMEOUT_S = 5
 # How often a waiting driver looks at its ranks' process and a pending stop.
 POLL_S = 0.1
+# Exit code of a rank whose driver went away.
+DRIVER_GONE = 70
 
 _PR_SET_PDEATHSIG = 1
 # ``python -c _LAUNCH TORCHRUN-ARGS``: torchrun, set to get SIGTERM when the driver dies.
@@ -102,6 +104,9 @@ class Position:
 
 class RankGroup:
     """N training processes started by torchrun, driven by commands from this process."""
+
+    what = "the training processes"  # for messages
+    launcher = "torchrun: "
 
     def __init__(self, nproc: int) -> None:
         self.nproc = nproc
@@ -182,13 +187,16 @@ class RankGroup:
             self._pids.append(pid)
         return [by_rank[r] for r in range(self.nproc)]
 
+    def exit_code(self) -> int | None:
+        """torchrun's exit code; ``None`` while it runs."""
+        return self._process.poll() if self._process is not None else None
+
     def _check_alive(self) -> None:
-        code = self._process.poll() if self._process is not None else None
+        code = self.exit_code()
         if code is not None:
             raise RankFailedError(
-                f"the training processes exited (torchrun: exit code {code}); a rank died "
-                "or raised: see the run's log. A retry starts them again from the newest "
-                "committed checkpoint"
+                f"{self.what} exited ({self.launcher}exit code {code}): see the run's log. "
+                "A retry starts training again from the newest committed checkpoint"
             )
 
     def call(
@@ -234,6 +242,10 @@ class RankGroup:
                     if on_progress is not None:
                         on_progress(payload)
                     continue
+                if kind == "log":  # a record of the training process, emitted here
+                    name, level, message = payload
+                    logging.getLogger(name).log(level, "%s", message)
+                    continue
                 if kind == "error":
                     # The others wait in a collective for the rank that raised: the
                     # group cannot go on. Stop it; a retry builds a new one.
@@ -253,10 +265,14 @@ class RankGroup:
 
     def _failure(self, err: BaseException) -> RankFailedError:
         self._drop()
-        code = self._process.poll() if self._process is not None else None
-        how = f"torchrun: exit code {code}" if code is not None else str(err) or "connection lost"
+        code = self.exit_code()
+        how = (
+            f"{self.launcher}exit code {code}"
+            if code is not None
+            else str(err) or "connection lost"
+        )
         return RankFailedError(
-            f"a training process died ({how}); a retry starts them again from the newest "
+            f"a training process died ({how}); a retry starts training again from the newest "
             "committed checkpoint"
         )
 
@@ -389,10 +405,12 @@ class RankedPipeline:
         to_iter: int | None,
         evaluated: bool,
         trust: Trust,
+        group: RankGroup | None = None,
     ) -> "RankedPipeline":
-        """Start ``launcher.nproc`` ranks and build the pipeline in each, as
-        :func:`baton.run.pipeline.restore` does in one process."""
-        group = RankGroup(cfg.launcher.nproc)
+        """Start ``launcher.nproc`` ranks (or ``group``: a process of its own for a run on
+        one device) and build the pipeline in each, as :func:`baton.run.pipeline.restore`
+        does in one process."""
+        group = RankGroup(cfg.launcher.nproc) if group is None else group
         group.start()
         try:
             built = group.call(
@@ -401,6 +419,8 @@ class RankedPipeline:
         except BaseException:
             group.close()
             raise
+        if isinstance(getattr(group, "pid", None), int):
+            logger.info("training in process %d, forked from this one", group.pid)
         return cls(cfg, group, built)
 
     def _moved(self, answer: Mapping[str, Any]) -> None:

@@ -1,0 +1,211 @@
+"""A run on one device, trained in a process of its own: forked from the flow's process.
+
+The process that runs a flow also runs Prefect's threads (its event loop, the log and
+event workers, the artifact publisher). On a Python-bound training loop they take the GIL
+and CPU from training: a flow's epochs were 6-8 % slower than the same loop in a plain
+script (docs/performance.md). A run on several processes does not pay it (its ranks run
+none of those threads), so a run on one device trains the same way: the pipeline lives in
+a child process, driven with the same commands as ranks are (:mod:`baton.run.rank_main`)
+through :class:`~baton.run.ranks.RankedPipeline`, and only small results come back.
+
+The child is forked, not started afresh: it has torch, the engine and the run's modules
+loaded already, where a new interpreter would import torch again (about 2 s of start-up).
+A fork is made only where the child can use what it inherits:
+
+* Linux (``PR_SET_PDEATHSIG``; elsewhere, and with macOS's runtime, a fork is not safe);
+* no thread in this process but Python's and those that stop for a fork (OpenBLAS's):
+  once torch has run a parallel region here, its OpenMP workers exist, and a forked
+  child's own first parallel region would wait for them forever;
+* CUDA not initialized here (a forked child cannot use it).
+
+Where one of these does not hold (a notebook that trained before, a test process), the
+run trains in this process as before, and says why in the log.
+
+In the child: SIGKILL when the flow's process dies; the flow's process group kept (a
+SIGKILL to the group ends the child and its loader workers with the flow), but SIGTERM and
+SIGINT ignored (a cancel, a Ctrl-C or a preemption notice is for the flow, which passes a
+stop on: the child writes the emergency checkpoint); its log records sent to the flow's
+process, which emits them under the same logger names (the run's log file, the task's
+output). It never returns into the flow's code: it ends with ``os._exit``.
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing import Pipe
+
+import torch
+
+from baton.run import ranks
+
+logger = logging.getLogger(__name__)
+
+
+def fork_refused() -> str | None:
+    """Why training cannot be forked into a process of its own here (``None``: it may be;
+    :meth:`TrainingProcess.start` makes the last check, which needs the fork itself)."""
+    if sys.platform != "linux":
+        return f"a forked training process needs Linux, not {sys.platform}"
+    if torch.cuda.is_initialized():
+        return "CUDA is initialized in this process, and a forked child cannot use it"
+    return None
+
+
+class ForkRefused(Exception):
+    """A fork was made, and found unsafe: the child was stopped before it did anything."""
+
+
+def _threads_outside_python() -> list[int]:
+    """This process's threads that Python did not start."""
+    python = {thread.native_id for thread in threading.enumerate()}
+    return [int(tid) for tid in os.listdir("/proc/self/task") if int(tid) not in python]
+
+
+class TrainingProcess(ranks.RankGroup):
+    """One training process forked from this one, driven as a rank is (with no process
+    group: it is the whole run)."""
+
+    what = "the training process"
+    launcher = ""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self._pid: int | None = None
+        self._status: int | None = None
+
+    def start(self) -> None:
+        here, there = Pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: serve, and never return into the parent's code
+            code = 1
+            try:
+                here.close()
+                _become_trainer(parent)
+                from baton.run import rank_main  # here: it imports the pipeline, which imports this
+
+                rank = rank_main.Rank(there)
+                _send_logs(rank.send)
+                rank_main.serve(rank)
+                code = 0
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    os.write(2, traceback.format_exc().encode(errors="replace"))
+            finally:
+                os._exit(code)
+        there.close()
+        self._pid = pid
+        self._pids = [pid]
+        self._connections = [here]
+        ranks._OPEN.add(self)
+        # Libraries whose threads are safe across a fork stop them before one (OpenBLAS
+        # does, and starts them again when next used); a thread outside Python still
+        # running now is one that is not (OpenMP's workers, once torch ran a parallel
+        # region here): the child's own first parallel region would wait for it forever.
+        # The child waits for its first command: stopped now, it has done nothing.
+        others = _threads_outside_python()
+        if others:
+            self.close(graceful=False)
+            raise ForkRefused(
+                f"{len(others)} thread(s) of this process are not Python's and do not "
+                "stop for a fork (torch's OpenMP workers, once torch ran on several "
+                "threads here)"
+            )
+
+    @property
+    def pid(self) -> int | None:
+        """The training process's pid (``None`` once it is stopped)."""
+        return self._pid
+
+    def exit_code(self) -> int | None:
+        """The child's exit code (negative: the signal that ended it); ``None`` while it
+        runs. Reaps it."""
+        if self._status is None and self._pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self._pid, os.WNOHANG)
+                if pid:
+                    self._status = os.waitstatus_to_exitcode(status)
+        return self._status
+
+    def close(self, *, graceful: bool = True) -> None:
+        """Stop the training process: ``exit`` (it finishes a background save), then
+        SIGKILL (it ignores SIGTERM); it is reaped."""
+        if graceful:
+            self._send_all(("exit", ()))
+        ranks._OPEN.discard(self)
+        self._drop()
+        pid, self._pids = self._pid, []
+        if pid is None:
+            return
+        if not (graceful and self._wait(ranks.EXIT_TIMEOUT_S)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._wait(None)
+        self._pid = None
+
+    def _wait(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.exit_code() is None:
+            if self._status is None and not _child_exists(self._pid):
+                return True  # reaped elsewhere
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+
+def _child_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class _ToParent(logging.Handler):
+    """Log records of the training process, sent to the flow's process."""
+
+    def __init__(self, send) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send(("log", (record.name, record.levelno, self.format(record))))
+        except Exception:
+            self.handleError(record)
+
+
+def _become_trainer(parent: int) -> None:
+    """Set up the forked child (see the module docstring)."""
+    ranks.die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the setting took
+        os._exit(ranks.DRIVER_GONE)
+    # The child stays in the flow's process group, so that a SIGKILL to the group ends it
+    # (and its loader workers) as it ends the flow; the group's termination requests are
+    # for the flow, which passes a stop on, so the child ignores them.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+    # New stdio objects: another thread of the parent may have held the old ones' locks.
+    sys.stdout = open(1, "w", closefd=False, errors="backslashreplace", buffering=1)  # noqa: SIM115
+    sys.stderr = open(2, "w", closefd=False, errors="backslashreplace", buffering=1)  # noqa: SIM115
+
+
+def _send_logs(send) -> None:
+    """Every log record of the child (and its warnings) goes to the parent, none to the
+    parent's handlers it inherited (Prefect's API handler, the run's log file, streams)."""
+    handler = _ToParent(send)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for each in [logging.root, *logging.Logger.manager.loggerDict.values()]:
+        if isinstance(each, logging.Logger):
+            each.handlers.clear()
+            each.propagate = True
+    logging.root.addHandler(handler)
+    logging.captureWarnings(True)
