@@ -123,7 +123,9 @@ def main() -> None:
     }
     for repeat in range(args.repeats):
         seed_everything(0, deterministic=True)
-        results["plain loop"].append(plain_loop(root / f"plain{repeat}", args.samples, args.epochs))
+        results["plain loop"].append(
+            plain_loop(root / f"plain{repeat}", args.samples, args.epochs)[0]
+        )
         results["mmengine Runner"].append(
             mm_runner(root / f"runner{repeat}", args.samples, args.epochs)
         )

@@ -16,25 +16,43 @@ torch.save, the server's CPU while the flow trains) are printed too.
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+
+def _threads_from_command_line() -> str | None:
+    """``--threads N``, read before torch is imported: torch takes it from the environment,
+    so that this process never starts OpenMP workers (the flow forks its training process
+    from this one, and does not where OpenMP's workers run: baton.run.own_process)."""
+    for i, arg in enumerate(sys.argv):
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+if _threads_from_command_line():
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads_from_command_line()
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The benchmark is the operator: its temporary experiment folders are allowed work dirs.
 os.environ.setdefault("BATON_WORK_DIR_ROOTS", tempfile.gettempdir())
 
-import torch
-from torch import nn
+import torch  # noqa: E402 (imported after --threads is in the environment)
+from torch import nn  # noqa: E402
 
-from baton.config import load_config
-from baton.data import SyntheticClassification
-from baton.models import MLP
-from baton.randomness import seed_everything
-from baton.run import pipeline as pl
+from baton.config import load_config  # noqa: E402
+from baton.data import SyntheticClassification  # noqa: E402
+from baton.models import MLP  # noqa: E402
+from baton.randomness import seed_everything  # noqa: E402
+from baton.run import pipeline as pl  # noqa: E402
 
 
 def config(
@@ -78,9 +96,11 @@ def plain_loop(
     epochs: int,
     hidden: int = 512,
     interval_iters: int | None = None,
-) -> float:
-    """The baseline: what a user would write by hand (saving where the flow saves)."""
+) -> tuple[float, list[float]]:
+    """The baseline: what a user would write by hand (saving where the flow saves). Its
+    whole time, and each epoch's (with its save)."""
     start = time.perf_counter()
+    epoch_times = []
     seed_everything(0, deterministic=True)
     data = SyntheticClassification(num_samples=samples, num_features=64, num_classes=10)
     inputs, targets = data.tensors
@@ -90,6 +110,7 @@ def plain_loop(
     work_dir.mkdir(parents=True, exist_ok=True)
     iteration = 0
     for epoch in range(epochs):
+        epoch_start = time.perf_counter()
         order = torch.randperm(samples, generator=torch.Generator().manual_seed(epoch))
         for i in range(0, samples, 64):
             index = order[i : i + 64]
@@ -106,13 +127,36 @@ def plain_loop(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
             work_dir / f"epoch_{epoch}.pth",
         )
-    return time.perf_counter() - start
+        epoch_times.append(time.perf_counter() - epoch_start)
+    return time.perf_counter() - start, epoch_times
 
 
-async def task_span(flow_run_id) -> tuple[float, list[str]]:
-    """From the start of the flow's first task run to the end of the flow run, and where
-    that time went: each task run's duration and the gap before it (flow code between
-    tasks: reporting, the loop)."""
+def plain_script(work_dir: Path, args) -> tuple[float, list[float]]:
+    """:func:`plain_loop` in a new interpreter, as a user's script runs (its start and
+    imports not timed): torch's threads in this process stay untouched."""
+    command = [
+        sys.executable,
+        __file__,
+        "--plain-loop",
+        str(work_dir),
+        "--samples",
+        str(args.samples),
+    ]
+    command += ["--epochs", str(args.epochs), "--hidden", str(args.hidden)]
+    if args.interval_iters:
+        command += ["--interval-iters", str(args.interval_iters)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    total, epochs = json.loads(out.strip().splitlines()[-1])
+    return total, epochs
+
+
+async def task_span(flow_run_id) -> tuple[float, list[str], list[float]]:
+    """From the start of the flow's first task run to the end of the flow run, where
+    that time went (each task run's duration and the gap before it: flow code between
+    tasks), and each epoch's time (its train-epoch and save-checkpoint tasks and the gaps
+    before them)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -122,15 +166,19 @@ async def task_span(flow_run_id) -> tuple[float, list[str]]:
         )
         flow_run = await client.read_flow_run(flow_run_id)
     runs = sorted((r for r in runs if r.start_time), key=lambda r: r.start_time)
-    lines, previous = [], None
+    lines, previous, epochs = [], None, []
     for r in runs:
         gap = (r.start_time - previous).total_seconds() * 1000 if previous else 0.0
         took = (r.end_time - r.start_time).total_seconds() * 1000
         lines.append(f"    {r.name:28} {took:9.1f} ms   gap before {gap:6.1f} ms")
         previous = r.end_time
+        if r.name.startswith("train-epoch-"):
+            epochs.append(0.0)
+        if epochs and r.name.startswith(("train-epoch-", "save-checkpoint-epoch-")):
+            epochs[-1] += (took + gap) / 1000
     tail = (flow_run.end_time - previous).total_seconds() * 1000
     lines.append(f"    {'(after the last task)':28} {tail:9.1f} ms")
-    return (flow_run.end_time - runs[0].start_time).total_seconds(), lines
+    return (flow_run.end_time - runs[0].start_time).total_seconds(), lines, epochs
 
 
 # The embedded server's CPU use while nothing runs (its services poll), per second.
@@ -227,9 +275,14 @@ def main() -> None:
         help="an external Prefect server's API (e.g. http://127.0.0.1:4200/api, started "
         "with `prefect server start`); default: the embedded server `baton run` launches",
     )
+    parser.add_argument("--plain-loop", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.plain_loop is not None:  # the baseline's own process (plain_script)
+        total, epochs = plain_loop(
+            args.plain_loop, args.samples, args.epochs, args.hidden, args.interval_iters
+        )
+        print(json.dumps([total, epochs]))
+        return
 
     from baton.flows.server import EmbeddedServer, prefect_api
     from baton.flows.train import train_pipeline
@@ -245,6 +298,7 @@ def main() -> None:
     with server:
         train_pipeline(config=config(root / "warmup", "warmup", 256, 1))
         loop_times, call_times, span_times, server_cpu, anatomy = [], [], [], [], []
+        loop_epochs, flow_epochs = [], []
 
         def run_flow(repeat: int) -> None:
             cpu = server_cpu_seconds()
@@ -262,57 +316,74 @@ def main() -> None:
             )
             call_times.append(time.perf_counter() - start)
             server_cpu.append(server_cpu_seconds() - cpu)
-            span, anatomy[:] = asyncio.run(task_span(state.state_details.flow_run_id))
+            span, anatomy[:], epochs = asyncio.run(task_span(state.state_details.flow_run_id))
             span_times.append(span)
+            flow_epochs.append(epochs)
 
-        def plain(repeat: int) -> float:
-            return plain_loop(
-                root / f"loop{repeat}", args.samples, args.epochs, args.hidden, args.interval_iters
-            )
+        def plain(repeat: int) -> None:
+            total, epochs = plain_script(root / f"loop{repeat}", args)
+            loop_times.append(total)
+            loop_epochs.append(epochs)
 
         for repeat in range(args.repeats):
             # Alternate the order, so that a drift of the machine's speed cancels out.
             if repeat % 2 == 0:
-                loop_times.append(plain(repeat))
+                plain(repeat)
                 run_flow(repeat)
             else:
                 run_flow(repeat)
-                loop_times.append(plain(repeat))
+                plain(repeat)
         micro = micro_costs(root / "micro")
     shutil.rmtree(root, ignore_errors=True)
 
     def median(values):
         return sorted(values)[len(values) // 2]
 
+    def spread(values):
+        return (max(values) - min(values)) / median(values)
+
     loop, call, span = min(loop_times), min(call_times), min(span_times)
     pair_ratios = [s / lp for s, lp in zip(span_times, loop_times, strict=True)]
     epoch_length = -(-args.samples // 64)
+    # Per epoch: each run's median epoch; the first epoch of each is left out on both sides
+    # (the flow's includes nothing more, but both warm their caches then).
+    loop_epoch = [median(e[1:] or e) for e in loop_epochs]
+    flow_epoch = [median(e[1:] or e) for e in flow_epochs]
     print(
         f"{args.epochs} epochs x {epoch_length} iterations, MLP 64-{args.hidden}-{args.hidden}-10, "
         f"{args.repeats} repeats in alternating order, {torch.get_num_threads()} torch threads"
         + (f", a checkpoint every {args.interval_iters} iterations" if args.interval_iters else "")
     )
-    print(
-        f"  loop runs {[round(t, 2) for t in loop_times]}, flow spans {[round(t, 2) for t in span_times]}"
-    )
-    print(
-        f"  paired ratios (flow span / loop of the same repeat): "
-        f"{[round(r, 3) for r in pair_ratios]}, median {median(pair_ratios):.3f} (target <= 1.05)"
-    )
-    print(f"  ratio of medians (flow span / loop): {median(span_times) / median(loop_times):.3f}")
-    spread = (max(loop_times) - min(loop_times)) / median(loop_times)
-    print(
-        f"  noise: the plain loop's own runs spread over {100 * spread:.1f} % of their median "
-        f"({min(loop_times):.2f}-{max(loop_times):.2f} s); a ratio closer to 1 than that is "
-        "not a difference this machine can show"
-    )
     print(f"  server: {args.api_url or 'embedded (as baton run launches it)'}")
-    print(f"  plain loop, best     {loop:7.2f} s   ({loop / args.epochs:.2f} s per epoch)")
-    print(f"  flow task span, best {span:7.2f} s   ratio of bests {span / loop:.3f}")
-    print(f"  flow whole call, best{call:7.2f} s   ratio of bests {call / loop:.3f}")
+    print("  per epoch (flow: train-epoch + save-checkpoint tasks and the gaps before them;")
+    print("  plain script: the epoch's loop and torch.save), each run's median epoch:")
+    print(f"    plain script {[round(t, 3) for t in loop_epoch]}")
+    print(f"    flow         {[round(t, 3) for t in flow_epoch]}")
     print(
-        f"  fixed cost per epoch   {1000 * (median(span_times) - median(loop_times)) / args.epochs:7.1f} ms"
-        " (median task span - median loop, per epoch)"
+        f"    ratio of medians (flow / plain): {median(flow_epoch) / median(loop_epoch):.3f} "
+        "(target <= 1.02)"
+    )
+    print(
+        f"    noise: the plain script's epochs spread over {100 * spread(loop_epoch):.1f} % of "
+        "their median across its runs; a ratio closer to 1 than that is not a difference "
+        "this machine can show"
+    )
+    print("  whole run (flow: first task to the flow run's end; plain: its loop and saves):")
+    print(
+        f"    plain runs {[round(t, 2) for t in loop_times]}, flow spans {[round(t, 2) for t in span_times]}"
+    )
+    print(
+        f"    paired ratios: {[round(r, 3) for r in pair_ratios]}, median {median(pair_ratios):.3f}"
+    )
+    print(f"    ratio of medians: {median(span_times) / median(loop_times):.3f}")
+    print(f"    noise: the plain runs spread over {100 * spread(loop_times):.1f} % of their median")
+    print(
+        f"    plain, best {loop:7.2f} s; flow span, best {span:7.2f} s (ratio of bests {span / loop:.3f})"
+    )
+    print(f"    flow whole call, best {call:7.2f} s (ratio of bests {call / loop:.3f})")
+    print(
+        f"    fixed cost per epoch {1000 * (median(span_times) - median(loop_times)) / args.epochs:7.1f} ms"
+        " (median span - median plain run, per epoch)"
     )
     print(
         f"  embedded server CPU during a flow: {median(server_cpu):.2f} s "

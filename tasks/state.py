@@ -187,6 +187,7 @@ def live_pipeline(
         pipeline = pl.restore(
             cfg, checkpoint, to_iter=state.iter, evaluated=evaluated, own_process=True
         )
+    run_logger().info("training in %s", pipeline.trains_in)
     with _LOCK:
         _LIVE[_key(cfg)] = _Live(pipeline, cfg.config_hash)
     return pipeline, False

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from baton.models import MLP
+from baton.run import own_process
 
 
 class FlakyMLP(MLP):
@@ -71,12 +72,35 @@ def forwards_so_far(progress: Path) -> int:
 
 
 class KillingMLP(MLP):
-    """An MLP whose first training forward in a process SIGKILLs that process, as the OOM
-    killer would: every run of it crashes, a crash loop."""
+    """An MLP whose first training forward SIGKILLs the flow run's process, as a crash of
+    its host would: every run of it crashes, a crash loop. (In a training process forked
+    from the flow's, that is its parent; the kernel then ends the training process too.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
+            flows = os.getppid() if own_process.in_training_process() else os.getpid()
+            os.kill(flows, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+class DyingMLP(MLP):
+    """An MLP that SIGKILLs its own process at training forward ``die_at``, as the OOM
+    killer would, as long as the file ``budget`` holds a number below 1 (then adds 1 to
+    it): it dies once, and the retry trains on."""
+
+    def __init__(self, *args, die_at: int, budget: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.die_at, self.budget = die_at, Path(budget)
+        self.forwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.forwards += 1
+            spent = int(self.budget.read_text()) if self.budget.exists() else 0
+            if self.forwards == self.die_at and spent < 1:
+                self.budget.write_text(str(spent + 1))
+                os.kill(os.getpid(), signal.SIGKILL)
         return super().forward(x)
 
 

@@ -51,6 +51,8 @@ class Pipeline:
     pending_fork: ResumeCheck | None = None
     # The global random generators' states as this run sees them, between its steps.
     rng: randomness.TrainingGenerators = field(default_factory=randomness.TrainingGenerators)
+    # Where it trains, for the run's log (baton.run.pipeline.restore says why it is here).
+    trains_in: str = "this process"
 
     @property
     def experiment(self) -> Experiment:

@@ -16,7 +16,7 @@ A fork is made only where the child can use what it inherits:
 * no thread in this process but Python's and those that stop for a fork (OpenBLAS's):
   once torch has run a parallel region here, its OpenMP workers exist, and a forked
   child's own first parallel region would wait for them forever;
-* CUDA not initialized here (a forked child cannot use it).
+* CUDA not used here (a child forked after CUDA's driver was initialized cannot use it).
 
 Where one of these does not hold (a notebook that trained before, a test process), the
 run trains in this process as before, and says why in the log.
@@ -45,15 +45,37 @@ from baton.run import ranks
 
 logger = logging.getLogger(__name__)
 
+# How many more times the threads are looked at, 20 ms apart, before a fork is refused.
+THREAD_CHECKS = 5
+
+
+_IN_TRAINING_PROCESS = False
+
+
+def in_training_process() -> bool:
+    """Whether this process is a training process forked from a flow's."""
+    return _IN_TRAINING_PROCESS
+
 
 def fork_refused() -> str | None:
     """Why training cannot be forked into a process of its own here (``None``: it may be;
     :meth:`TrainingProcess.start` makes the last check, which needs the fork itself)."""
     if sys.platform != "linux":
         return f"a forked training process needs Linux, not {sys.platform}"
-    if torch.cuda.is_initialized():
-        return "CUDA is initialized in this process, and a forked child cannot use it"
+    if torch.cuda.is_initialized() or _cuda_driver_loaded():
+        return "CUDA was used in this process, and a forked child cannot use it"
     return None
+
+
+def _cuda_driver_loaded() -> bool:
+    """Whether CUDA's driver library is loaded here: it is once anything asked the CUDA
+    runtime a question (``torch.cuda.is_available()`` does), and a child forked after its
+    initialization cannot use CUDA, whatever torch's own flag says."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return any("libcuda.so" in line for line in maps)
+    except OSError:
+        return True  # unknown: not safe
 
 
 class ForkRefused(Exception):
@@ -109,6 +131,11 @@ class TrainingProcess(ranks.RankGroup):
         # region here): the child's own first parallel region would wait for it forever.
         # The child waits for its first command: stopped now, it has done nothing.
         others = _threads_outside_python()
+        for _ in range(THREAD_CHECKS):  # a Python thread that is starting or ending is not
+            if not others:  # yet (or no longer) Python's for a moment: look again
+                break
+            time.sleep(0.02)
+            others = _threads_outside_python()
         if others:
             self.close(graceful=False)
             raise ForkRefused(
@@ -121,6 +148,10 @@ class TrainingProcess(ranks.RankGroup):
     def pid(self) -> int | None:
         """The training process's pid (``None`` once it is stopped)."""
         return self._pid
+
+    def describe(self) -> str:
+        """The process, for the run's log."""
+        return f"process {self._pid}, forked from this one"
 
     def exit_code(self) -> int | None:
         """The child's exit code (negative: the signal that ended it); ``None`` while it
@@ -176,13 +207,37 @@ class _ToParent(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._send(("log", (record.name, record.levelno, self.format(record))))
+            message = self.format(record)  # with the traceback, if any
+            fields = {key: getattr(record, key) for key in _RECORD_FIELDS}
+            self._send(("log", {**fields, "msg": message, "args": None}))
         except Exception:
             self.handleError(record)
 
 
+# What a record keeps on its way to the parent (its message is sent formatted).
+_RECORD_FIELDS = (
+    "name",
+    "levelno",
+    "levelname",
+    "pathname",
+    "filename",
+    "module",
+    "lineno",
+    "funcName",
+    "created",
+    "msecs",
+    "relativeCreated",
+    "process",
+    "processName",
+    "thread",
+    "threadName",
+)
+
+
 def _become_trainer(parent: int) -> None:
     """Set up the forked child (see the module docstring)."""
+    global _IN_TRAINING_PROCESS
+    _IN_TRAINING_PROCESS = True
     ranks.die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the setting took
         os._exit(ranks.DRIVER_GONE)

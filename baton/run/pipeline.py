@@ -89,10 +89,12 @@ def restore(
                 )
         except ForkRefused as err:
             refused = str(err)
-        logger.info("training in this process: %s", refused)
-    return restore_here(
+    pipeline = restore_here(
         cfg, checkpoint, to_iter=to_iter, evaluated=evaluated, experiment=experiment, trust=trust
     )
+    if own_process:
+        pipeline.trains_in = f"this process: {refused}"
+    return pipeline
 
 
 def restore_here(

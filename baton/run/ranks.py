@@ -187,6 +187,12 @@ class RankGroup:
             self._pids.append(pid)
         return [by_rank[r] for r in range(self.nproc)]
 
+    def describe(self) -> str:
+        """The processes, for the run's log."""
+        return (
+            f"{self.nproc} processes started by torchrun (pids {', '.join(map(str, self._pids))})"
+        )
+
     def exit_code(self) -> int | None:
         """torchrun's exit code; ``None`` while it runs."""
         return self._process.poll() if self._process is not None else None
@@ -242,9 +248,9 @@ class RankGroup:
                     if on_progress is not None:
                         on_progress(payload)
                     continue
-                if kind == "log":  # a record of the training process, emitted here
-                    name, level, message = payload
-                    logging.getLogger(name).log(level, "%s", message)
+                if kind == "log":  # a record of the training process, handled here
+                    record = logging.makeLogRecord(payload)
+                    logging.getLogger(record.name).handle(record)  # its level was applied there
                     continue
                 if kind == "error":
                     # The others wait in a collective for the rank that raised: the
@@ -396,6 +402,11 @@ class RankedPipeline:
         self.pending_fork = True if built.get("pending_fork") else None
         self._moved(built)
 
+    @property
+    def trains_in(self) -> str:
+        """Where it trains, for the run's log."""
+        return self.group.describe()
+
     @classmethod
     def start(
         cls,
@@ -419,8 +430,6 @@ class RankedPipeline:
         except BaseException:
             group.close()
             raise
-        if isinstance(getattr(group, "pid", None), int):
-            logger.info("training in process %d, forked from this one", group.pid)
         return cls(cfg, group, built)
 
     def _moved(self, answer: Mapping[str, Any]) -> None:

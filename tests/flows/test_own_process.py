@@ -1,0 +1,165 @@
+"""A flow's run on one device trains in a process forked from the flow's
+(baton.run.own_process): the same result, its log lines in the run's log, no process
+left behind, and training in the flow's process where a fork is not safe."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from baton.config import validate
+from baton.flows.train import train_pipeline
+from baton.run import pipeline as pl
+
+from ..faults import forwards_so_far
+from .conftest import small_config
+from .helpers import (
+    ROOT,
+    assert_same_training_result,
+    final_checkpoint,
+    run_env,
+    start,
+    stop_group,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+FORKED = re.compile(r"training in process (\d+), forked from this one")
+
+
+def run_log(cfg: dict) -> str:
+    runs = Path(cfg["work_dir"]) / cfg["experiment_name"] / "runs"
+    return "".join(p.read_text() for p in runs.rglob("*.log")) if runs.is_dir() else ""
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def reference(tmp_path: Path) -> dict:
+    cfg = small_config(tmp_path / "reference", name="own")
+    pl.run(validate(cfg))
+    return final_checkpoint(cfg)
+
+
+def test_a_flow_trains_in_a_forked_process_and_ends_as_a_plain_run(prefect_harness, tmp_path):
+    cfg = small_config(tmp_path / "flow", name="own")
+    assert train_pipeline(config=cfg, return_state=True).is_completed()
+    log = run_log(cfg)
+    pids = {int(pid) for pid in FORKED.findall(log)}
+    assert pids and os.getpid() not in pids, log[-3000:]
+    assert all(gone(pid) for pid in pids), "a training process outlived its flow run"
+    # the engine's records, emitted in the training process, reach the run's log
+    assert "saved checkpoint" in log and "epoch_0004.pth" in log
+    assert_same_training_result(reference(tmp_path), final_checkpoint(cfg))
+
+
+def test_where_a_fork_is_not_safe_the_flow_trains_in_its_own_process(
+    prefect_harness, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(pl, "fork_refused", lambda: "a reason of this test")
+    cfg = small_config(tmp_path / "flow", name="own")
+    assert train_pipeline(config=cfg, return_state=True).is_completed()
+    log = run_log(cfg)
+    assert "training in this process: a reason of this test" in log
+    assert not FORKED.search(log)
+    assert_same_training_result(reference(tmp_path), final_checkpoint(cfg))
+
+
+PROBE = """
+import sys, torch
+from baton.run.own_process import ForkRefused, TrainingProcess
+torch.set_num_threads(int(sys.argv[1]))
+torch.ones(2**22).sum()  # on several threads: torch's OpenMP workers start
+group = TrainingProcess()
+try:
+    group.start()
+except ForkRefused as err:
+    print("refused:", err, group.pid)
+else:
+    pid = group.pid
+    group.close()
+    print("forked", pid)
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_openmp_workers_refuse_the_fork_and_the_child_is_stopped(threads):
+    # A fresh interpreter: the workers would stay in this one for the rest of the session.
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(threads)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split()
+    if threads == 1:
+        assert words[0] == "forked" and gone(int(words[1]))
+    else:  # the child was made, found unsafe, stopped and reaped
+        assert out.stdout.startswith("refused:") and "OpenMP" in out.stdout, out.stdout
+        assert words[-1] == "None"
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    return run_env(tmp_path_factory.mktemp("prefect_home"))
+
+
+@pytest.mark.slow
+def test_a_sigkill_of_the_flow_process_alone_ends_its_training_process(tmp_path, prefect_env):
+    progress = tmp_path / "forwards"
+    model = {
+        "type": "tests.faults.SlowMLP",
+        "in_features": 8,
+        "num_classes": 3,
+        "hidden": [16],
+        "delay": 0.02,
+        "progress": str(progress),
+    }
+    cfg = small_config(tmp_path / "killed", name="own", model=model)
+    process = start(cfg, prefect_env, tmp_path)
+    try:
+        assert wait_for(lambda: forwards_so_far(progress) >= 3, process)
+        (pid,) = {int(p) for p in FORKED.findall(run_log(cfg))}
+        assert not gone(pid)
+        os.kill(process.pid, signal.SIGKILL)  # the flow's process only, not its group
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gone(pid), "the training process outlived the flow's process"
+        before = forwards_so_far(progress)
+        time.sleep(0.3)
+        assert forwards_so_far(progress) == before, "training went on"
+    finally:
+        stop_group(process)
+
+
+def test_a_training_process_killed_mid_epoch_is_retried_and_the_run_stays_exact(
+    prefect_harness, tmp_path
+):
+    budget = tmp_path / "deaths"
+    model = {"type": "tests.faults.DyingMLP", "in_features": 8, "num_classes": 3}
+    model |= {"hidden": [16], "die_at": 12, "budget": str(budget)}  # in epoch 2
+    cfg = small_config(tmp_path / "flow", name="own", model=model)
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_completed() and budget.read_text() == "1"
+    log = run_log(cfg)
+    assert "a training process died" in log and "rebuilt the pipeline" in log, log[-3000:]
+    assert len(set(FORKED.findall(log))) == 2  # the first, and the retry's
+    reference_cfg = small_config(tmp_path / "reference", name="own", model=model)
+    pl.run(validate(reference_cfg))  # its budget is spent: it does not die
+    assert_same_training_result(final_checkpoint(reference_cfg), final_checkpoint(cfg))
