@@ -161,11 +161,12 @@ def train_epoch(
         raise ValueError("a model without train_step needs a loss_fn")
     meter = new_meter(strategy) if meter is None else meter
     running = RunningMetrics(meter)
+    device = strategy.device  # asked once: it asks CUDA whether it is there
     model.train()
     for batch in loader.iter_epoch(strategy.epoch, start=strategy.step_in_epoch):
         if max_iters is not None and strategy.iter >= max_iters:
             break
-        batch = _to_device(batch, strategy.device)
+        batch = _to_device(batch, device)
         if shared:
             wrapper.batch_share = loader.loss_share(strategy.step_in_epoch)
         if uses_train_step:
