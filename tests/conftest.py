@@ -1,6 +1,14 @@
 """Shared fixtures: tiny models, deterministic strategies, isolated work dirs."""
 
 import os
+
+# Flows train in a process forked from the test's (baton.run.own_process), which is safe
+# only while this process has no OpenMP workers: one torch thread, here and in every
+# process the suite starts (a `baton run`, a worker's flow run), so that all of them
+# compute the same bits as the references computed here (a matrix product on two threads
+# may sum in another order). Set before torch is imported: it reads it then.
+os.environ["OMP_NUM_THREADS"] = "1"
+
 import tempfile
 
 import pytest
@@ -13,10 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("BATON_ALLOWED_MODULES", "tests")
 os.environ.setdefault("BATON_WORK_DIR_ROOTS", os.path.realpath(tempfile.gettempdir()))
 os.environ.setdefault("BATON_DATA_ROOTS", os.path.realpath(tempfile.gettempdir()))
-# Flows train in a process forked from the test's (baton.run.own_process), which is safe
-# only while this process has no OpenMP workers: one torch thread here, as a flow's
-# process that never trains has (the tests' tiny models gain nothing from two).
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # in case torch was imported first
 
 
 @pytest.fixture

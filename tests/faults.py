@@ -85,9 +85,9 @@ class KillingMLP(MLP):
 
 
 class DyingMLP(MLP):
-    """An MLP that SIGKILLs its own process at training forward ``die_at``, as the OOM
-    killer would, as long as the file ``budget`` holds a number below 1 (then adds 1 to
-    it): it dies once, and the retry trains on."""
+    """An MLP that SIGKILLs its own process, a training process forked from a flow's, at
+    training forward ``die_at``, as the OOM killer would, as long as the file ``budget``
+    holds a number below 1 (then adds 1 to it): it dies once, and the retry trains on."""
 
     def __init__(self, *args, die_at: int, budget: str, **kwargs):
         super().__init__(*args, **kwargs)
@@ -99,6 +99,8 @@ class DyingMLP(MLP):
             self.forwards += 1
             spent = int(self.budget.read_text()) if self.budget.exists() else 0
             if self.forwards == self.die_at and spent < 1:
+                if not own_process.in_training_process():  # never the test's own process
+                    raise RuntimeError("DyingMLP trains only in a forked training process")
                 self.budget.write_text(str(spent + 1))
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().forward(x)

@@ -13,9 +13,9 @@ loaded already, where a new interpreter would import torch again (about 2 s of s
 A fork is made only where the child can use what it inherits:
 
 * Linux (``PR_SET_PDEATHSIG``; elsewhere, and with macOS's runtime, a fork is not safe);
-* no thread in this process but Python's and those that stop for a fork (OpenBLAS's):
-  once torch has run a parallel region here, its OpenMP workers exist, and a forked
-  child's own first parallel region would wait for them forever;
+* with several torch threads, no thread in this process but Python's and those that stop
+  for a fork (OpenBLAS's): once torch has run a parallel region here, its OpenMP workers
+  exist, and a forked child's own first parallel region would wait for them forever;
 * CUDA not used here (a child forked after CUDA's driver was initialized cannot use it).
 
 Where one of these does not hold (a notebook that trained before, a test process), the
@@ -125,12 +125,14 @@ class TrainingProcess(ranks.RankGroup):
         self._pids = [pid]
         self._connections = [here]
         ranks._OPEN.add(self)
-        # Libraries whose threads are safe across a fork stop them before one (OpenBLAS
-        # does, and starts them again when next used); a thread outside Python still
-        # running now is one that is not (OpenMP's workers, once torch ran a parallel
-        # region here): the child's own first parallel region would wait for it forever.
-        # The child waits for its first command: stopped now, it has done nothing.
-        others = _threads_outside_python()
+        # On several torch threads the child runs OpenMP parallel regions, and its first
+        # one would wait forever for workers that this process started before the fork
+        # (once torch ran a parallel region here) and the child does not have. Libraries
+        # whose threads are safe across a fork stop them before one (OpenBLAS does, and
+        # starts them again when next used): a thread outside Python still running now may
+        # be such a worker. The child waits for its first command: stopped now, it has
+        # done nothing. (On one torch thread the child never enters a parallel region.)
+        others = _threads_outside_python() if torch.get_num_threads() > 1 else []
         for _ in range(THREAD_CHECKS):  # a Python thread that is starting or ending is not
             if not others:  # yet (or no longer) Python's for a moment: look again
                 break
