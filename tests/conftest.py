@@ -81,3 +81,26 @@ def user_package(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """Real Prefect for flow tests: one test harness per session (every package's tests
+    share it), isolated storage, no heartbeats."""
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    settings = {
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results")),
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore",
+    }
+    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
+        yield

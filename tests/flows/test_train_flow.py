@@ -198,6 +198,9 @@ def test_a_task_retry_never_loses_a_committed_checkpoint(prefect_harness, tmp_pa
         return ref
 
     monkeypatch.setattr(CheckpointStore, "commit", commit)
+    # The run trains in this process, where the commits are watched (a forked training
+    # process would record them in its own copy of `committed`).
+    monkeypatch.setattr(pl, "fork_refused", lambda: "the test watches commits here")
     state = train_pipeline(config=cfg, return_state=True)
     assert state.is_completed()
     assert (tmp_path / "budget").read_text() == "1"
