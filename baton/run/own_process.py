@@ -1,12 +1,13 @@
 """A run on one device, trained in a process of its own: forked from the flow's process.
 
 The process that runs a flow also runs Prefect's threads (its event loop, the log and
-event workers, the artifact publisher). On a Python-bound training loop they take the GIL
-and CPU from training: a flow's epochs were 6-8 % slower than the same loop in a plain
-script (docs/performance.md). A run on several processes does not pay it (its ranks run
-none of those threads), so a run on one device trains the same way: the pipeline lives in
-a child process, driven with the same commands as ranks are (:mod:`baton.run.rank_main`)
-through :class:`~baton.run.ranks.RankedPipeline`, and only small results come back.
+event workers, the artifact publisher). A run on several processes trains in ranks that
+run none of them; a run on one device trains the same way: the pipeline lives in a child
+process, driven with the same commands as ranks are (:mod:`baton.run.rank_main`) through
+:class:`~baton.run.ranks.RankedPipeline`, and only small results come back. Prefect's
+threads never compete for the training loop's GIL, and a training process that dies (the OOM
+killer, a crash in native code) is a failed task, retried from the newest checkpoint by
+a new training process, while the flow run goes on.
 
 The child is forked, not started afresh: it has torch, the engine and the run's modules
 loaded already, where a new interpreter would import torch again (about 2 s of start-up).
@@ -18,7 +19,7 @@ A fork is made only where the child can use what it inherits:
   exist, and a forked child's own first parallel region would wait for them forever;
 * CUDA not used here (a child forked after CUDA's driver was initialized cannot use it).
 
-Where one of these does not hold (a notebook that trained before, a test process), the
+Where one of these does not hold (a notebook that trained on several threads before), the
 run trains in this process as before, and says why in the log.
 
 In the child: SIGKILL when the flow's process dies; the flow's process group kept (a
