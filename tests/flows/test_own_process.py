@@ -27,6 +27,7 @@ from .helpers import (
     stop_group,
     wait_for,
 )
+from .test_kill_and_resume import slow_model
 
 pytestmark = pytest.mark.integration
 
@@ -121,14 +122,7 @@ def prefect_env(tmp_path_factory):
 @pytest.mark.slow
 def test_a_sigkill_of_the_flow_process_alone_ends_its_training_process(tmp_path, prefect_env):
     progress = tmp_path / "forwards"
-    model = {
-        "type": "tests.faults.SlowMLP",
-        "in_features": 8,
-        "num_classes": 3,
-        "hidden": [16],
-        "delay": 0.02,
-        "progress": str(progress),
-    }
+    model = {**slow_model(delay=0.02), "progress": str(progress)}
     cfg = small_config(tmp_path / "killed", name="own", model=model)
     process = start(cfg, prefect_env, tmp_path)
     try:
