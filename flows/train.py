@@ -20,6 +20,7 @@ from prefect.exceptions import Abort, TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Crashed, State
 
+from baton.config.schema import PipelineConfig
 from baton.errors import ExperimentLockedError, RestartRefusedError
 from baton.experiment import Experiment
 from baton.experiment.restarts import RestartBound
@@ -572,6 +573,16 @@ def _stop_after_training(state: RunState, stop: StopRequest, watch: RunWatch | N
     stop.signum = None
 
 
+@contextlib.contextmanager
+def _forgotten_at_end(config: PipelineConfig) -> Iterator[None]:
+    """End the run's live pipeline (its training processes, their last log lines in the
+    run's log) while the run still holds the experiment: a Ctrl-C or any error included."""
+    try:
+        yield
+    finally:
+        forget(config)
+
+
 def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunState:
     """Hold the experiment, resume, train epoch by epoch, checkpoint, report."""
     config = config_of(cfg)
@@ -582,6 +593,7 @@ def _train(cfg: dict[str, Any], started: float, crashed: FlowRun | None) -> RunS
     with (
         _locked(experiment, crashed),
         _run_log_file(experiment),
+        _forgotten_at_end(config),
         deferred_termination() as stop,
         _watched(experiment, reporters) as watch,
     ):

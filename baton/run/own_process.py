@@ -22,7 +22,8 @@ A fork is made only where the child can use what it inherits:
 Where one of these does not hold (a notebook that trained on several threads before), the
 run trains in this process as before, and says why in the log.
 
-In the child: SIGKILL when the flow's process dies; the flow's process group kept (a
+In the child: SIGKILL when the flow's process dies (and, should that signal not come, an
+exit within ``PARENT_CHECK_S``); the flow's process group kept (a
 SIGKILL to the group ends the child and its loader workers with the flow), but SIGTERM and
 SIGINT ignored (a cancel, a Ctrl-C or a preemption notice is for the flow, which passes a
 stop on: the child writes the emergency checkpoint); its log records sent to the flow's
@@ -48,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 # How many more times the threads are looked at, 20 ms apart, before a fork is refused.
 THREAD_CHECKS = 5
+# How often the training process looks whether its parent is still there.
+PARENT_CHECK_S = 0.5
+# How long a closed training process may take to finish a background save and end.
+EXIT_TIMEOUT_S = 120
 
 
 _IN_TRAINING_PROCESS = False
@@ -104,12 +109,13 @@ class TrainingProcess(ranks.RankGroup):
     def start(self) -> None:
         here, there = Pipe()
         parent = os.getpid()
+        from_main_thread = threading.current_thread() is threading.main_thread()
         pid = os.fork()
         if pid == 0:  # the child: serve, and never return into the parent's code
             code = 1
             try:
                 here.close()
-                _become_trainer(parent)
+                _become_trainer(parent, from_main_thread)
                 from baton.run import rank_main  # here: it imports the pipeline, which imports this
 
                 rank = rank_main.Rank(there)
@@ -160,45 +166,49 @@ class TrainingProcess(ranks.RankGroup):
         """The child's exit code (negative: the signal that ended it); ``None`` while it
         runs. Reaps it."""
         if self._status is None and self._pid is not None:
-            with contextlib.suppress(ChildProcessError):
+            try:
                 pid, status = os.waitpid(self._pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: gone all the same
+                self._status = -1
+            else:
                 if pid:
                     self._status = os.waitstatus_to_exitcode(status)
         return self._status
 
     def close(self, *, graceful: bool = True) -> None:
-        """Stop the training process: ``exit`` (it finishes a background save), then
-        SIGKILL (it ignores SIGTERM); it is reaped."""
-        if graceful:
-            self._send_all(("exit", ()))
+        """Stop the training process: a stop (a command still running ends at its next
+        iteration, with an emergency checkpoint), then ``exit`` (it finishes a background
+        save); its last log records are read until it ends, then it is reaped. Not
+        ``graceful``, or past ``EXIT_TIMEOUT_S``: SIGKILL (it ignores SIGTERM)."""
         ranks._OPEN.discard(self)
+        if graceful:
+            self._send_all(("stop", ()))
+            self._send_all(("exit", ()))
+            self._drain(time.monotonic() + EXIT_TIMEOUT_S)
         self._drop()
         pid, self._pids = self._pid, []
         if pid is None:
             return
-        if not (graceful and self._wait(ranks.EXIT_TIMEOUT_S)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            self._wait(None)
+        if self.exit_code() is None:
+            os.kill(pid, signal.SIGKILL)
+            while self.exit_code() is None:
+                time.sleep(0.01)
         self._pid = None
 
-    def _wait(self, timeout: float | None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.exit_code() is None:
-            if self._status is None and not _child_exists(self._pid):
-                return True  # reaped elsewhere
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
-
-
-def _child_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    def _drain(self, deadline: float) -> None:
+        """Emit the log records the child sends until it ends (or ``deadline``)."""
+        for connection in self._connections:
+            while self.exit_code() is None and time.monotonic() < deadline:
+                if not connection.poll(ranks.POLL_S):
+                    continue
+                try:
+                    kind, payload = connection.recv()
+                except Exception:  # ended (EOF), or cut mid-message
+                    break
+                if kind == "log":
+                    ranks.emit_record(payload)
+            while self.exit_code() is None and time.monotonic() < deadline:
+                time.sleep(0.01)  # its end, after the connection's
 
 
 class _ToParent(logging.Handler):
@@ -207,8 +217,15 @@ class _ToParent(logging.Handler):
     def __init__(self, send) -> None:
         super().__init__()
         self._send = send
+        self._pid = os.getpid()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if os.getpid() != self._pid:
+            # A process the training process forked (a loader worker, a background
+            # write): its records go to its stderr, never into the connection.
+            with contextlib.suppress(Exception):
+                os.write(2, (self.format(record) + "\n").encode(errors="replace"))
+            return
         try:
             message = self.format(record)  # with the traceback, if any
             fields = {key: getattr(record, key) for key in _RECORD_FIELDS}
@@ -237,13 +254,23 @@ _RECORD_FIELDS = (
 )
 
 
-def _become_trainer(parent: int) -> None:
+def _become_trainer(parent: int, from_main_thread: bool) -> None:
     """Set up the forked child (see the module docstring)."""
     global _IN_TRAINING_PROCESS
     _IN_TRAINING_PROCESS = True
-    ranks.die_with_parent(signal.SIGKILL)
+    if from_main_thread:
+        # The kernel's signal follows the thread that forked: from another thread, it
+        # would end the child when that thread ends, with the process alive.
+        ranks.die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the setting took
         os._exit(ranks.DRIVER_GONE)
+
+    def watch() -> None:  # the parent's end, however it came (the signal may not)
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(ranks.DRIVER_GONE)
+
+    threading.Thread(target=watch, name="baton-parent-watch", daemon=True).start()
     # The child stays in the flow's process group, so that a SIGKILL to the group ends it
     # (and its loader workers) as it ends the flow; the group's termination requests are
     # for the flow, which passes a stop on, so the child ignores them.

@@ -238,27 +238,28 @@ class RankGroup:
                 self._send_all(("stop", ()))
                 told_to_stop = True
             waiting = [c for r, c in enumerate(self._connections) if r not in results]
-            for connection in wait(waiting, timeout=POLL_S):
+            ready = wait(waiting, timeout=POLL_S)
+            for connection in ready:
                 rank = self._connections.index(connection)
                 try:
                     kind, payload = connection.recv()
-                except (EOFError, OSError) as err:
+                except Exception as err:  # closed, or cut mid-message by a death
                     raise self._failure(err) from err
                 if kind == "progress":
                     if on_progress is not None:
                         on_progress(payload)
                     continue
-                if kind == "log":  # a record of the training process, handled here
-                    record = logging.makeLogRecord(payload)
-                    logging.getLogger(record.name).handle(record)  # its level was applied there
+                if kind == "log":
+                    emit_record(payload)
                     continue
                 if kind == "error":
-                    # The others wait in a collective for the rank that raised: the
-                    # group cannot go on. Stop it; a retry builds a new one.
-                    self.close(graceful=False)
+                    # Several ranks: the others wait in a collective for the one that
+                    # raised, and the group cannot go on: stopped at once. One process:
+                    # it answered, and finishes a background save before it exits.
+                    self.close(graceful=self.nproc == 1)
                     raise rank_error(rank, payload)
                 results[rank] = (kind, payload)
-            if not results or len(results) < self.nproc:
+            if not ready:  # what a process sent before it ended is read first
                 self._check_alive_or_fail()
         return self._outcome(results)
 
@@ -336,6 +337,12 @@ class RankGroup:
         for pid in pids:
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
+
+
+def emit_record(fields: dict) -> None:
+    """Handle here a log record a training process sent (its level was applied there)."""
+    record = logging.makeLogRecord(fields)
+    logging.getLogger(record.name).handle(record)
 
 
 def rank_error(rank: int, described: tuple[str, str, str, str]) -> BaseException:
