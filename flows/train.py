@@ -373,12 +373,9 @@ def train_pipeline(
                     )
             settings["work_dir"] = work_dir_of(deployment, work_dir)
             cfg = validate_config(config, overrides, settings)
-            try:
-                state = _train(cfg, started, crashed)
-            finally:
-                # Whatever ended the run: its loader workers, and on several processes its
-                # ranks, end with it. Inside: the run's trust is held here.
-                forget(config_of(cfg))
+            # _train ends the live pipeline (loader workers, training processes) whatever
+            # ends the run, inside: the run's trust is held here.
+            state = _train(cfg, started, crashed)
     return state
 
 

@@ -45,8 +45,6 @@ import torch
 
 from baton.run import ranks
 
-logger = logging.getLogger(__name__)
-
 # How many more times the threads are looked at, 20 ms apart, before a fork is refused.
 THREAD_CHECKS = 5
 # How often the training process looks whether its parent is still there.
@@ -100,6 +98,8 @@ class TrainingProcess(ranks.RankGroup):
 
     what = "the training process"
     launcher = ""
+    # It answered the error, and finishes a background save before it exits.
+    stuck_after_error = False
 
     def __init__(self) -> None:
         super().__init__(1)

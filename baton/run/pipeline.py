@@ -75,18 +75,19 @@ def restore(
             this process's other threads (a flow's: :mod:`baton.run.own_process`), where
             a fork is safe; else here, with the reason logged.
     """
-    if cfg.launcher.nproc > 1 or own_process:
-        refused = fork_refused() if cfg.launcher.nproc == 1 else None
+
+    def in_processes(group: TrainingProcess | None = None) -> RankedPipeline:
+        trust_ = trust or Trust.from_environment()
+        return RankedPipeline.start(
+            cfg, checkpoint, to_iter=to_iter, evaluated=evaluated, trust=trust_, group=group
+        )
+
+    if cfg.launcher.nproc > 1:
+        return in_processes()
+    refused = fork_refused() if own_process else None
+    if own_process and refused is None:
         try:
-            if refused is None:
-                return RankedPipeline.start(
-                    cfg,
-                    checkpoint,
-                    to_iter=to_iter,
-                    evaluated=evaluated,
-                    trust=trust or Trust.from_environment(),
-                    group=TrainingProcess() if cfg.launcher.nproc == 1 else None,
-                )
+            return in_processes(TrainingProcess())
         except ForkRefused as err:
             refused = str(err)
     pipeline = restore_here(

@@ -107,6 +107,9 @@ class RankGroup:
 
     what = "the training processes"  # for messages
     launcher = "torchrun: "
+    # After a rank raised, the others wait in a collective for it: the group cannot go on
+    # and is stopped at once (a process training alone is not stuck: see own_process).
+    stuck_after_error = True
 
     def __init__(self, nproc: int) -> None:
         self.nproc = nproc
@@ -253,10 +256,7 @@ class RankGroup:
                     emit_record(payload)
                     continue
                 if kind == "error":
-                    # Several ranks: the others wait in a collective for the one that
-                    # raised, and the group cannot go on: stopped at once. One process:
-                    # it answered, and finishes a background save before it exits.
-                    self.close(graceful=self.nproc == 1)
+                    self.close(graceful=not self.stuck_after_error)
                     raise rank_error(rank, payload)
                 results[rank] = (kind, payload)
             if not ready:  # what a process sent before it ended is read first
