@@ -142,6 +142,22 @@ def restore_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_states[index].cpu(), device=index)
 
 
+def _process_states() -> tuple:
+    """Every global generator's state, as its library gives it: for putting back in this
+    process (two swaps per pipeline step), not for a file (:func:`capture_rng_state`)."""
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    return cpu_rng_states(), cuda
+
+
+def _set_process_states(states: tuple) -> None:
+    cpu, cuda = states
+    set_cpu_rng_states(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _to_lists(value):
     if isinstance(value, tuple):
         return [_to_lists(v) for v in value]
@@ -158,6 +174,19 @@ _own = threading.local()
 # training thread claims or releases it: deciding where a draw goes and drawing are one
 # step, so no draw can land on the shared generator after a run has claimed it.
 _claim = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: a claim another thread held at
+    the fork would never be released there, and that thread's ownership is void."""
+    global _claim, _owner, _active
+    _claim = threading.Lock()
+    if _owner != threading.get_ident():
+        _owner, _active = None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _own_generator() -> random.Random:
@@ -210,7 +239,8 @@ class TrainingGenerators:
     """
 
     def __init__(self) -> None:
-        self.state: dict | None = None  # None: not captured yet (before the first step)
+        # The states as :func:`_process_states` gives them; None: not captured yet
+        self.state: tuple | None = None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -241,14 +271,14 @@ class TrainingGenerators:
         with _claim:
             _active, _owner = self, me
         try:
-            outside = capture_rng_state()
+            outside = _process_states()
             if self.state is not None:
-                restore_rng_state(self.state)
+                _set_process_states(self.state)
             try:
                 yield
             finally:
-                self.state = capture_rng_state()
-                restore_rng_state(outside)
+                self.state = _process_states()
+                _set_process_states(outside)
         finally:
             with _claim:
                 _active, _owner = previous

@@ -167,3 +167,49 @@ def test_a_run_leaves_the_process_generators_as_they_were(tmp_path):
     p = pl.build_pipeline(cfg_for(tmp_path))
     pl.train_one_epoch(p)
     assert random.random() == expected
+
+
+def test_a_process_forked_while_another_thread_draws_can_still_train(tmp_path):
+    # Another thread drawing from `random` holds the generators' claim for a moment on
+    # every draw; a fork (the flow's training process) copies the claim as it is, held
+    # by a thread the child does not have. The child must still run its steps.
+    pipeline = pl.build_pipeline(cfg_for(tmp_path))  # routes `random` through the claim
+    stop = threading.Event()
+
+    def draws() -> None:
+        while not stop.is_set():
+            random.getrandbits(32)
+
+    thread = threading.Thread(target=draws, daemon=True)
+    thread.start()
+    stuck = 0
+    try:
+        for _ in range(60):
+            pid = os.fork()
+            if pid == 0:  # a step's claim, bounded: a held lock would block it for good
+                code = 1
+                try:
+                    code = 0 if _enters_a_step(pipeline, within_s=5) else 3
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            stuck += os.waitstatus_to_exitcode(status) != 0
+            if stuck:
+                break
+    finally:
+        stop.set()
+        thread.join()
+    assert stuck == 0
+
+
+def _enters_a_step(pipeline, within_s: float) -> bool:
+    """Whether a step of ``pipeline`` (its generators' claim) begins within ``within_s``
+    (tried from a thread: a claim that is never released blocks it for good)."""
+    entered = threading.Event()
+
+    def step() -> None:
+        with pipeline.rng.active():
+            entered.set()
+
+    threading.Thread(target=step, daemon=True).start()
+    return entered.wait(within_s)
