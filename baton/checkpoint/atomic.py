@@ -70,12 +70,16 @@ class _HashingWriter(io.RawIOBase):
     caller promises that large buffers stay valid until :meth:`close` (true for CPU
     tensors being saved, which are the storages of the object itself), so a write
     returns without waiting for its hash; otherwise every write waits for its pieces.
-    Small writes are copied, so their buffers may be reused at once. With ``fd``, disk
+    Writes under ``INLINE`` are hashed in this thread when nothing waits in the helper's
+    queue; other small writes are copied, so their buffers may be reused at once. With ``fd``, disk
     writeback starts every ``WRITEBACK_EVERY`` bytes, so the disk works while the hash
     is computed and the final fsync has little left to do.
     """
 
     PIECE = 8 << 20
+    # Smaller writes are hashed here when the helper has nothing queued: cheaper than a
+    # copy and a hand-off (torch.save writes a header and a padding record per tensor).
+    INLINE = 256 << 10
     WRITEBACK_EVERY = 64 << 20
 
     def __init__(self, raw: BinaryIO, fd: int | None = None, borrowed_buffers_live: bool = False):
@@ -84,7 +88,7 @@ class _HashingWriter(io.RawIOBase):
         self._fd = fd if _start_writeback is not None else None
         self._defer = borrowed_buffers_live
         self._digest = hashlib.sha256()
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-sha256")
+        self._hasher: ThreadPoolExecutor | None = None  # started by the first large write
         self._pending = None
         self._unflushed = 0
         self.size = 0
@@ -104,19 +108,27 @@ class _HashingWriter(io.RawIOBase):
     def _write(self, data) -> int:
         view = memoryview(data).cast("B")
         length = len(view)
-        if length < self.PIECE:
-            self._pending = self._hasher.submit(self._digest.update, bytes(view))
+        if length < self.INLINE and (self._pending is None or self._pending.done()):
+            self._digest.update(view)  # nothing queued before it: the order holds
+            self._raw.write(view)
+        elif length < self.PIECE:
+            self._pending = self._hashing().submit(self._digest.update, bytes(view))
             self._raw.write(view)
         else:
             for offset in range(0, length, self.PIECE):
                 piece = view[offset : offset + self.PIECE]
-                self._pending = self._hasher.submit(self._digest.update, piece)  # FIFO
+                self._pending = self._hashing().submit(self._digest.update, piece)  # FIFO
                 self._raw.write(piece)
                 self._writeback(len(piece))
             if not self._defer:
                 self._pending.result()
         self.size += length
         return length
+
+    def _hashing(self) -> ThreadPoolExecutor:
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-sha256")
+        return self._hasher
 
     def _writeback(self, written: int) -> None:
         if self._fd is None:
@@ -136,7 +148,8 @@ class _HashingWriter(io.RawIOBase):
         self._raw.flush()
 
     def close(self) -> None:
-        self._hasher.shutdown(wait=True)
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
         super().close()
 
 
