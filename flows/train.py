@@ -19,6 +19,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import Abort, TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Crashed, State
+from prefect.utilities.annotations import quote
 
 from baton.config.schema import PipelineConfig
 from baton.errors import ExperimentLockedError, RestartRefusedError
@@ -431,7 +432,11 @@ class _FlowSteps:
     """The run's steps as tasks (see baton.run.control): each one a task run in the UI."""
 
     def __init__(self, cfg: dict[str, Any], reporter: EpochReporter) -> None:
-        self.cfg = cfg
+        # Prefect walks every parameter of a task run twice, looking for futures and
+        # upstream results (~3 ms for a config, twice per epoch). The config is the flow's
+        # own, validated once (prepare's edge from validate-config shows where it comes
+        # from): quoted, it is handed to each epoch's tasks as it is.
+        self.cfg = quote(cfg)
         self.reporter = reporter
 
     def position(self, state: RunState) -> tuple[int, bool]:

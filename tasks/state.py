@@ -116,8 +116,23 @@ _LIVE: dict[str, _Live] = {}
 _LOCK = threading.Lock()
 
 
+_KEYS: dict[int, tuple[PipelineConfig, str]] = {}
+_KEYS_LOCK = threading.Lock()  # _key is called with _LOCK held
+
+
 def _key(cfg: PipelineConfig) -> str:
-    return str(Experiment.of(cfg).root)
+    """The live pipeline's key: its experiment's folder, resolved once per config object
+    (every task asks; resolving it checks the path against the operator's roots, and a
+    pipeline is built only after its own check of the same path)."""
+    known = _KEYS.get(id(cfg))
+    if known is not None and known[0] is cfg:
+        return known[1]
+    key = str(Experiment.of(cfg).root)
+    with _KEYS_LOCK:
+        if len(_KEYS) >= _VALIDATED_MAX:
+            _KEYS.pop(next(iter(_KEYS)))
+        _KEYS[id(cfg)] = (cfg, key)
+    return key
 
 
 def _matches(live: _Live, cfg: PipelineConfig, state: RunState) -> bool:
