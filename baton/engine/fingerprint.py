@@ -2,7 +2,7 @@
 
 Every checkpoint a strategy writes carries ``meta['environment']``
 (:func:`environment_fingerprint`): torch's version and build (CPU, CUDA or ROCm), cuDNN,
-the device, the CPU kernels torch dispatches to, the determinism flags, Python, numpy,
+the device, the CPU kernels torch dispatches to and its thread count, the determinism flags, Python, numpy,
 baton, the config hash and the world size. A resume or a verification compares the
 checkpoint's with the live one (:func:`fingerprint_changes`): a change in a field of
 :data:`BREAKS_BITWISE` means a continued run cannot be bitwise equal to an uninterrupted
@@ -36,6 +36,9 @@ BREAKS_BITWISE: dict[str, str] = {
     "device": "another GPU model runs other kernels (tile sizes, TF32, atomics)",
     "cpu_capability": "torch's CPU kernels are vectorised per instruction set (AVX2, "
     "AVX512...), which changes the order of floating-point sums",
+    "cpu_threads": "on the CPU, torch splits its sums (a matrix product's) across its "
+    "threads: another thread count (torch.set_num_threads, OMP_NUM_THREADS) adds in "
+    "another order; compared only when both trained on the CPU",
     "deterministic": "non-deterministic algorithms (or cuDNN's autotuner, or TF32) differ "
     "from run to run",
     "world_size": "another number of processes splits the data and sums gradients differently",
@@ -139,6 +142,7 @@ def environment_fingerprint(
         "cudnn": _cudnn(),
         "device": _device_name(device),
         "cpu_capability": _cpu_capability(),
+        "cpu_threads": torch.get_num_threads(),
         "deterministic": _deterministic(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -163,6 +167,8 @@ def fingerprint_changes(saved: Any, current: dict) -> list[FingerprintChange] | 
 
 
 def _differs(field: str, before: Any, after: Any, *, on_cpu: bool) -> bool:
+    if field == "cpu_threads" and not on_cpu:
+        return False  # the model's arithmetic runs on the accelerator
     if field == "deterministic" and on_cpu and isinstance(before, dict) and isinstance(after, dict):
         # cuDNN and TF32 switches change nothing on the CPU.
         return before.get("algorithms") != after.get("algorithms")

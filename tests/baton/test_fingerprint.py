@@ -18,6 +18,7 @@ FIELDS = {
     "cudnn",
     "device",
     "cpu_capability",
+    "cpu_threads",
     "deterministic",
     "python",
     "numpy",
@@ -109,6 +110,22 @@ def test_changes_are_classified():
     assert fingerprint.fingerprint_changes(patch, current) == []  # a patch release
     assert [c.field for c in fingerprint.breaking(changes)] == ["cpu_capability", "python"]
     assert "instruction set" in fingerprint.describe(fingerprint.breaking(changes))
+
+
+def test_the_cpu_thread_count_is_compared_only_where_the_cpu_trains(work_dir, caplog):
+    ref = prepared(work_dir).save_checkpoint("epoch_0001.pth")
+    assert io.load(ref.uri)["meta"]["environment"]["cpu_threads"] == torch.get_num_threads()
+    rewrite_environment(ref.uri, cpu_threads=torch.get_num_threads() + 3)
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        prepared(work_dir).resume(ref.uri)
+    warned = [r.getMessage() for r in caplog.records if "another environment" in r.getMessage()]
+    threads = torch.get_num_threads()
+    assert len(warned) == 1 and f"cpu_threads: {threads + 3} -> {threads}" in warned[0]
+    assert "OMP_NUM_THREADS" in warned[0]  # what to look at
+
+    on_gpu = fingerprint.environment_fingerprint(torch.device("cpu"), config_hash="a")
+    on_gpu["device"] = "NVIDIA H100 80GB HBM3"
+    assert fingerprint.fingerprint_changes({**on_gpu, "cpu_threads": 64}, on_gpu) == []
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["recorded", "old-checkpoint"])
