@@ -52,7 +52,7 @@ class EpochMeter:
         self._result: dict[str, float] | None = None
 
     def update(self, loss, count: int, outputs=None, targets=None) -> None:
-        on_host = not isinstance(loss, torch.Tensor) or loss.device.type == "cpu"
+        on_host = not isinstance(loss, torch.Tensor) or loss.is_cpu
         if on_host:
             loss = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
         else:  # MPS has no float64
@@ -65,8 +65,8 @@ class EpochMeter:
             and targets.dtype == torch.long
             and outputs.dim() == 2
         ):
-            hits = (outputs.detach().argmax(1) == targets).sum()
-            self.correct = self.correct + (int(hits) if hits.device.type == "cpu" else hits)
+            hits = (outputs.argmax(1) == targets).sum()  # an index: no graph, no detach
+            self.correct = self.correct + (int(hits) if hits.is_cpu else hits)
             self.classified += targets.numel()
         self._result = None
 
