@@ -120,12 +120,13 @@ _KEYS: dict[int, tuple[PipelineConfig, str]] = {}
 _KEYS_LOCK = threading.Lock()  # _key is called with _LOCK held
 
 
-def _key(cfg: PipelineConfig) -> str:
-    """The live pipeline's key: its experiment's folder, resolved once per config object
-    (every task asks; resolving it checks the path against the operator's roots, and a
-    pipeline is built only after its own check of the same path)."""
+def _key(cfg: PipelineConfig, *, check: bool = False) -> str:
+    """The live pipeline's key: its experiment's folder, as resolved by the last check of
+    the path against the operator's roots. With ``check`` (once per task, where it takes
+    the live pipeline) the path is checked and resolved again: a folder swapped for a link
+    elsewhere between two tasks is refused."""
     known = _KEYS.get(id(cfg))
-    if known is not None and known[0] is cfg:
+    if not check and known is not None and known[0] is cfg:
         return known[1]
     key = str(Experiment.of(cfg).root)
     with _KEYS_LOCK:
@@ -186,8 +187,9 @@ def live_pipeline(
     """
     if state is not None:
         checkpoint = state.checkpoint
+        key = _key(cfg, check=True)
         with _LOCK:
-            live = _LIVE.get(_key(cfg))
+            live = _LIVE.get(key)
             if live is not None and _matches(live, cfg, state):
                 return live.pipeline, True
     with _LOCK:

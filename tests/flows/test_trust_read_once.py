@@ -81,3 +81,28 @@ def test_what_the_operator_set_still_holds_when_read_once(tmp_path, reads):
     ):
         validate(config(tmp_path, train_data=train_data))
     assert Quotas.of(Trust()).max_workers == 3  # a Trust made by hand reads the environment
+
+
+def test_a_work_dir_swapped_for_a_link_between_two_tasks_is_refused(tmp_path, monkeypatch):
+    """Each task checks the experiment's folder again where it takes the live pipeline: a
+    folder replaced by a link out of the operator's roots after one task is refused by the
+    next, which writes nothing there."""
+    from baton.errors import UntrustedInputError
+
+    from .conftest import small_config
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    monkeypatch.setenv("BATON_WORK_DIR_ROOTS", str(allowed))
+    config = small_config(allowed / "work")
+    state = tasks.prepare.fn(config, tasks.find_resume_point.fn(config))
+    try:
+        state = tasks.train_epoch.fn(config, state, 1)
+        (allowed / "work").rename(allowed / "moved")
+        (allowed / "work").symlink_to(outside, target_is_directory=True)
+        with pytest.raises(UntrustedInputError, match="work_dir"):
+            tasks.train_epoch.fn(config, state, 2)
+    finally:
+        forget(config_of(config))
+    assert list(outside.iterdir()) == []
