@@ -233,10 +233,13 @@ def _check_environment(b_meta: dict, a_meta: dict, current: dict, notes: list[st
         )
     broken = fingerprint.breaking(changes)
     if broken:
+        threads = [c.before for c in broken if c.field == "cpu_threads"]
         raise VerificationRefusedError(
             "B was trained in an environment that differs from this one in a way that breaks "
             f"bitwise equality: {fingerprint.describe(broken)}. Run baton verify where B was "
-            "trained (same torch build, device and flags)"
+            "trained (same torch build, device and flags"
+            + (f", OMP_NUM_THREADS={threads[0]}" if threads else "")
+            + ")"
         )
     if changes:
         notes.append(

@@ -162,17 +162,24 @@ def test_a_forked_pair_verifies_as_the_fork_it_was(tmp_path, capsys):
         v.pair_of(experiment, first.uri, forked.uri)
 
 
-def test_an_environment_that_breaks_exactness_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("torch", "1.13.1", f"torch: 1.13.1 -> {torch.__version__}"),
+        ("cpu_threads", 64, "OMP_NUM_THREADS=64)"),  # what to set to verify here
+    ],
+)
+def test_an_environment_that_breaks_exactness_is_refused(tmp_path, capsys, field, value, said):
     experiment, _ = trained(tmp_path, train={"max_epochs": 1})
     b = experiment.store.latest()
     checkpoint = io.load(b.uri)
-    checkpoint["meta"]["environment"]["torch"] = "1.13.1"
+    checkpoint["meta"]["environment"][field] = value
     size, digest = io.save(checkpoint, b.uri)
     experiment.store.commit(b.uri, epoch=b.epoch, iter=b.iter, size=size, sha256=digest)
     assert main(["verify", str(experiment.root)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert f"torch: 1.13.1 -> {torch.__version__}" in err and "breaks bitwise equality" in err
+    assert said in err and "breaks bitwise equality" in err
 
 
 def test_an_old_checkpoint_without_fingerprint_is_verified_with_a_note(tmp_path):
