@@ -405,10 +405,13 @@ def main() -> None:
         f"    fixed cost per epoch {1000 * (median(span_times) - median(loop_times)) / args.epochs:7.1f} ms"
         " (median span - median plain run, per epoch)"
     )
-    print(
-        f"  embedded server CPU during a flow: {median(server_cpu):.2f} s "
-        f"({1000 * median(server_cpu) / args.epochs:.0f} ms per epoch)"
-    )
+    if args.api_url:
+        print("  server CPU during a flow: not measured (an external server)")
+    else:
+        print(
+            f"  embedded server CPU during a flow: {median(server_cpu):.2f} s "
+            f"({1000 * median(server_cpu) / args.epochs:.0f} ms per epoch)"
+        )
     for name, value in micro.items():
         print(f"    {name:28} {value:7.1f} ms")
     print("  the last flow run, task by task:")
