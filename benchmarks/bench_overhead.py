@@ -283,12 +283,12 @@ def main() -> None:
     parser.add_argument(
         "--in-flow-process",
         action="store_true",
-        help="train in the flow's process, as before baton.run.own_process (for comparison)",
+        help="train in the flow's process (BATON_TRAINING_PROCESS=flow), for comparison",
     )
     parser.add_argument("--plain-loop", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_flow_process:
-        pl.fork_refused = lambda: "asked by the benchmark (--in-flow-process)"
+        os.environ["BATON_TRAINING_PROCESS"] = "flow"  # the operator's switch
     if args.plain_loop is not None:  # the baseline's own process (plain_script)
         total, epochs = plain_loop(
             args.plain_loop, args.samples, args.epochs, args.hidden, args.interval_iters

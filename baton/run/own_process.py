@@ -20,7 +20,8 @@ A fork is made only where the child can use what it inherits:
 * CUDA not used here (a child forked after CUDA's driver was initialized cannot use it).
 
 Where one of these does not hold (a notebook that trained on several threads before), the
-run trains in this process as before, and says why in the log.
+run trains in this process as before, and says why in the log; so it does where the
+operator set ``BATON_TRAINING_PROCESS=flow`` (a platform where forking misbehaves).
 
 In the child: SIGKILL when the flow's process dies (and, should that signal not come, an
 exit within ``PARENT_CHECK_S``); the flow's process group kept (a
@@ -43,8 +44,11 @@ from multiprocessing import Pipe
 
 import torch
 
+from baton.errors import ConfigError
 from baton.run import ranks
 
+# The operator's choice: "fork" (the default: where it is safe) or "flow" (never fork).
+TRAINING_PROCESS_ENV = "BATON_TRAINING_PROCESS"
 # How many more times the threads are looked at, 20 ms apart, before a fork is refused.
 THREAD_CHECKS = 5
 # How often the training process looks whether its parent is still there.
@@ -63,7 +67,20 @@ def in_training_process() -> bool:
 
 def fork_refused() -> str | None:
     """Why training cannot be forked into a process of its own here (``None``: it may be;
-    :meth:`TrainingProcess.start` makes the last check, which needs the fork itself)."""
+    :meth:`TrainingProcess.start` makes the last check, which needs the fork itself).
+
+    Raises:
+        ConfigError: The operator's ``BATON_TRAINING_PROCESS`` is neither ``fork`` nor ``flow``.
+    """
+    where = os.environ.get(TRAINING_PROCESS_ENV, "fork")
+    if where not in ("fork", "flow"):
+        raise ConfigError(
+            f"{TRAINING_PROCESS_ENV} is {where!r}: set it to 'fork' (the default: a run on "
+            "one device trains in a process forked from the flow's, where that is safe) or "
+            "'flow' (it trains in the flow's process)"
+        )
+    if where == "flow":
+        return f"the operator's {TRAINING_PROCESS_ENV}=flow"
     if sys.platform != "linux":
         return f"a forked training process needs Linux, not {sys.platform}"
     if torch.cuda.is_initialized() or _cuda_driver_loaded():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from baton.config import validate
+from baton.errors import ConfigError
 from baton.flows.train import train_pipeline
 from baton.run import pipeline as pl
 
@@ -65,16 +66,25 @@ def test_a_flow_trains_in_a_forked_process_and_ends_as_a_plain_run(prefect_harne
     assert_same_training_result(reference(tmp_path), final_checkpoint(cfg))
 
 
-def test_where_a_fork_is_not_safe_the_flow_trains_in_its_own_process(
+def test_where_the_operator_says_so_the_flow_trains_in_its_own_process(
     prefect_harness, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(pl, "fork_refused", lambda: "a reason of this test")
+    # the same path as a fork found unsafe (not Linux, CUDA used, OpenMP workers running)
+    monkeypatch.setenv("BATON_TRAINING_PROCESS", "flow")
     cfg = small_config(tmp_path / "flow", name="own")
     assert train_pipeline(config=cfg, return_state=True).is_completed()
     log = run_log(cfg)
-    assert "training in this process: a reason of this test" in log
+    assert "training in this process: the operator's BATON_TRAINING_PROCESS=flow" in log
     assert not FORKED.search(log)
     assert_same_training_result(reference(tmp_path), final_checkpoint(cfg))
+
+
+def test_an_unknown_training_process_setting_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("BATON_TRAINING_PROCESS", "thread")
+    with pytest.raises(ConfigError, match=r"^BATON_TRAINING_PROCESS is 'thread': set it to "):
+        pl.fork_refused()
+    monkeypatch.setenv("BATON_TRAINING_PROCESS", "fork")  # the default: where it is safe
+    assert "BATON_TRAINING_PROCESS" not in (pl.fork_refused() or "")
 
 
 PROBE = """
