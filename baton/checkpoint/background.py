@@ -3,10 +3,12 @@
 while the bytes reach the disk."""
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -27,11 +29,34 @@ def _clone_tensors(value: Any) -> Any:
     return value
 
 
+# How often a writer looks whether the process that forked it is still there.
+PARENT_CHECK_S = 0.5
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with(parent: int, from_main_thread: bool) -> None:
+    """In the writer: end when the process that forked it ends (the OOM killer, a
+    SIGKILL). Only that process commits what was written; a write it can no longer
+    commit is of no use, and the writer would otherwise live on alone."""
+    if from_main_thread:  # the kernel's signal follows the thread that forked
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:  # however the parent ended (and wherever it forked from)
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="baton-writer-watch", daemon=True).start()
+
+
 def _save_in_child(obj: dict, uri: str) -> Future:
     """Fork; the child writes ``obj`` from its copy-on-write view of memory and reports
     ``(size, sha256)`` through a pipe; a thread of the parent waits for it."""
     future: Future = Future()
     read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    from_main_thread = threading.current_thread() is threading.main_thread()
     pid = os.fork()
     if pid == 0:  # the child: write, report, leave without running the parent's cleanup
         code = 1
@@ -39,6 +64,7 @@ def _save_in_child(obj: dict, uri: str) -> Future:
             os.close(read_fd)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            _end_with(parent, from_main_thread)
             size, digest = save(obj, uri)
             os.write(write_fd, json.dumps({"size": size, "sha256": digest}).encode())
             code = 0

@@ -1,6 +1,14 @@
 """Background saves: training waits only for a snapshot; the file holds the state at the
 call; the manifest learns of it only once it is complete."""
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -85,3 +93,60 @@ def test_pipeline_with_async_saves_ends_equal_to_sync_saves(tmp_path):
         assert torch.equal(async_ckpt["state_dict"][key], value)
     assert [r.epoch for r in async_pipeline.strategy.checkpoints.list()] == [2, 3, 4]  # keep_last 3
     assert sync_ckpt["meta"]["iter"] == async_ckpt["meta"]["iter"]
+
+
+SLOW_DISK = """
+import sys, time
+from baton.checkpoint import background
+background.save = lambda obj, uri: time.sleep(120)  # a disk that does not finish
+background._save_in_child({"weights": 1}, sys.argv[1])
+print("writing", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_writer_ends_with_the_process_that_forked_it(tmp_path, signum):
+    # The OOM killer ends a training process mid-save: nobody is left to commit the
+    # write, and the writer must not live on alone.
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", SLOW_DISK, str(tmp_path / "epoch_0001.pth")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    writers: list[int] = []
+    try:
+        assert trainer.stdout.readline().strip() == "writing"
+        writers = children_of(trainer.pid)
+        assert len(writers) == 1
+        trainer.send_signal(signum)
+        trainer.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and alive(writers[0]):
+            time.sleep(0.05)
+        assert not alive(writers[0]), "the writer outlived the process that forked it"
+    finally:
+        trainer.kill()
+        trainer.wait()
+        for writer in writers:  # one that outlived it (the failure above) ends here
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(writer, signal.SIGKILL)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
