@@ -173,9 +173,9 @@ class Rank:
         return {"checkpoint": steps.save_epoch(self.pipeline, metrics, background=background)}
 
     def _progress(self):
-        """Rank 0 reports the iterations done (and the running metrics where every rank
-        reads them anyway: at the log interval, so that reading them is no extra
-        collective) at most every ``PROGRESS_EVERY_S``."""
+        """Rank 0 reports the iterations done and the running metrics at most every
+        ``PROGRESS_EVERY_S`` (with several processes, the metrics as of the last log
+        interval, where every rank reads them anyway: no extra collective)."""
         strategy = self.pipeline.strategy
         log_interval = self.pipeline.config.train.log_interval
         last = {"sent": 0.0, "running": {}}
@@ -186,6 +186,8 @@ class Rank:
             now = time.monotonic()
             if strategy.rank == 0 and now - last["sent"] >= PROGRESS_EVERY_S:
                 last["sent"] = now
+                if strategy.world_size == 1:  # no other rank to read them with: read now
+                    last["running"] = dict(running)
                 self.send(("progress", (last["running"], step)))
 
         return report

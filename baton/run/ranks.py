@@ -467,6 +467,9 @@ class RankedPipeline:
             self._moved({"position": interrupted.position})
             raise
         self._moved(answer)
+        if progress is not None:  # the last report: rank 0 reports at most every 0.5 s
+            running = {k.removeprefix("train/"): v for k, v in answer["metrics"].items()}
+            progress(running, self.strategy.step_in_epoch or self.epoch_length)
         return answer["metrics"]
 
     def evaluate(self) -> dict[str, float]:

@@ -167,3 +167,21 @@ def test_a_training_process_killed_mid_epoch_is_retried_and_the_run_stays_exact(
     reference_cfg = small_config(tmp_path / "reference", name="own", model=model)
     pl.run(validate(reference_cfg))  # its budget is spent: it does not die
     assert_same_training_result(final_checkpoint(reference_cfg), final_checkpoint(cfg))
+
+
+def test_the_progress_bar_of_a_forked_run_ends_full(tmp_path, monkeypatch, capfd):
+    # the training process reports at most every 0.5 s, its running loss with each: an
+    # epoch shorter than that ends with one last report, so the bar is full and ended
+    from baton import tasks
+    from baton.tasks.state import config_of, forget
+
+    monkeypatch.setenv("BATON_PROGRESS", "1")
+    config = small_config(tmp_path / "bar", name="bar")
+    state = tasks.prepare.fn(config, tasks.find_resume_point.fn(config))
+    try:
+        tasks.train_epoch.fn(config, state, 1)
+    finally:
+        forget(config_of(config))
+    bar = capfd.readouterr().err
+    assert "loss nan" not in bar  # the running loss comes with every report
+    assert re.search(r"\repoch 1/\d+ \[#{30}\] 8/8 loss \d+\.\d{4}\n", bar), bar
