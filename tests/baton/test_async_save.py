@@ -6,8 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from baton import CheckpointError
 from baton.config import load_config
 from baton.run import pipeline as pl
 
+from ..processes import children, wait_gone
 from .helpers import make_strategy
 from .test_config import base
 
@@ -117,36 +116,14 @@ def test_a_writer_ends_with_the_process_that_forked_it(tmp_path, signum):
     writers: list[int] = []
     try:
         assert trainer.stdout.readline().strip() == "writing"
-        writers = children_of(trainer.pid)
+        writers = children(trainer.pid)
         assert len(writers) == 1
         trainer.send_signal(signum)
         trainer.wait(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and alive(writers[0]):
-            time.sleep(0.05)
-        assert not alive(writers[0]), "the writer outlived the process that forked it"
+        assert not wait_gone(writers, timeout=10), "the writer outlived the process that forked it"
     finally:
         trainer.kill()
         trainer.wait()
         for writer in writers:  # one that outlived it (the failure above) ends here
             with contextlib.suppress(ProcessLookupError):
                 os.kill(writer, signal.SIGKILL)
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

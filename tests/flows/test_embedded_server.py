@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ..processes import children, wait_gone
 from .conftest import small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,34 +47,6 @@ def start_run(tmp_path, cfg, env, **popen) -> subprocess.Popen:
         env=env,
         **popen,
     )
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_gone(pids, timeout=30.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
 
 
 # A run log line on the console: "12:00:00.000 | INFO    | Task run 'train-epoch-1' - text".

@@ -18,6 +18,7 @@ from baton.flows.train import train_pipeline
 from baton.run import pipeline as pl
 
 from ..faults import forwards_so_far
+from ..processes import alive
 from .conftest import small_config
 from .helpers import (
     ROOT,
@@ -40,14 +41,6 @@ def run_log(cfg: dict) -> str:
     return "".join(p.read_text() for p in runs.rglob("*.log")) if runs.is_dir() else ""
 
 
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
 def reference(tmp_path: Path) -> dict:
     cfg = small_config(tmp_path / "reference", name="own")
     pl.run(validate(cfg))
@@ -60,7 +53,7 @@ def test_a_flow_trains_in_a_forked_process_and_ends_as_a_plain_run(prefect_harne
     log = run_log(cfg)
     pids = {int(pid) for pid in FORKED.findall(log)}
     assert pids and os.getpid() not in pids, log[-3000:]
-    assert all(gone(pid) for pid in pids), "a training process outlived its flow run"
+    assert all(not alive(pid) for pid in pids), "a training process outlived its flow run"
     # the engine's records, emitted in the training process, reach the run's log
     assert "saved checkpoint" in log and "epoch_0004.pth" in log
     assert_same_training_result(reference(tmp_path), final_checkpoint(cfg))
@@ -118,7 +111,7 @@ def test_openmp_workers_refuse_the_fork_and_the_child_is_stopped(threads):
     assert out.returncode == 0, out.stderr
     words = out.stdout.split()
     if threads == 1:
-        assert words[0] == "forked" and gone(int(words[1]))
+        assert words[0] == "forked" and not alive(int(words[1]))
     else:  # the child was made, found unsafe, stopped and reaped
         assert out.stdout.startswith("refused:") and "OpenMP" in out.stdout, out.stdout
         assert words[-1] == "None"
@@ -138,13 +131,13 @@ def test_a_sigkill_of_the_flow_process_alone_ends_its_training_process(tmp_path,
     try:
         assert wait_for(lambda: forwards_so_far(progress) >= 3, process)
         (pid,) = {int(p) for p in FORKED.findall(run_log(cfg))}
-        assert not gone(pid)
+        assert alive(pid)
         os.kill(process.pid, signal.SIGKILL)  # the flow's process only, not its group
         process.wait(timeout=30)
         deadline = time.monotonic() + 10
-        while not gone(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert gone(pid), "the training process outlived the flow's process"
+        assert not alive(pid), "the training process outlived the flow's process"
         before = forwards_so_far(progress)
         time.sleep(0.3)
         assert forwards_so_far(progress) == before, "training went on"
