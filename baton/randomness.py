@@ -109,7 +109,7 @@ def capture_rng_state() -> dict:
         },
         "torch": torch_state,
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # asked first: asking is_available() loads the driver
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -146,7 +146,7 @@ def _process_states() -> tuple:
     """Every global generator's state, as its library gives it: for putting back in this
     process (two swaps per pipeline step), not for a file (:func:`capture_rng_state`)."""
     cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # not is_available(): that loads CUDA's driver
         cuda = torch.cuda.get_rng_state_all()
     return cpu_rng_states(), cuda
 
