@@ -109,6 +109,9 @@ def cmd_run(args) -> int:
         cfg = load_config(args.config, _settings(args))  # exit 2 before any run starts
         # What the run will import anyway, loaded while the server boots.
         import baton.flows.train  # noqa: F401
+        from baton.run.own_process import training_process_setting
+
+        training_process_setting()  # the operator's, refused before any run starts too
 
         pipeline.preload()
         return cfg

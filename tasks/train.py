@@ -1,5 +1,6 @@
 """Task: train one epoch on the live pipeline, with an emergency checkpoint on SIGTERM."""
 
+import contextlib
 import os
 import sys
 import time
@@ -23,22 +24,26 @@ def _progress_printer(state: RunState, epoch: int):
     width = 30
     total = state.epoch_length
     last_drawn = [0.0]
+    ended = [False]
+    last_loss = [float("nan")]
 
-    def show(running: Mapping, step: int) -> None:
+    def show(running: Mapping, step: int, *, final: bool = False) -> None:
+        """Redraw the bar (at most every PROGRESS_REDRAW_S); a full bar, or the ``final``
+        call where the epoch ended or stopped, ends the line, once."""
         done = min(total, step)
         now = time.monotonic()
-        if done < total and now - last_drawn[0] < PROGRESS_REDRAW_S:
+        last = final or done == total
+        if ended[0] or (not last and now - last_drawn[0] < PROGRESS_REDRAW_S):
             return  # reading the loss waits for the device: not every iteration
         last_drawn[0] = now
+        ended[0] = last
         filled = int(width * done / total)
         bar = "#" * filled + "-" * (width - filled)
-        loss = running.get("loss", float("nan"))
-        sys.stderr.write(
-            f"\repoch {epoch}/{state.max_epochs} [{bar}] {done}/{total} loss {loss:.4f}"
-        )
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        loss = last_loss[0] = running.get("loss", last_loss[0])  # a stop reports none
+        line = f"\repoch {epoch}/{state.max_epochs} [{bar}] {done}/{total} loss {loss:.4f}"
+        with contextlib.suppress(OSError):  # a closed terminal never fails the epoch
+            sys.stderr.write(line + ("\n" if last else ""))
+            sys.stderr.flush()
 
     return show
 

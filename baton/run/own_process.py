@@ -65,6 +65,23 @@ def in_training_process() -> bool:
     return _IN_TRAINING_PROCESS
 
 
+def training_process_setting() -> str:
+    """The operator's ``BATON_TRAINING_PROCESS``: ``fork`` (the default, also when set
+    empty) or ``flow``.
+
+    Raises:
+        ConfigError: Any other value.
+    """
+    where = os.environ.get(TRAINING_PROCESS_ENV) or "fork"
+    if where not in ("fork", "flow"):
+        raise ConfigError(
+            f"{TRAINING_PROCESS_ENV} is {where!r}: set it to 'fork' (the default: a run on "
+            "one device trains in a process forked from the flow's, where that is safe) or "
+            "'flow' (it trains in the flow's process)"
+        )
+    return where
+
+
 def fork_refused() -> str | None:
     """Why training cannot be forked into a process of its own here (``None``: it may be;
     :meth:`TrainingProcess.start` makes the last check, which needs the fork itself).
@@ -72,14 +89,7 @@ def fork_refused() -> str | None:
     Raises:
         ConfigError: The operator's ``BATON_TRAINING_PROCESS`` is neither ``fork`` nor ``flow``.
     """
-    where = os.environ.get(TRAINING_PROCESS_ENV, "fork")
-    if where not in ("fork", "flow"):
-        raise ConfigError(
-            f"{TRAINING_PROCESS_ENV} is {where!r}: set it to 'fork' (the default: a run on "
-            "one device trains in a process forked from the flow's, where that is safe) or "
-            "'flow' (it trains in the flow's process)"
-        )
-    if where == "flow":
+    if training_process_setting() == "flow":
         return f"the operator's {TRAINING_PROCESS_ENV}=flow"
     if sys.platform != "linux":
         return f"a forked training process needs Linux, not {sys.platform}"

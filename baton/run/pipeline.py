@@ -17,9 +17,14 @@ from baton.config.schema import PipelineConfig
 from baton.experiment.folder import Experiment
 from baton.run import control, steps
 from baton.run.control import find_resume_point, plan_resume
-from baton.run.interrupt import StopRequest
+from baton.run.interrupt import StopRequest, TrainingInterrupted
 from baton.run.live import Pipeline, build_pipeline, preload
-from baton.run.own_process import ForkRefused, TrainingProcess, fork_refused
+from baton.run.own_process import (
+    ForkRefused,
+    TrainingProcess,
+    fork_refused,
+    training_process_setting,
+)
 from baton.run.ranks import RankedPipeline
 from baton.run.steps import (
     load_weights,
@@ -82,6 +87,8 @@ def restore(
             cfg, checkpoint, to_iter=to_iter, evaluated=evaluated, trust=trust_, group=group
         )
 
+    if own_process:
+        training_process_setting()  # a bad setting is refused whatever the run's size
     if cfg.launcher.nproc > 1:
         return in_processes()
     refused = fork_refused() if own_process else None
@@ -141,10 +148,29 @@ def restore_here(
 def train_until_stopped(
     pipeline: Pipeline | RankedPipeline, stop: StopRequest, *, progress=None
 ) -> dict[str, float]:
-    """Train the current epoch (see :func:`baton.run.steps.train_until_stopped`)."""
-    if isinstance(pipeline, RankedPipeline):
-        return pipeline.train_until_stopped(stop, progress=progress)
-    return steps.train_until_stopped(pipeline, stop, progress=progress)
+    """Train the current epoch (see :func:`baton.run.steps.train_until_stopped`).
+
+    ``progress(running, step)`` is called as training goes (from another process, at most
+    every ``rank_main.PROGRESS_EVERY_S``), and once more with ``final=True`` where the epoch
+    ends or stops, so that a display can show where it ended.
+    """
+    try:
+        if isinstance(pipeline, RankedPipeline):
+            metrics = pipeline.train_until_stopped(stop, progress=progress)
+        else:
+            metrics = steps.train_until_stopped(pipeline, stop, progress=progress)
+    except TrainingInterrupted:
+        _last_progress(pipeline, progress, {})
+        raise
+    _last_progress(pipeline, progress, metrics)
+    return metrics
+
+
+def _last_progress(pipeline: Pipeline | RankedPipeline, progress, metrics: dict) -> None:
+    if progress is not None:
+        running = {key.removeprefix("train/"): value for key, value in metrics.items()}
+        step = pipeline.strategy.step_in_epoch or pipeline.epoch_length
+        progress(running, step, final=True)
 
 
 def evaluate(pipeline: Pipeline | RankedPipeline) -> dict[str, float]:

@@ -158,12 +158,14 @@ class Rank:
             "pending_fork": self.pipeline.pending_fork is not None,
         }
 
-    def do_train(self) -> dict:
+    def do_train(self, reported: bool = True) -> dict:
+        """Train the epoch; with ``reported``, rank 0 sends its progress as it goes."""
         if dist.is_initialized():
             stop = AgreedStop(self.asked_to_stop, self.pipeline)
         else:
             stop = AskedStop(self.asked_to_stop)
-        metrics = steps.train_until_stopped(self.pipeline, stop, progress=self._progress())
+        progress = self._progress() if reported else None
+        metrics = steps.train_until_stopped(self.pipeline, stop, progress=progress)
         return {"position": self._position(), "metrics": metrics}
 
     def do_evaluate(self) -> dict:

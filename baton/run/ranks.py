@@ -462,14 +462,14 @@ class RankedPipeline:
                 progress(running, step)
 
         try:
-            answer = self.group.call("train", stop=stop, on_progress=on_progress)
+            # without a display, rank 0 reads no running metrics for it (a device sync)
+            answer = self.group.call(
+                "train", progress is not None, stop=stop, on_progress=on_progress
+            )
         except TrainingInterrupted as interrupted:
             self._moved({"position": interrupted.position})
             raise
         self._moved(answer)
-        if progress is not None:  # the last report: rank 0 reports at most every 0.5 s
-            running = {k.removeprefix("train/"): v for k, v in answer["metrics"].items()}
-            progress(running, self.strategy.step_in_epoch or self.epoch_length)
         return answer["metrics"]
 
     def evaluate(self) -> dict[str, float]:

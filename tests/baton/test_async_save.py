@@ -95,21 +95,30 @@ def test_pipeline_with_async_saves_ends_equal_to_sync_saves(tmp_path):
 
 
 SLOW_DISK = """
-import sys, time
+import sys, threading, time
 from baton.checkpoint import background
 background.save = lambda obj, uri: time.sleep(120)  # a disk that does not finish
-background._save_in_child({"weights": 1}, sys.argv[1])
+save = lambda: background._save_in_child({"weights": 1}, sys.argv[1])
+if sys.argv[2] == "thread":  # forked from a thread that ends: the kernel's signal cannot serve
+    forker = threading.Thread(target=save)
+    forker.start()
+    forker.join()
+else:
+    save()
 print("writing", flush=True)
 time.sleep(120)
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
-def test_a_writer_ends_with_the_process_that_forked_it(tmp_path, signum):
+@pytest.mark.parametrize(
+    ("forked_from", "signum"),
+    [("main", signal.SIGKILL), ("main", signal.SIGTERM), ("thread", signal.SIGKILL)],
+)
+def test_a_writer_ends_with_the_process_that_forked_it(tmp_path, forked_from, signum):
     # The OOM killer ends a training process mid-save: nobody is left to commit the
     # write, and the writer must not live on alone.
     trainer = subprocess.Popen(
-        [sys.executable, "-c", SLOW_DISK, str(tmp_path / "epoch_0001.pth")],
+        [sys.executable, "-c", SLOW_DISK, str(tmp_path / "epoch_0001.pth"), forked_from],
         stdout=subprocess.PIPE,
         text=True,
     )

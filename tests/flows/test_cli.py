@@ -56,6 +56,17 @@ def test_run_with_bad_override_exits_2(tmp_path, capsys):
     assert "train.max_epochs" in capsys.readouterr().err
 
 
+def test_run_with_a_bad_training_process_setting_exits_2_before_any_run(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("BATON_TRAINING_PROCESS", "thread")
+    path = write(tmp_path, small_config(tmp_path / "wd"))
+    assert main(["run", path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "BATON_TRAINING_PROCESS is 'thread': set it to" in err
+    assert not (tmp_path / "wd").exists()  # nothing started, nothing written
+
+
 def test_ckpt_list_and_inspect(tmp_path, capsys):
     cfg = small_config(tmp_path / "wd", **{"train.max_epochs": 2})
     _, ref = pl.run(validate(cfg))

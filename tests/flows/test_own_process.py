@@ -76,8 +76,9 @@ def test_an_unknown_training_process_setting_is_refused_in_one_line(monkeypatch)
     monkeypatch.setenv("BATON_TRAINING_PROCESS", "thread")
     with pytest.raises(ConfigError, match=r"^BATON_TRAINING_PROCESS is 'thread': set it to "):
         pl.fork_refused()
-    monkeypatch.setenv("BATON_TRAINING_PROCESS", "fork")  # the default: where it is safe
-    assert "BATON_TRAINING_PROCESS" not in (pl.fork_refused() or "")
+    for default in ("fork", ""):  # set empty, as to unset it: the default, where it is safe
+        monkeypatch.setenv("BATON_TRAINING_PROCESS", default)
+        assert "BATON_TRAINING_PROCESS" not in (pl.fork_refused() or "")
 
 
 PROBE = """
@@ -166,15 +167,32 @@ def test_the_progress_bar_of_a_forked_run_ends_full(tmp_path, monkeypatch, capfd
     # the training process reports at most every 0.5 s, its running loss with each: an
     # epoch shorter than that ends with one last report, so the bar is full and ended
     from baton import tasks
-    from baton.tasks.state import config_of, forget
+    from baton.tasks.state import config_of, forget, live_pipeline
 
     monkeypatch.setenv("BATON_PROGRESS", "1")
     config = small_config(tmp_path / "bar", name="bar")
     state = tasks.prepare.fn(config, tasks.find_resume_point.fn(config))
     try:
+        pipeline, _ = live_pipeline(config_of(config), state)
+        assert "forked from this one" in pipeline.trains_in
         tasks.train_epoch.fn(config, state, 1)
     finally:
         forget(config_of(config))
     bar = capfd.readouterr().err
     assert "loss nan" not in bar  # the running loss comes with every report
+    assert bar.count("\n") == 1 and bar.count("8/8") == 1  # the full bar, drawn once
     assert re.search(r"\repoch 1/\d+ \[#{30}\] 8/8 loss \d+\.\d{4}\n", bar), bar
+
+
+def test_the_progress_bar_ends_its_line_once_where_an_epoch_stops(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from baton.tasks.train import _progress_printer
+
+    monkeypatch.setenv("BATON_PROGRESS", "1")
+    show = _progress_printer(SimpleNamespace(epoch_length=8, max_epochs=4), 2)
+    show({"loss": 0.5}, 3)
+    show({}, 5, final=True)  # a stop: no metrics come with it; the last loss stays shown
+    show({"loss": 0.1}, 8)  # nothing after the line ended
+    bar = capsys.readouterr().err
+    assert bar.endswith("5/8 loss 0.5000\n") and bar.count("\n") == 1, repr(bar)
