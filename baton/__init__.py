@@ -4,7 +4,7 @@ The engine: no Prefect here. ``tasks`` and ``flows`` build on it. Its packages, 
 importing only those before it (``tests/test_layering.py``, ``docs/architecture.md``):
 ``trust``, ``checkpoint``, ``experiment``, ``data``, ``optim``, ``build``, ``engine``,
 ``config``, ``run``; beside them the small modules every package may use: ``errors``,
-``randomness``, ``kinds``, ``models``, ``markdown``.
+``lifetime``, ``randomness``, ``kinds``, ``models``, ``markdown``.
 """
 
 from baton import _moved

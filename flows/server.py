@@ -23,11 +23,9 @@ the run is killed, so it never outlives its run.
 
 import atexit
 import contextlib
-import ctypes
 import errno
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from baton.flows.run_record import RunRecord, missing_from, recording
+from baton.lifetime import die_with_parent
 
 STARTUP_TIMEOUT_S = 120.0
 # How long a finished run waits for the server to record it. Normally well under a
@@ -52,7 +51,6 @@ _PORT_ATTEMPTS = 5
 # The event persister writes its queue every 5 s by default: each run would end with
 # up to 5 s of waiting for its last events.
 _SERVER_SETTINGS = {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.25"}
-_PR_SET_PDEATHSIG = 1
 
 
 def _free_port() -> int:
@@ -68,11 +66,6 @@ def _port_taken(port: int) -> bool:
         except OSError as err:
             return err.errno == errno.EADDRINUSE
         return False
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedServer:
@@ -127,7 +120,8 @@ class EmbeddedServer:
             ],
             env=env,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            # in the child between fork and exec: SIGTERM when this process dies
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
 
     def wait_until_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:

@@ -28,7 +28,7 @@ PACKAGES = (
     "run",
 )
 # Small modules below every package: they import no package of baton.
-SHARED = ("_version", "_moved", "errors", "randomness", "kinds", "models", "markdown")
+SHARED = ("_version", "_moved", "errors", "lifetime", "randomness", "kinds", "models", "markdown")
 
 
 def _imports(path: Path) -> set[str]:

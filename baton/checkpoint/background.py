@@ -3,12 +3,10 @@
 while the bytes reach the disk."""
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -17,6 +15,7 @@ import torch
 from baton.checkpoint.atomic import _remove_temporaries_of, save
 from baton.checkpoint.location import is_local, local_path
 from baton.errors import CheckpointError
+from baton.lifetime import end_with_parent
 
 
 def _clone_tensors(value: Any) -> Any:
@@ -27,27 +26,6 @@ def _clone_tensors(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_clone_tensors(v) for v in value)
     return value
-
-
-# How often a writer looks whether the process that forked it is still there.
-PARENT_CHECK_S = 0.5
-_PR_SET_PDEATHSIG = 1
-
-
-def _end_with(parent: int, from_main_thread: bool) -> None:
-    """In the writer: end when the process that forked it ends (the OOM killer, a
-    SIGKILL). Only that process commits what was written; a write it can no longer
-    commit is of no use, and the writer would otherwise live on alone."""
-    if from_main_thread:  # the kernel's signal follows the thread that forked
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    def watch() -> None:  # however the parent ended (and wherever it forked from)
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="baton-writer-watch", daemon=True).start()
 
 
 def _save_in_child(obj: dict, uri: str) -> Future:
@@ -64,7 +42,9 @@ def _save_in_child(obj: dict, uri: str) -> Future:
             os.close(read_fd)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
-            _end_with(parent, from_main_thread)
+            # Only the parent commits what is written: a writer whose parent ended (the
+            # OOM killer) writes for nobody, and must not live on alone.
+            end_with_parent(parent, from_main_thread=from_main_thread, exit_code=1)
             size, digest = save(obj, uri)
             os.write(write_fd, json.dumps({"size": size, "sha256": digest}).encode())
             code = 0

@@ -24,7 +24,7 @@ run trains in this process as before, and says why in the log; so it does where 
 operator set ``BATON_TRAINING_PROCESS=flow`` (a platform where forking misbehaves).
 
 In the child: SIGKILL when the flow's process dies (and, should that signal not come, an
-exit within ``PARENT_CHECK_S``); the flow's process group kept (a
+exit within ``baton.lifetime.PARENT_CHECK_S``); the flow's process group kept (a
 SIGKILL to the group ends the child and its loader workers with the flow), but SIGTERM and
 SIGINT ignored (a cancel, a Ctrl-C or a preemption notice is for the flow, which passes a
 stop on: the child writes the emergency checkpoint); its log records sent to the flow's
@@ -45,14 +45,13 @@ from multiprocessing import Pipe
 import torch
 
 from baton.errors import ConfigError
+from baton.lifetime import end_with_parent
 from baton.run import ranks
 
 # The operator's choice: "fork" (the default: where it is safe) or "flow" (never fork).
 TRAINING_PROCESS_ENV = "BATON_TRAINING_PROCESS"
 # How many more times the threads are looked at, 20 ms apart, before a fork is refused.
 THREAD_CHECKS = 5
-# How often the training process looks whether its parent is still there.
-PARENT_CHECK_S = 0.5
 # How long a closed training process may take to finish a background save and end.
 EXIT_TIMEOUT_S = 120
 
@@ -285,19 +284,7 @@ def _become_trainer(parent: int, from_main_thread: bool) -> None:
     """Set up the forked child (see the module docstring)."""
     global _IN_TRAINING_PROCESS
     _IN_TRAINING_PROCESS = True
-    if from_main_thread:
-        # The kernel's signal follows the thread that forked: from another thread, it
-        # would end the child when that thread ends, with the process alive.
-        ranks.die_with_parent(signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the setting took
-        os._exit(ranks.DRIVER_GONE)
-
-    def watch() -> None:  # the parent's end, however it came (the signal may not)
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_S)
-        os._exit(ranks.DRIVER_GONE)
-
-    threading.Thread(target=watch, name="baton-parent-watch", daemon=True).start()
+    end_with_parent(parent, from_main_thread=from_main_thread, exit_code=ranks.DRIVER_GONE)
     # The child stays in the flow's process group, so that a SIGKILL to the group ends it
     # (and its loader workers) as it ends the flow; the group's termination requests are
     # for the flow, which passes a stop on, so the child ignores them.

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from baton.checkpoint.ref import CheckpointRef
 from baton.config import validate
+from baton.lifetime import die_with_parent
 from baton.run import pipeline as pl
 from baton.run import ranks, steps
 from baton.run.interrupt import StopRequest, TrainingInterrupted
@@ -215,7 +216,7 @@ def _describe(err: BaseException) -> tuple[str, str, str, str]:
 
 def main() -> None:
     """Connect to the driver, then serve its commands until ``exit``."""
-    ranks.die_with_parent(signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)  # not Linux: a rank still exits on its EOF
     host, port = os.environ[ranks.ADDRESS_ENV].rsplit(":", 1)
     authkey = bytes.fromhex(os.environ.pop(ranks.AUTHKEY_ENV))
     connection = Client((host, int(port)), authkey=authkey)

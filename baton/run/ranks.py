@@ -28,7 +28,6 @@ What ends the ranks, in every case:
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import queue
@@ -50,6 +49,7 @@ from baton.checkpoint.ref import CheckpointRef
 from baton.config.schema import PipelineConfig
 from baton.errors import RankFailedError
 from baton.experiment.folder import Experiment
+from baton.lifetime import PR_SET_PDEATHSIG
 from baton.run.interrupt import StopRequest, TrainingInterrupted
 from baton.trust.allowances import Trust
 
@@ -68,7 +68,6 @@ POLL_S = 0.1
 # Exit code of a rank whose driver went away.
 DRIVER_GONE = 70
 
-_PR_SET_PDEATHSIG = 1
 # ``python -c _LAUNCH TORCHRUN-ARGS``: torchrun, set to get SIGTERM when the driver dies.
 # The setting survives ``exec``; it is made in the child itself because a ``preexec_fn``
 # is not safe in a driver that runs threads (Prefect's), and with nothing imported first,
@@ -76,20 +75,11 @@ _PR_SET_PDEATHSIG = 1
 _LAUNCH = (
     "import ctypes, os, signal, sys\n"
     "try:\n"
-    f"    ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0)\n"
+    f"    ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0)\n"
     "except (OSError, AttributeError):\n"
     "    pass\n"
     "os.execv(sys.executable, [sys.executable, '-m', 'torch.distributed.run', *sys.argv[1:]])\n"
 )
-
-
-def die_with_parent(signum: int = signal.SIGTERM) -> None:
-    """Have the kernel send ``signum`` to this process when its parent dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the ranks still exit on their EOF
-        pass
 
 
 @dataclass
