@@ -71,8 +71,8 @@ class _HashingWriter(io.RawIOBase):
     tensors being saved, which are the storages of the object itself), so a write
     returns without waiting for its hash; otherwise every write waits for its pieces.
     Writes under ``INLINE`` are hashed in this thread when nothing waits in the helper's
-    queue; other small writes are copied, so their buffers may be reused at once. With ``fd``, disk
-    writeback starts every ``WRITEBACK_EVERY`` bytes, so the disk works while the hash
+    queue; other small writes are copied, so their buffers may be reused at once. With
+    ``fd``, disk writeback starts every ``WRITEBACK_EVERY`` bytes, so the disk works while the hash
     is computed and the final fsync has little left to do.
     """
 

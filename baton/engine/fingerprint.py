@@ -2,12 +2,12 @@
 
 Every checkpoint a strategy writes carries ``meta['environment']``
 (:func:`environment_fingerprint`): torch's version and build (CPU, CUDA or ROCm), cuDNN,
-the device, the CPU kernels torch dispatches to and its thread count, the determinism flags, Python, numpy,
-baton, the config hash and the world size. A resume or a verification compares the
-checkpoint's with the live one (:func:`fingerprint_changes`): a change in a field of
-:data:`BREAKS_BITWISE` means a continued run cannot be bitwise equal to an uninterrupted
-one, and the caller says so, naming the field. ``docs/resume.md`` says why each field
-matters or not.
+the device, the CPU kernels torch dispatches to and its thread count, the determinism
+flags, Python, numpy, baton, the config hash and the world size. A resume or a
+verification compares the checkpoint's with the live one (:func:`fingerprint_changes`):
+a change in a field of :data:`BREAKS_BITWISE` means a continued run cannot be bitwise
+equal to an uninterrupted one, and the caller says so, naming the field.
+``docs/resume.md`` says why each field matters or not.
 
 Old checkpoints (and mmengine's) have no fingerprint: nothing is compared, and nothing is
 refused for it.
