@@ -67,6 +67,7 @@ def config(
     epochs: int,
     hidden: int = 512,
     interval_iters: int | None = None,
+    async_save: bool = False,
 ) -> dict:
     return load_config(
         {
@@ -90,7 +91,11 @@ def config(
             },
             "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.01, "momentum": 0.9}},
             "train": {"max_epochs": epochs, "log_interval": 1000},
-            "checkpoint": {"keep_last": None, "interval_iters": interval_iters},
+            "checkpoint": {
+                "keep_last": None,
+                "interval_iters": interval_iters,
+                "async_save": async_save,
+            },
         }
     ).model_dump(mode="json")
 
@@ -285,6 +290,12 @@ def main() -> None:
         action="store_true",
         help="train in the flow's process (BATON_TRAINING_PROCESS=flow), for comparison",
     )
+    parser.add_argument(
+        "--async-save",
+        action="store_true",
+        help="the flow saves in the background (checkpoint.async_save): training waits for "
+        "a snapshot only",
+    )
     parser.add_argument("--plain-loop", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_flow_process:
@@ -323,6 +334,7 @@ def main() -> None:
                     args.epochs,
                     args.hidden,
                     args.interval_iters,
+                    args.async_save,
                 ),
                 return_state=True,
             )
@@ -367,6 +379,8 @@ def main() -> None:
         + (f", a checkpoint every {args.interval_iters} iterations" if args.interval_iters else "")
     )
     print(f"  server: {args.api_url or 'embedded (as baton run launches it)'}")
+    if args.async_save:
+        print("  flow's saves: in the background (checkpoint.async_save)")
     print(
         "  training: "
         + (

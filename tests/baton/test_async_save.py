@@ -6,12 +6,16 @@ import os
 import signal
 import subprocess
 import sys
+from collections import OrderedDict, defaultdict, namedtuple
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from baton import CheckpointError
+from baton.checkpoint import background
 from baton.config import load_config
 from baton.run import pipeline as pl
 
@@ -34,7 +38,22 @@ def step(strategy):
     strategy.optim_wrapper.zero_grad()
 
 
-def test_file_holds_the_state_at_the_call_while_training_goes_on(work_dir):
+@pytest.fixture(params=["copy", "fork"])
+def writer(request, monkeypatch):
+    """Each way a background save is written: a thread writing a copy (a state up to
+    ``COPY_BELOW_BYTES``) or a forked child (a larger one)."""
+    if request.param == "fork":
+        monkeypatch.setattr(background, "COPY_BELOW_BYTES", -1)
+    else:
+        monkeypatch.setattr(background, "_save_in_child", _no_fork)
+    return request.param
+
+
+def _no_fork(obj, uri):
+    raise AssertionError("a small state was written by a forked child")
+
+
+def test_file_holds_the_state_at_the_call_while_training_goes_on(work_dir, writer):
     strategy = prepared(work_dir)
     step(strategy)
     expected = {k: v.clone() for k, v in strategy.model.state_dict().items()}
@@ -77,7 +96,42 @@ def test_a_failed_background_write_commits_nothing(work_dir, tmp_path, caplog):
     assert strategy.wait_for_checkpoints() is None
 
 
-def test_pipeline_with_async_saves_ends_equal_to_sync_saves(tmp_path):
+def test_a_small_state_is_copied_a_large_one_forked(work_dir, monkeypatch):
+    strategy = prepared(work_dir)  # 33 KB of weights and momentum
+    forks = []
+    real = background._save_in_child
+    monkeypatch.setattr(background, "_save_in_child", lambda o, u: forks.append(u) or real(o, u))
+    strategy.save_checkpoint_async("epoch_0001.pth").result()
+    assert forks == []
+    monkeypatch.setattr(background, "COPY_BELOW_BYTES", 16 * 1024)
+    strategy.save_checkpoint_async("epoch_0002.pth").result()
+    assert [Path(u).name for u in forks] == ["epoch_0002.pth"]
+
+
+def test_the_copy_is_one_training_cannot_change():
+    weights = OrderedDict(w=torch.ones(3))
+    weights._metadata = {"": {"version": 1}}  # what a module's state dict carries
+    Pair = namedtuple("Pair", "a b")
+    state = {
+        "state_dict": weights,
+        "pair": Pair(torch.zeros(2), [1, 2]),
+        "counts": defaultdict(int, seen=1),
+        "array": np.arange(3),
+        "name": "epoch",
+    }
+    copied = background._snapshot(state)
+    weights["w"].add_(1)
+    state["pair"].b.append(3)
+    state["counts"]["seen"] += 1
+    state["array"][0] = 7
+    assert torch.equal(copied["state_dict"]["w"], torch.ones(3))
+    assert copied["state_dict"]._metadata == {"": {"version": 1}}
+    assert isinstance(copied["pair"], Pair) and copied["pair"].b == [1, 2]
+    assert isinstance(copied["counts"], defaultdict) and copied["counts"]["seen"] == 1
+    assert copied["array"].tolist() == [0, 1, 2]
+
+
+def test_pipeline_with_async_saves_ends_equal_to_sync_saves(tmp_path, writer):
     def run(name, async_save):
         data = base()
         data.update(work_dir=str(tmp_path / name))
