@@ -397,6 +397,12 @@ def main() -> None:
         f"    ratio of medians (flow / plain): {median(flow_epoch) / median(loop_epoch):.3f} "
         "(target <= 1.02)"
     )
+    # Each flow against the plain run next to it: a drift of the machine's speed between
+    # repeats cancels out of a pair.
+    epoch_pairs = [f / lp for f, lp in zip(flow_epoch, loop_epoch, strict=True)]
+    print(
+        f"    paired ratios: {[round(r, 3) for r in epoch_pairs]}, median {median(epoch_pairs):.3f}"
+    )
     print(
         f"    noise: the plain script's epochs spread over {100 * spread(loop_epoch):.1f} % of "
         "their median across its runs; a ratio closer to 1 than that is not a difference "
