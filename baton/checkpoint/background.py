@@ -32,6 +32,8 @@ _IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), torch.dtype, to
 def _tensor_bytes(value: Any) -> int:
     """The bytes of the tensors in ``value`` (their storages: a view counts its base's)."""
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_quantized:
+            return value.element_size() * value.numel()
         return value.untyped_storage().nbytes()
     if isinstance(value, dict):
         return sum(_tensor_bytes(v) for v in value.values())
@@ -40,25 +42,38 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def _snapshot(value: Any) -> Any:
-    """A copy of ``value`` that training cannot change: tensors cloned, containers rebuilt
-    (a dict keeps its type and attributes, such as a state dict's ``_metadata``), anything
-    else mutable deep-copied."""
+def _snapshot(value: Any, storages: dict | None = None) -> Any:
+    """A copy of ``value`` that training cannot change, written as ``torch.save`` would
+    write ``value``: each storage copied once, and the tensors on it (tied weights, views)
+    rebuilt on the copy; containers rebuilt (a dict keeps its type and attributes, such as
+    a state dict's ``_metadata``); anything else mutable deep-copied."""
+    storages = {} if storages is None else storages
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return _copy_tensor(value, storages)
     if isinstance(value, dict):
         copied = copy.copy(value)
         for key, item in value.items():
-            copied[key] = _snapshot(item)
+            copied[key] = _snapshot(item, storages)
         return copied
     if isinstance(value, list):
-        return [_snapshot(item) for item in value]
+        return [_snapshot(item, storages) for item in value]
     if isinstance(value, tuple):
-        items = [_snapshot(item) for item in value]
+        items = [_snapshot(item, storages) for item in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, _IMMUTABLE):
         return value
     return copy.deepcopy(value)
+
+
+def _copy_tensor(tensor: torch.Tensor, storages: dict) -> torch.Tensor:
+    if tensor.layout != torch.strided or tensor.is_quantized:  # no plain storage to share
+        return tensor.detach().clone()
+    storage = tensor.untyped_storage()
+    key = (storage.device, storage.data_ptr())
+    if key not in storages:
+        storages[key] = storage.clone()
+    copied = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return copied.set_(storages[key], tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def _save_in_child(obj: dict, uri: str) -> Future:

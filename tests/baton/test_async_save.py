@@ -2,6 +2,7 @@
 call; the manifest learns of it only once it is complete."""
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -106,6 +107,38 @@ def test_a_small_state_is_copied_a_large_one_forked(work_dir, monkeypatch):
     monkeypatch.setattr(background, "COPY_BELOW_BYTES", 16 * 1024)
     strategy.save_checkpoint_async("epoch_0002.pth").result()
     assert [Path(u).name for u in forks] == ["epoch_0002.pth"]
+
+
+def test_the_copy_is_written_as_torch_save_writes_the_state():
+    tied = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    tied[1].weight = tied[0].weight
+    base = torch.arange(10.0)
+    state = {
+        "model": tied.state_dict(),
+        "whole": base,
+        "window": base[2:5],
+        "sparse": base.to_sparse(),
+    }
+    copied = background._snapshot(state)
+    base[3] = 100.0
+
+    written = torch_saved(copied)
+    assert len(written) == len(torch_saved(state))  # one storage for the tied pair, as before
+    loaded = torch.load(io.BytesIO(written), weights_only=True)
+    first, second = loaded["model"]["0.weight"], loaded["model"]["1.weight"]
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    assert loaded["window"].tolist() == [2.0, 3.0, 4.0]
+    assert (
+        loaded["window"].untyped_storage().data_ptr()
+        == loaded["whole"].untyped_storage().data_ptr()
+    )
+    assert loaded["sparse"].to_dense()[3] == 3.0
+
+
+def torch_saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def test_the_copy_is_one_training_cannot_change():
