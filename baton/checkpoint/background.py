@@ -17,6 +17,7 @@ from baton.checkpoint.atomic import _remove_temporaries_of, save
 from baton.checkpoint.location import is_local, local_path
 from baton.errors import CheckpointError
 from baton.lifetime import end_with_parent
+from baton.trust.quotas import estimate_bytes
 
 # A state up to this size is copied and written by a thread: copying it costs less than a
 # fork, which copies the page tables of the whole process (torch and the data included), and
@@ -27,19 +28,6 @@ from baton.lifetime import end_with_parent
 COPY_BELOW_BYTES = 64 * 2**20
 
 _IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
-
-
-def _tensor_bytes(value: Any) -> int:
-    """The bytes of the tensors in ``value`` (their storages: a view counts its base's)."""
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.is_quantized:
-            return value.element_size() * value.numel()
-        return value.untyped_storage().nbytes()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
 
 
 def _snapshot(value: Any, storages: dict | None = None) -> Any:
@@ -66,8 +54,10 @@ def _snapshot(value: Any, storages: dict | None = None) -> Any:
 
 
 def _copy_tensor(tensor: torch.Tensor, storages: dict) -> torch.Tensor:
-    if tensor.layout != torch.strided or tensor.is_quantized:  # no plain storage to share
-        return tensor.detach().clone()
+    if not tensor.is_cpu:  # copied to the host now, in the caller's stream order
+        return tensor.detach().to("cpu")
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_conj() or tensor.is_neg():
+        return tensor.detach().clone()  # no plain storage to share, or a lazy conjugate/negation
     storage = tensor.untyped_storage()
     key = (storage.device, storage.data_ptr())
     if key not in storages:
@@ -140,9 +130,19 @@ def save_in_background(obj: dict, uri: str) -> Future:
     POSIX systems and to a local file, is written by a forked child from its copy-on-write
     view of memory (the call costs a fork); elsewhere a thread writes a copy.
     """
-    if hasattr(os, "fork") and is_local(uri) and _tensor_bytes(obj) > COPY_BELOW_BYTES:
+    can_fork = hasattr(os, "fork") and is_local(uri)
+    if can_fork and estimate_bytes(obj) > COPY_BELOW_BYTES:
         return _save_in_child(obj, uri)
-    snapshot = _snapshot(obj)
+    try:
+        snapshot = _snapshot(obj)
+    except Exception as err:  # something pickle takes and deepcopy does not
+        if can_fork:
+            return _save_in_child(obj, uri)
+        failed: Future = Future()
+        failed.set_exception(
+            CheckpointError(f"background save of {uri} failed: could not copy the state: {err}")
+        )
+        return failed
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-save")
     future = pool.submit(_save_copy, snapshot, uri)
     pool.shutdown(wait=False)

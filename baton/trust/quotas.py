@@ -456,6 +456,8 @@ def estimate_bytes(obj: Any) -> int:
         elif isinstance(value, (list, tuple)):
             for item in value:
                 walk(item)
+        elif hasattr(value, "__array_interface__"):  # a numpy array, pickled whole
+            storages[(id(value),)] = int(getattr(value, "nbytes", 0))
 
     walk(obj)
     return sum(storages.values()) + SAVE_OVERHEAD

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import OrderedDict, defaultdict, namedtuple
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from baton.config import load_config
 from baton.run import pipeline as pl
 
 from ..processes import children, wait_gone
-from .helpers import make_strategy
+from .helpers import assert_bitwise_equal, make_strategy
 from .test_config import base
+from .test_pipeline import cfg_for
 
 
 def prepared(work_dir):
@@ -54,18 +56,47 @@ def _no_fork(obj, uri):
     raise AssertionError("a small state was written by a forked child")
 
 
-def test_file_holds_the_state_at_the_call_while_training_goes_on(work_dir, writer):
+def test_file_holds_the_state_at_the_call_while_training_goes_on(work_dir, writer, monkeypatch):
     strategy = prepared(work_dir)
     step(strategy)
     expected = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    momentum = [
+        s["momentum_buffer"].clone() for s in strategy.optim_wrapper.optimizer.state.values()
+    ]
+    trained = threading.Event()
+    if writer == "copy":  # the thread writes only once training has changed everything
+        write = background.save
+        monkeypatch.setattr(background, "save", lambda o, u: trained.wait(60) and write(o, u))
     future = strategy.save_checkpoint_async("epoch_0001.pth")
-    for _ in range(20):  # change every weight while the child writes
+    for _ in range(20):  # change every weight while the writer writes
         step(strategy)
+    trained.set()
     ref = future.result()
-    saved = torch.load(ref.uri, weights_only=True)["state_dict"]
-    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    saved = torch.load(ref.uri, weights_only=True)
+    assert all(torch.equal(saved["state_dict"][k], expected[k]) for k in expected)
+    buffers = [s["momentum_buffer"] for s in saved["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(buffers, momentum, strict=True))
     assert not torch.equal(strategy.model.weight, expected["weight"])
     assert strategy.checkpoints.latest() == ref
+
+
+def test_a_run_resumed_from_a_background_save_equals_an_uninterrupted_one(tmp_path, writer):
+    cfg = cfg_for(tmp_path, "train.max_epochs=4", "checkpoint.async_save=true")
+    straight, _ = pl.run(cfg_for(tmp_path / "straight", "train.max_epochs=4"))
+    first = pl.build_pipeline(cfg)
+    pl.save(first, pl.train_one_epoch(first))
+    writing = pl.save(first, pl.train_one_epoch(first), background=True)
+    pl.train_one_epoch(first)  # training goes on while the epoch-2 checkpoint is written
+    ref = writing.result()
+    assert ref.epoch == 2
+    second = pl.build_pipeline(cfg)
+    pl.resume(second, ref)
+    pl.train_one_epoch(second)
+    pl.train_one_epoch(second)
+    assert_bitwise_equal(second.strategy.model.state_dict(), straight.strategy.model.state_dict())
+    assert str(second.strategy.optim_wrapper.state_dict()) == str(
+        straight.strategy.optim_wrapper.state_dict()
+    )
 
 
 def test_one_save_at_a_time_and_sync_save_waits(work_dir):
@@ -82,7 +113,7 @@ def test_one_save_at_a_time_and_sync_save_waits(work_dir):
     ]
 
 
-def test_a_failed_background_write_commits_nothing(work_dir, tmp_path, caplog):
+def test_a_failed_background_write_commits_nothing(work_dir, tmp_path, caplog, writer):
     strategy = prepared(work_dir)
     ref = strategy.save_checkpoint("epoch_0001.pth")
     blocker = tmp_path / "not-a-dir"
@@ -118,6 +149,8 @@ def test_the_copy_is_written_as_torch_save_writes_the_state():
         "whole": base,
         "window": base[2:5],
         "sparse": base.to_sparse(),
+        "conjugate": torch.tensor([1 + 2j]).conj(),
+        "negative": torch.tensor([1 + 2j]).conj().imag,
     }
     copied = background._snapshot(state)
     base[3] = 100.0
@@ -133,6 +166,24 @@ def test_the_copy_is_written_as_torch_save_writes_the_state():
         == loaded["whole"].untyped_storage().data_ptr()
     )
     assert loaded["sparse"].to_dense()[3] == 3.0
+    assert loaded["conjugate"].tolist() == [1 - 2j] and loaded["negative"].tolist() == [-2.0]
+
+
+class _RefusesACopy:
+    """Pickled as usual; copying it fails (as for an object holding a non-leaf tensor)."""
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError("cannot be copied")
+
+
+def test_a_state_that_cannot_be_copied_is_written_by_a_child(work_dir, monkeypatch):
+    forks = []
+    real = background._save_in_child
+    monkeypatch.setattr(background, "_save_in_child", lambda o, u: forks.append(u) or real(o, u))
+    target = str(work_dir / "odd.pth")
+    obj = {"weights": torch.ones(2), "odd": _RefusesACopy()}
+    size, digest = background.save_in_background(obj, target).result()
+    assert forks == [target] and size == os.path.getsize(target) and len(digest) == 64
 
 
 def torch_saved(obj) -> bytes:
