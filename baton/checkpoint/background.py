@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+from torch import nn
 
 from baton.checkpoint.atomic import _remove_temporaries_of, save
 from baton.checkpoint.location import is_local, local_path
@@ -54,10 +55,19 @@ def _snapshot(value: Any, storages: dict | None = None) -> Any:
 
 
 def _copy_tensor(tensor: torch.Tensor, storages: dict) -> torch.Tensor:
+    """A copy of ``tensor`` on the copy of its storage, saved as ``tensor`` is (a
+    parameter stays one; ``requires_grad`` is kept)."""
+    copied = _copy_data(tensor.detach(), storages)
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(copied, requires_grad=tensor.requires_grad)
+    return copied.requires_grad_() if tensor.requires_grad else copied
+
+
+def _copy_data(tensor: torch.Tensor, storages: dict) -> torch.Tensor:
     if not tensor.is_cpu:  # copied to the host now, in the caller's stream order
-        return tensor.detach().to("cpu")
+        return tensor.to("cpu")
     if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_conj() or tensor.is_neg():
-        return tensor.detach().clone()  # no plain storage to share, or a lazy conjugate/negation
+        return tensor.clone()  # no plain storage to share, or a lazy conjugate/negation
     storage = tensor.untyped_storage()
     key = (storage.device, storage.data_ptr())
     if key not in storages:

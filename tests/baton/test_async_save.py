@@ -151,12 +151,15 @@ def test_the_copy_is_written_as_torch_save_writes_the_state():
         "sparse": base.to_sparse(),
         "conjugate": torch.tensor([1 + 2j]).conj(),
         "negative": torch.tensor([1 + 2j]).conj().imag,
+        "parameter": nn.Parameter(torch.ones(2)),
+        "leaf": torch.ones(2, requires_grad=True),
     }
     copied = background._snapshot(state)
     base[3] = 100.0
 
     written = torch_saved(copied)
-    assert len(written) == len(torch_saved(state))  # one storage for the tied pair, as before
+    # one storage for the tied pair, as before the copy
+    assert len(torch_saved(copied["model"])) == len(torch_saved(state["model"]))
     loaded = torch.load(io.BytesIO(written), weights_only=True)
     first, second = loaded["model"]["0.weight"], loaded["model"]["1.weight"]
     assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
@@ -167,6 +170,8 @@ def test_the_copy_is_written_as_torch_save_writes_the_state():
     )
     assert loaded["sparse"].to_dense()[3] == 3.0
     assert loaded["conjugate"].tolist() == [1 - 2j] and loaded["negative"].tolist() == [-2.0]
+    assert isinstance(loaded["parameter"], nn.Parameter) and loaded["parameter"].requires_grad
+    assert loaded["leaf"].requires_grad
 
 
 class _RefusesACopy:
