@@ -12,7 +12,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch import nn
 
 from baton.checkpoint.atomic import _remove_temporaries_of, save
 from baton.checkpoint.location import is_local, local_path
@@ -28,52 +27,27 @@ from baton.trust.quotas import estimate_bytes
 # Above this size the fork is the shorter stall, and its child needs no second copy of the state in memory.
 COPY_BELOW_BYTES = 64 * 2**20
 
-_IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+def _snapshot(obj: dict) -> dict:
+    """A copy of ``obj`` that training cannot change, written as ``torch.save`` writes
+    ``obj``: ``copy.deepcopy`` keeps what pickling keeps (one storage for tied weights and
+    views, an object referenced twice, parameters, a state dict's ``_metadata``). A copy on
+    an accelerator is waited for, so that the writing thread reads it whole."""
+    snapshot = copy.deepcopy(obj)
+    if any(not tensor.is_cpu for tensor in _tensors(snapshot)):
+        torch.accelerator.synchronize()
+    return snapshot
 
 
-def _snapshot(value: Any, storages: dict | None = None) -> Any:
-    """A copy of ``value`` that training cannot change, written as ``torch.save`` would
-    write ``value``: each storage copied once, and the tensors on it (tied weights, views)
-    rebuilt on the copy; containers rebuilt (a dict keeps its type and attributes, such as
-    a state dict's ``_metadata``); anything else mutable deep-copied."""
-    storages = {} if storages is None else storages
+def _tensors(value: Any):
     if isinstance(value, torch.Tensor):
-        return _copy_tensor(value, storages)
-    if isinstance(value, dict):
-        copied = copy.copy(value)
-        for key, item in value.items():
-            copied[key] = _snapshot(item, storages)
-        return copied
-    if isinstance(value, list):
-        return [_snapshot(item, storages) for item in value]
-    if isinstance(value, tuple):
-        items = [_snapshot(item, storages) for item in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, _IMMUTABLE):
-        return value
-    return copy.deepcopy(value)
-
-
-def _copy_tensor(tensor: torch.Tensor, storages: dict) -> torch.Tensor:
-    """A copy of ``tensor`` on the copy of its storage, saved as ``tensor`` is (a
-    parameter stays one; ``requires_grad`` is kept)."""
-    copied = _copy_data(tensor.detach(), storages)
-    if isinstance(tensor, nn.Parameter):
-        return nn.Parameter(copied, requires_grad=tensor.requires_grad)
-    return copied.requires_grad_() if tensor.requires_grad else copied
-
-
-def _copy_data(tensor: torch.Tensor, storages: dict) -> torch.Tensor:
-    if not tensor.is_cpu:  # copied to the host now, in the caller's stream order
-        return tensor.to("cpu")
-    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_conj() or tensor.is_neg():
-        return tensor.clone()  # no plain storage to share, or a lazy conjugate/negation
-    storage = tensor.untyped_storage()
-    key = (storage.device, storage.data_ptr())
-    if key not in storages:
-        storages[key] = storage.clone()
-    copied = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-    return copied.set_(storages[key], tensor.storage_offset(), tensor.size(), tensor.stride())
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
 
 
 def _save_in_child(obj: dict, uri: str) -> Future:
@@ -145,7 +119,7 @@ def save_in_background(obj: dict, uri: str) -> Future:
         return _save_in_child(obj, uri)
     try:
         snapshot = _snapshot(obj)
-    except Exception as err:  # something pickle takes and deepcopy does not
+    except Exception as err:  # something pickle takes and deepcopy does not (a subclass)
         if can_fork:
             return _save_in_child(obj, uri)
         failed: Future = Future()

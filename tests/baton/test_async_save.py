@@ -144,6 +144,7 @@ def test_the_copy_is_written_as_torch_save_writes_the_state():
     tied = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
     tied[1].weight = tied[0].weight
     base = torch.arange(10.0)
+    array, shared = np.arange(4.0), [1, 2]
     state = {
         "model": tied.state_dict(),
         "whole": base,
@@ -153,9 +154,15 @@ def test_the_copy_is_written_as_torch_save_writes_the_state():
         "negative": torch.tensor([1 + 2j]).conj().imag,
         "parameter": nn.Parameter(torch.ones(2)),
         "leaf": torch.ones(2, requires_grad=True),
+        # two storages at one address: torch.save writes both
+        "head": torch.from_numpy(array[:2]),
+        "array": torch.from_numpy(array),
+        "once": shared,
+        "twice": shared,
     }
     copied = background._snapshot(state)
     base[3] = 100.0
+    array[0] = -1.0
 
     written = torch_saved(copied)
     # one storage for the tied pair, as before the copy
@@ -172,6 +179,13 @@ def test_the_copy_is_written_as_torch_save_writes_the_state():
     assert loaded["conjugate"].tolist() == [1 - 2j] and loaded["negative"].tolist() == [-2.0]
     assert isinstance(loaded["parameter"], nn.Parameter) and loaded["parameter"].requires_grad
     assert loaded["leaf"].requires_grad
+    assert loaded["head"].tolist() == [0.0, 1.0] and loaded["array"].tolist() == [
+        0.0,
+        1.0,
+        2.0,
+        3.0,
+    ]
+    assert loaded["once"] is loaded["twice"]
 
 
 class _RefusesACopy:
