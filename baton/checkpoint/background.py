@@ -24,7 +24,8 @@ from baton.trust.quotas import estimate_bytes
 # then, while the child writes, every page that training changes. The 2.4 MB state of
 # benchmarks/bench_overhead.py in its 330 MB training process: training stopped 10-12 ms for
 # a fork, 3 ms for the copy (both with the state's capture); a copy of 64 MiB takes 7 ms.
-# Above this size the fork is the shorter stall, and its child needs no second copy of the state in memory.
+# Above this size the fork is the shorter stall, and its child needs no second copy of the
+# state in memory.
 COPY_BELOW_BYTES = 64 * 2**20
 
 
