@@ -291,7 +291,9 @@ def test_a_server_outage_changes_nothing_and_a_cancel_after_it_is_honoured(serve
     stopped = re.search(
         r"Cancelled at iteration (\d+)/(\d+) .*checkpoint (\w+)_(\d+)\.pth", message
     )
-    assert stopped and at_cancel <= int(stopped[1]) < int(stopped[2]), message
+    assert stopped and at_cancel <= int(stopped[1]) < int(stopped[2]), "\n".join(
+        [message, *_history(server, cancelled), *_logs(server, cancelled)[-30:]]
+    )
     held = int(stopped[4]) * (8 if stopped[3] == "epoch" else 1)
     assert held == int(stopped[1]), message  # the checkpoint holds where it stopped
     experiment = server.work_dir(NIGHTLY) / "cancelled-after"

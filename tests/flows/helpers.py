@@ -61,6 +61,22 @@ def wait_for(predicate, process, timeout=120.0, interval=0.005):
     return False
 
 
+def kill_when(predicate, process, timeout=120.0, interval=0.05) -> None:
+    """SIGKILL ``process``'s group at a moment ``predicate`` holds: the group is stopped
+    (SIGSTOP) and ``predicate`` asked again before the kill, so that the run cannot move
+    past that moment (commit its next checkpoint) between the check and the kill."""
+    deadline = time.time() + timeout
+    while True:
+        assert wait_for(
+            predicate, process, timeout=max(deadline - time.time(), 0), interval=interval
+        )
+        os.killpg(process.pid, signal.SIGSTOP)
+        if predicate():
+            stop_group(process)
+            return
+        os.killpg(process.pid, signal.SIGCONT)
+
+
 def finish(cfg, env, tmp_path):
     process = start(cfg, env, tmp_path)
     try:

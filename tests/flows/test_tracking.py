@@ -19,7 +19,7 @@ from baton.tasks._common import artifact_key
 
 from ..mlflow_server import closed_port_uri, mlflow_server
 from .conftest import small_config
-from .helpers import finish, flaky, run_env, start, stop_group, wait_for
+from .helpers import finish, flaky, kill_when, run_env, start, stop_group
 
 mlflow = pytest.importorskip("mlflow")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -161,7 +161,7 @@ def test_a_rerun_after_sigkill_continues_the_same_run_without_duplicate_or_missi
     process = start(cfg, env, tmp_path)
     try:
         # killed once MLflow took values beyond the newest checkpoint
-        assert wait_for(sent_beyond_a_checkpoint, process, interval=0.05)
+        kill_when(sent_beyond_a_checkpoint, process)
     finally:
         stop_group(process)
     [killed] = runs_of(tracked, "killed")
