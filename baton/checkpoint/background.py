@@ -9,11 +9,10 @@ import os
 import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import torch
 
-from baton.checkpoint.atomic import _remove_temporaries_of, save
+from baton.checkpoint.atomic import _only_cpu_tensors, _remove_temporaries_of, save
 from baton.checkpoint.location import is_local, local_path
 from baton.errors import CheckpointError
 from baton.lifetime import end_with_parent
@@ -35,20 +34,9 @@ def _snapshot(obj: dict) -> dict:
     views, an object referenced twice, parameters, a state dict's ``_metadata``). A copy on
     an accelerator is waited for, so that the writing thread reads it whole."""
     snapshot = copy.deepcopy(obj)
-    if any(not tensor.is_cpu for tensor in _tensors(snapshot)):
+    if not _only_cpu_tensors(snapshot):
         torch.accelerator.synchronize()
     return snapshot
-
-
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _save_in_child(obj: dict, uri: str) -> Future:
